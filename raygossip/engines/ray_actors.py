@@ -32,16 +32,17 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 # size up to 1 MiB and ~8.5 ms at 4 MiB; by value ~1.5 ms plus ~3.5 ms per MiB: they meet between 1 and
 # 2 MiB (bench/README.md).
 INLINE_BYTES = 1 << 20
+INLINE_LIMIT = INLINE_BYTES + (64 << 10)  # Ray's max_direct_call_object_size for that: + room for the envelope
 PHASES = ("train", "send", "wait", "absorb", "mix", "report", "sleep")
 
 
 def actor_env(threads: int) -> dict[str, str]:
-    """Environment of the agent worker processes: native thread pools pinned to the CPU share, and
-    Ray's inline limit for call arguments raised to INLINE_BYTES (else Ray would put larger arguments
-    into the object store itself, once per receiver)."""
+    """Environment of actor worker processes on a cluster this driver did not start: native thread pools
+    pinned to the CPU share, and Ray's inline limit for call arguments raised to INLINE_LIMIT (else Ray
+    would put larger arguments into the object store itself, once per receiver)."""
     pinned = str(max(1, threads))
     return {"OMP_NUM_THREADS": pinned, "MKL_NUM_THREADS": pinned, "OPENBLAS_NUM_THREADS": pinned,
-            "RAY_max_direct_call_object_size": str(INLINE_BYTES + (64 << 10))}  # + room for the envelope
+            "RAY_max_direct_call_object_size": str(INLINE_LIMIT)}
 
 
 class PhaseClock:
