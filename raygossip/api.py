@@ -78,6 +78,23 @@ def _check_checkpointing(config: Config, out: Path | None) -> None:
         raise UserError("runtime.checkpoint_every", "needs an output folder (--out) to write checkpoints into")
 
 
+class RunAborted(UserError):
+    """The run stopped because an agent died and runtime.on_failure is abort (its outputs so far are kept)."""
+
+
+def _write_aborted(config: Config, engine, outcome: dict, out: Path | None, wall_time_s: float) -> None:
+    """Write summary.json of an aborted run (metrics.jsonl already holds every record so far), then raise."""
+    aborted = outcome["aborted"]
+    summary = {"name": config.name, "engine": engine.name, "status": "aborted", "reason": aborted["reason"],
+               "records": len(outcome["records"]), "last": outcome["last"], "wall_time_s": wall_time_s,
+               "events": outcome["events"], **outcome.get("extra", {})}
+    where = ""
+    if out is not None:
+        write_json_atomic(out / "summary.json", summary)
+        where = f"; what was done so far is in {out}"
+    raise RunAborted("runtime.on_failure", f"run aborted: {aborted['reason']}{where}")
+
+
 def _execute(config: Config, out: Path | None, observer: Observer | None, progress: bool | None,
              resume: tuple | None, setup=None) -> RunResult:
     log = MetricsLog(out / "metrics.jsonl") if out is not None else None
@@ -96,11 +113,14 @@ def _execute(config: Config, out: Path | None, observer: Observer | None, progre
             run_state, agents, previous = resume
             kwargs.update(start_step=engine.restore(run_state, agents), previous_records=previous)
         outcome = engine.run(observe, progress=progress, **kwargs)
+        if "aborted" in outcome:
+            _write_aborted(config, engine, outcome, out, time.perf_counter() - started)
         summary = summary_record(
             engine=engine.name, setup=engine.setup, last=outcome["last"], merged_after=outcome["merged_accuracy"],
             wall_time_s=time.perf_counter() - started + (resume[0]["wall_time_s"] if resume else 0.0), traffic=engine.traffic(), events=outcome["events"],
             communication_rounds=outcome["last"]["communication_rounds"],
         )
+        summary["status"] = "finished"
         summary.update(outcome.get("extra", {}))
         if out is not None:
             save_tensors_atomic(out / "model.safetensors", engine.merged_state_dict(), {"name": config.name})

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from raygossip.config import parse_yaml
+from raygossip.api import RunAborted
 from raygossip.errors import UserError
 
 
@@ -143,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
+    except RunAborted as error:
+        print(f"raygossip {args.command}: {error}", file=sys.stderr)
+        return 3
     except UserError as error:
         print(f"raygossip {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -156,8 +156,27 @@ class RuntimeConfig:
     wait_timeout_s: float = 120.0
     finish_quorum: float = 0.5
     checkpoint_every: int = 0
+    on_failure: str = "restart"
+    snapshot_every: int = 10
+    max_restarts: int = 3
     progress: bool = True
     timing: TimingConfig = field(default_factory=TimingConfig)
+
+
+@dataclass(kw_only=True)
+class KillConfig:
+    agent: int
+    round: int
+
+
+@dataclass(kw_only=True)
+class FaultsConfig:
+    kill: list[KillConfig] = field(default_factory=list)
+    kill_fraction: float = 0.0
+    kill_round: int | None = None
+    drop_messages: float = 0.0
+    delay_messages: float = 0.0
+    delay_s: float = 0.0
 
 
 @dataclass(kw_only=True)
@@ -181,6 +200,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
 
 # ---------------------------------------------------------------- strict loading
@@ -285,6 +305,9 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
             where = f"{path}.{shown}" if path else shown
             raise UserError(where, f"unknown key (allowed in {path or 'the top level'}: {', '.join(names)})")
     kwargs = {key: _coerce(value, hints[key], f"{path}.{key}" if path else key) for key, value in data.items()}
+    for f in dataclasses.fields(cls):
+        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise UserError(f"{path}.{f.name}" if path else f.name, "is required")
     return cls(**kwargs)
 
 
@@ -357,6 +380,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "schedule.final_merge.bn": ("local", "global", "none"),
     "runtime.engine": ("reference", "ray"),
     "runtime.mode": ("sync", "bounded", "async"),
+    "runtime.on_failure": ("restart", "drop", "abort"),
     "runtime.placement": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
     "train.optimizer": ("sgd", "adamw"),
     "train.lr_schedule.kind": ("constant", "step", "cosine"),
@@ -432,6 +456,11 @@ def validate(config: Config) -> None:
     _check(r.checkpoint_every >= 0, "runtime.checkpoint_every", f"must be >= 0 rounds (0: off), got {r.checkpoint_every}")
     _check(not r.checkpoint_every or r.engine == "reference", "runtime.checkpoint_every",
            "whole-run checkpoints are written by the reference engine only so far (set runtime.engine: reference)")
+    _check(r.snapshot_every >= 0, "runtime.snapshot_every",
+           f"must be >= 0 rounds between the snapshots a restarted agent resumes from (0: restart from scratch), "
+           f"got {r.snapshot_every}")
+    _check(r.max_restarts >= 0, "runtime.max_restarts", f"must be >= 0, got {r.max_restarts}")
+    _validate_faults(config)
     _check(0 < r.finish_quorum <= 1, "runtime.finish_quorum",
            f"must be in (0, 1] (fraction of agents whose finishing ends a bounded/async run), got {r.finish_quorum}")
     tm = r.timing
@@ -452,6 +481,23 @@ def validate(config: Config) -> None:
     _check(config.data.partition.shards_per_agent >= 1, "data.partition.shards_per_agent", "must be >= 1")
     _check(r.engine == "ray" or r.mode == "sync", "runtime.mode",
            f"the reference engine runs only sync; got {r.mode!r} (use runtime.engine: ray)")
+
+
+def _validate_faults(config: Config) -> None:
+    f, n = config.faults, config.agents.count
+    for k, kill in enumerate(f.kill):
+        _check(0 <= kill.agent < n, f"faults.kill[{k}].agent", f"must be an agent index in 0..{n - 1}, got {kill.agent}")
+        _check(kill.round >= 0, f"faults.kill[{k}].round", f"must be >= 0, got {kill.round}")
+    agents = [kill.agent for kill in f.kill]
+    _check(len(set(agents)) == len(agents), "faults.kill", f"lists an agent twice: {agents}")
+    _check(0 <= f.kill_fraction < 1, "faults.kill_fraction", f"must be in [0, 1), got {f.kill_fraction}")
+    _check(f.kill_round is None or f.kill_round >= 0, "faults.kill_round", f"must be >= 0, got {f.kill_round}")
+    _check(0 <= f.drop_messages < 1, "faults.drop_messages", f"must be in [0, 1), got {f.drop_messages}")
+    _check(0 <= f.delay_messages <= 1, "faults.delay_messages", f"must be in [0, 1], got {f.delay_messages}")
+    _check(f.delay_s >= 0, "faults.delay_s", f"must be >= 0, got {f.delay_s}")
+    injected = f.kill or f.kill_fraction > 0 or f.drop_messages > 0 or f.delay_messages > 0
+    _check(not injected or config.runtime.engine == "ray", "faults",
+           "fault injection needs runtime.engine: ray (the reference engine has no processes to kill)")
 
 
 MAX_AGENTS = 4096

@@ -59,6 +59,7 @@ class AgentCore:
         shard: np.ndarray,
         total_steps: int,
         device: str | torch.device = "cpu",
+        track_links: bool = False,
     ) -> None:
         self.agent_id = agent_id
         self.config = config
@@ -92,6 +93,11 @@ class AgentCore:
         self.traffic = Traffic()
         self.loss_sum = 0.0
         self.loss_count = 0
+        # CHOCO/AdaGossip: each neighbour's public copy x_hat_j as this agent knows it (the sum of what it
+        # absorbed from j), so that a link can be resynchronised or dropped after a failure; s stays the
+        # weighted sum of these. Costs one parameter vector per neighbour, so only engines that survive
+        # failures ask for it.
+        self.link_copies: dict[int, torch.Tensor] | None = {} if track_links and self.state.x_hat is not None else None
 
     # ------------------------------------------------------------ local training
 
@@ -111,7 +117,8 @@ class AgentCore:
 
     def train_step(self) -> float:
         """One local optimizer step; returns the minibatch loss."""
-        self.model.train()
+        if not self.model.training:  # train() walks every module (~50 us for LeNet-5): only after an eval
+            self.model.train()
         x, y = self.next_batch()
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.train.lr * self.lr_multiplier(self.step)
@@ -139,9 +146,35 @@ class AgentCore:
         self.traffic.record(receivers, message.nbytes)
         return message
 
-    def absorb(self, message: Compressed, weight: float) -> None:
+    def absorb(self, message: Compressed, weight: float, sender: int | None = None) -> None:
         dense = self.rule.compressor.decompress(message).to(self.flat.data.dtype)
         self.state = self.rule.absorb(self.state, dense, weight)
+        if self.link_copies is not None and sender is not None:
+            copy = self.link_copies.get(sender)
+            if copy is None:
+                self.link_copies[sender] = dense.clone()
+            else:
+                copy.add_(dense)
+
+    # ------------------------------------------------------------ links after failures (CHOCO/AdaGossip)
+
+    def public_copy(self) -> torch.Tensor:
+        """This agent's full public copy x_hat (what a neighbour that lost track of it needs)."""
+        return self.state.x_hat.detach().clone()
+
+    def resync_link(self, sender: int, public_copy: torch.Tensor, weight: float) -> None:
+        """Replace neighbour `sender`'s contribution to s by its full public copy: s += W_ij (x_hat_j - known)."""
+        public_copy = public_copy.to(self.flat.data.device, self.flat.data.dtype)
+        known = self.link_copies.get(sender)
+        delta = public_copy if known is None else public_copy - known
+        self.state.s.add_(delta, alpha=weight)
+        self.link_copies[sender] = public_copy.clone()
+
+    def drop_link(self, sender: int, weight: float) -> None:
+        """Forget neighbour `sender` for good: remove its contribution W_ij x_hat_j from s."""
+        known = self.link_copies.pop(sender, None)
+        if known is not None:
+            self.state.s.sub_(known, alpha=weight)
 
     def mix(self, self_weight: float, gamma: float) -> None:
         with torch.no_grad():
@@ -155,6 +188,7 @@ class AgentCore:
                    "rng.data": self.data_generator.get_state(), "rng.wire": self.wire_generator.get_state()}
         tensors.update({f"buffer.{k}": v for k, v in self.model.named_buffers()})
         tensors.update({f"rule.{k}": v for k, v in self.state.tensors().items()})
+        tensors.update({f"link.{j}": v for j, v in (self.link_copies or {}).items()})
         optimizer_state = self.optimizer.state_dict()
         scalars = {}
         for key, value in optimizer_state["state"].get(0, {}).items():
@@ -181,6 +215,9 @@ class AgentCore:
             getattr(self.state, name).copy_(tensors[f"rule.{name}"].to(self.device))
         self.state.rounds = int(meta["rule_rounds"])
         self.state.acc_weight = float(meta["rule_acc_weight"])
+        if self.link_copies is not None:
+            self.link_copies = {int(k[len("link."):]): v.to(self.device).clone()
+                                for k, v in tensors.items() if k.startswith("link.")}
         optimizer_state = {k[len("optim."):]: v.to(self.device) for k, v in tensors.items() if k.startswith("optim.")}
         if optimizer_state or meta["optim_scalars"]:
             scalars = {k: torch.tensor(v) for k, v in meta["optim_scalars"].items()}

@@ -18,6 +18,7 @@ from raygossip.core.plan import RunPlan, steps_per_epoch
 from raygossip.data.datasets import Dataset, load_dataset
 from raygossip.data.partition import heterogeneity_report, partition
 from raygossip.errors import UserError
+from raygossip.optim import lr_schedule
 
 Observer = Callable[[dict], None]
 
@@ -69,6 +70,12 @@ def preflight(config: Config, dataset: Dataset, shards: list[np.ndarray], plan: 
     from raygossip.core.agent import AgentCore
 
     AgentCore(0, config, dataset, shards[0], plan.total_steps, "cpu")
+    for k, kill in enumerate(config.faults.kill):
+        if kill.round >= plan.total_rounds:
+            raise UserError(f"faults.kill[{k}].round", f"must be below the run's {plan.total_rounds} rounds, got {kill.round}")
+    if config.faults.kill_round is not None and config.faults.kill_round >= plan.total_rounds:
+        raise UserError("faults.kill_round", f"must be below the run's {plan.total_rounds} rounds, "
+                                             f"got {config.faults.kill_round}")
 
 
 def _partition_params(kind: str) -> tuple[str, ...]:
@@ -142,7 +149,11 @@ def network_record(
     communication_rounds: int,
     wall_time_s: float,
 ) -> dict:
-    """One metrics.jsonl record: accuracies, consensus distance, traffic and the clock."""
+    """One metrics.jsonl record: accuracies, consensus distance, traffic and the clock.
+
+    `step` is the 0-based index of the last local step taken; gamma is the averaging rate of the last round
+    done and lr_multiplier the learning-rate multiplier of that last step (both the same on every agent).
+    """
     last_round = max(0, rounds_done - 1)
     record = {
         "step": step + 1,
@@ -150,7 +161,7 @@ def network_record(
         "round": rounds_done,
         "communication_rounds": communication_rounds,
         "gamma": plan.gamma(last_round) if plan.total_rounds else None,
-        "lr_multiplier": None,
+        "lr_multiplier": lr_multiplier(plan, step),
         "train_loss": train_loss,
         "merged_test_accuracy": merged_accuracy,
         "consensus_distance": consensus_distance(vectors),
@@ -167,6 +178,19 @@ def network_record(
             local_test_accuracy=local_accuracies,
         )
     return record
+
+
+def lr_multiplier(plan: RunPlan, step: int) -> float:
+    """The multiplier of train.lr at local step `step` (0-based): the schedule every agent builds over the
+    run's plan.total_steps (raygossip.core.agent.AgentCore.lr_multiplier), so the same on every agent."""
+    train = plan.config.train
+    spec = train.lr_schedule
+    steps_per_epoch = max(1, plan.total_steps // train.epochs)  # as AgentCore derives it from total_steps
+    schedule = lr_schedule(
+        spec.kind, plan.total_steps, milestones=spec.milestones, factor=spec.factor,
+        warmup_steps=int(spec.warmup_epochs * steps_per_epoch),
+    )
+    return float(schedule(step))
 
 
 def summary_record(

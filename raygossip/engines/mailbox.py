@@ -18,6 +18,9 @@ class Letter:
     available_at: float
     arrived_at: float = 0.0
     seq: int | None = None  # how many letters the sender sent this receiver before this one (None: arrival order)
+    incarnation: int = 0  # which life of the sender wrote it (a restarted agent starts a new stream at seq 0)
+    final: bool = False  # the sender's last letter: it sends nothing more (its loop ended)
+    kind: str = "q"  # what the payload is (the transport's vocabulary)
 
 
 class Mailbox:
@@ -26,6 +29,10 @@ class Mailbox:
     Letters that carry a sequence number are queued in that order, whatever order the transport
     delivered them in (Ray does not order calls into a threaded actor): a letter that arrives early
     is held until the ones before it from the same sender have arrived.
+
+    A sender can be absent: `down` (dead, maybe coming back: a letter from a newer incarnation
+    replaces its stream and ends the absence), `gone` (dropped for good: its letters are refused) or
+    finished (its final letter arrived). Waits never wait for an absent sender.
     """
 
     def __init__(self, senders: list[int]) -> None:
@@ -34,6 +41,11 @@ class Mailbox:
         self.held: dict[int, dict[int, Letter]] = {}  # sender -> seq -> letter that arrived ahead of its turn
         self.next_seq: dict[int, int] = {}
         self.taken_round: dict[int, int] = {}  # sender -> newest round already taken from its queue
+        self.incarnation: dict[int, int] = {}
+        self.down: set[int] = set()
+        self.gone: set[int] = set()
+        self.finished: set[int] = set()
+        self.refused = 0  # letters from an older incarnation or a dropped sender
         self.condition = threading.Condition()
         self.waiters: list[Callable[[float], bool]] = []  # predicates of the threads in wait_until
 
@@ -41,10 +53,16 @@ class Mailbox:
         with self.condition:
             letter.arrived_at = time.time()
             sender = letter.sender
+            current = self.incarnation.get(sender, 0)
+            if sender in self.gone or letter.incarnation < current:
+                self.refused += 1
+                return
+            if letter.incarnation > current:
+                self._new_stream(sender, letter.incarnation)
             self.received[sender] = self.received.get(sender, 0) + 1
             queue = self.queues.setdefault(sender, deque())
             if letter.seq is None:
-                queue.append(letter)
+                self._enqueue(queue, letter)
             else:
                 held = self.held.setdefault(sender, {})
                 held[letter.seq] = letter
@@ -52,11 +70,41 @@ class Mailbox:
                 if expected not in held:
                     return  # an earlier letter from this sender is still on its way: nothing new to read
                 while expected in held:
-                    queue.append(held.pop(expected))
+                    self._enqueue(queue, held.pop(expected))
                     expected += 1
                 self.next_seq[sender] = expected
-            if self._wakes_a_waiter(letter):
+            if letter.final or self._wakes_a_waiter(letter):
                 self.condition.notify_all()
+
+    def _enqueue(self, queue: deque, letter: Letter) -> None:
+        if letter.final:
+            self.finished.add(letter.sender)
+        else:
+            queue.append(letter)
+
+    def _new_stream(self, sender: int, incarnation: int) -> None:
+        """A restarted sender: forget its old stream (unread letters included) and expect seq 0 again."""
+        self.incarnation[sender] = incarnation
+        self.queues[sender] = deque()
+        self.held.pop(sender, None)
+        self.next_seq[sender] = 0
+        self.taken_round[sender] = -1
+        self.received[sender] = 0
+        self.down.discard(sender)
+        self.finished.discard(sender)
+
+    def mark_down(self, sender: int, gone: bool = False) -> None:
+        """The sender died (gone: and will not come back); waiters stop waiting for it."""
+        with self.condition:
+            self.down.add(sender)
+            if gone:
+                self.gone.add(sender)
+                self.queues[sender] = deque()
+                self.held.pop(sender, None)
+            self.condition.notify_all()
+
+    def absent(self, sender: int) -> bool:
+        return sender in self.down or sender in self.finished
 
     def _wakes_a_waiter(self, letter: Letter) -> bool:
         """Whether a waiter must wake: its predicate now holds, or it must re-arm its timer for a letter that
@@ -92,8 +140,9 @@ class Mailbox:
         return min(upcoming) if upcoming else now + 3600.0
 
     def has_round(self, sender: int, round_index: int, now: float) -> bool:
-        """Whether a letter of round >= round_index from `sender` was already taken or is queued and readable."""
-        if self.taken_round.get(sender, -1) >= round_index:
+        """Whether a letter of round >= round_index from `sender` was already taken or is queued and readable
+        (or the sender is absent: nothing will come)."""
+        if self.taken_round.get(sender, -1) >= round_index or self.absent(sender):
             return True
         return any(l.round >= round_index and self._ready(l, now) for l in self.queues.get(sender, ()))
 

@@ -12,12 +12,14 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raygossip.algorithms.compressors import Compressed
 from raygossip.algorithms.merge import consensus_distance, global_average
 from raygossip.algorithms.topology import build_topology
 from raygossip.config import Config, from_dict
-from raygossip.core.agent import AgentCore
+from raygossip.core.agent import AgentCore, Traffic
+from raygossip.core.faults import MessageFate, kill_schedule
 from raygossip.core.plan import RunPlan
 from raygossip.core.timing import StepClock, link_delay
 from raygossip.data.datasets import Dataset, Split
@@ -134,35 +136,57 @@ def pick_device(requested: str, num_gpus: float) -> torch.device:
 
 @ray.remote(concurrency_groups={"train": 1, "mail": 1, "control": 1})
 class AgentActor:
-    """One agent: runs its own training loop; neighbours push message references into its mailbox."""
+    """One agent: runs its own training loop; neighbours push message references into its mailbox.
+
+    Letters are (sender, incarnation, seq, round, kind, payload, sent_at, available_at) with kind
+    "q" (a gossip message), "full" (the sender's whole public copy, after a restart), "mark" (D-PSGD
+    after a restart: the sender is at this round), "lost" (dropped by fault injection) or "fin" (the
+    sender's loop ended). The training thread and the control thread (resyncs, drops) share
+    `link_lock`, so the rule state and each outgoing stream change atomically.
+    """
 
     def __init__(self, agent_id: int, config_dict: dict, data: list, shard: np.ndarray, steps_per_epoch: int,
-                 slowdown: float, threads: int) -> None:
+                 slowdown: float, threads: int, incarnation: int = 0) -> None:
         init_began = time.time()
         pin_threads(threads)
         self.agent_id = agent_id
+        self.incarnation = incarnation
         self.config: Config = from_dict(Config, config_dict)
         dataset, self.test_x, self.test_y = dataset_from_numpy(ray.get(data[0]))
         data_fetched = time.time()
         topology = build_topology(self.config.topology.name, self.config.agents.count, self.config.topology.weights,
                                   self.config.topology.params)
         self.plan = RunPlan(self.config, topology, steps_per_epoch)
+        self.base_mixing = topology.mixing(0)
         runtime = self.config.runtime
         self.device = pick_device(runtime.device, runtime.num_gpus_per_agent)
         planned = time.time()
-        self.core = AgentCore(agent_id, self.config, dataset, shard, self.plan.total_steps, self.device)
+        self.core = AgentCore(agent_id, self.config, dataset, shard, self.plan.total_steps, self.device,
+                              track_links=runtime.on_failure != "abort")
         self.clock = StepClock(runtime.timing, slowdown, self.config.seed, agent_id)
         self.mailbox = Mailbox(list(range(self.config.agents.count)))
         self.peers: dict[int, Any] = {}
+        self.peer_incarnation: dict[int, int] = {}
+        self.down: set[int] = set()  # peers that died: nothing is sent to them until they come back
+        self.dropped: set[int] = set()  # peers dropped for good (runtime.on_failure: drop)
+        self.dropped_weight = 0.0  # sum of W_ij over dropped j: added to the self weight (rows stay stochastic)
+        self.link_lock = threading.Lock()
+        self.round_reached = self.core.step // self.plan.local_steps - 1
         self.coordinator = None
         self.link_delays: dict[int, list[float]] = {}
         self.waited_s = 0.0
         self.timeouts = 0
         self.stale_messages = 0
+        self.lost_messages = 0
+        self.resyncs = 0
+        self.finished_loop = False
         self.stop_requested = threading.Event()
         self.outstanding: list[Any] = []  # reports and events in flight to the coordinator
         self.sent_seq: dict[int, int] = {}  # receiver -> letters sent to it so far (the mailbox orders by it)
         self.by_reference = 0  # messages that went through the object store (larger than INLINE_BYTES)
+        kills = kill_schedule(self.config.faults, self.config.agents.count, self.plan.total_rounds, self.config.seed)
+        self.kill_round = kills.get(agent_id) if incarnation == 0 else None
+        self.fate = MessageFate(self.config.faults, self.config.seed, agent_id, incarnation)
         self.phases = PhaseClock()
         self.startup = {"process_started": process_start_time(), "init_began": init_began, "data_fetched": data_fetched,
                         "planned": planned, "init_done": time.time()}
@@ -170,29 +194,44 @@ class AgentActor:
     # ------------------------------------------------------------ wiring and mail
 
     @ray.method(concurrency_group="control")
-    def connect(self, peers: dict[int, Any], coordinator: Any) -> dict:
-        self.peers = peers
+    def connect(self, peers: dict[int, Any], coordinator: Any, incarnations: dict[int, int] | None = None,
+                dropped: list[int] = ()) -> dict:
+        self.peers = dict(peers)
+        self.peer_incarnation = dict(incarnations or {})
         self.coordinator = coordinator
+        for j in dropped:
+            self._forget(j)
         return {"agent": self.agent_id, "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-                "device": str(self.device), "threads": torch.get_num_threads(), "startup": self.startup}
+                "device": str(self.device), "threads": torch.get_num_threads(), "startup": self.startup,
+                "incarnation": self.incarnation}
 
     @ray.method(concurrency_group="mail", num_returns=0, enable_task_events=False)
     def deliver(self, letter: tuple) -> None:
-        """Called by a neighbour: queue (sender, seq, round, payload, sent_at, available_at).
+        """Called by a neighbour: queue one letter (see the class docstring).
 
-        The payload is ("value", numel, arrays), or ("ref", [ObjectRef]) wrapped in a list so that Ray
+        A payload is ("value", numel, arrays), or ("ref", [ObjectRef]) wrapped in a list so that Ray
         does not fetch it before this runs. One argument and no return value: the cheapest Ray call.
         """
-        sender, seq, round_index, payload, sent_at, available_at = letter
-        self.mailbox.put(Letter(sender, round_index, payload, sent_at, available_at, seq=seq))
+        sender, incarnation, seq, round_index, kind, payload, sent_at, available_at = letter
+        self.mailbox.put(Letter(sender, round_index, payload, sent_at, available_at, seq=seq,
+                                incarnation=incarnation, final=kind == "fin", kind=kind))
+
+    def post(self, receiver: int, round_index: int, kind: str, payload: Any, sent_at: float, available_at: float) -> None:
+        """Push one letter to `receiver`, next in this agent's stream to it (call with link_lock held)."""
+        seq = self.sent_seq.get(receiver, 0)
+        self.sent_seq[receiver] = seq + 1
+        self.peers[receiver].deliver.remote(
+            (self.agent_id, self.incarnation, seq, round_index, kind, payload, sent_at, available_at))
 
     # ------------------------------------------------------------ the loop
 
     @ray.method(concurrency_group="train")
     def run(self) -> dict:
-        plan, runtime = self.plan, self.config.runtime
+        plan = self.plan
         clock = self.phases
         cpu_began, process_began = time.thread_time(), time.process_time()
+        if self.incarnation > 0:
+            self.announce()
         for step in range(self.core.step, plan.total_steps):
             if self.stop_requested.is_set():
                 break
@@ -208,6 +247,10 @@ class AgentActor:
             if plan.is_eval_step(step):
                 with clock("report"):
                     self.report_evaluation(step, round_index)
+        with self.link_lock:
+            self.finished_loop = True
+            for receiver in self.live_receivers(list(self.peers)):
+                self.post(receiver, plan.total_rounds, "fin", None, time.time(), 0.0)
         ray.get(self.outstanding)  # the coordinator has every report before the run counts as finished
         self.outstanding.clear()
         clock.loop_cpu += time.thread_time() - cpu_began
@@ -215,37 +258,50 @@ class AgentActor:
         return self.stats()
 
     def gossip(self, round_index: int) -> None:
+        self.round_reached = round_index
+        if round_index == self.kill_round:
+            self.crash(round_index)
         round_plan = self.plan.round_plan(round_index)
-        if round_plan is None:
-            return
-        me = self.agent_id
-        receivers = round_plan.receivers_of(me)
-        if receivers:
-            with self.phases("send"):
-                self.send(round_index, receivers)
-        senders = round_plan.senders_to(me)
-        if senders or me in round_plan.mixers:
-            self.receive(round_index, senders, round_plan)
-        if me in round_plan.mixers:
-            with self.phases("mix"):
-                self.core.mix(round_plan.weights[me][0], self.plan.gamma(round_index))
+        if round_plan is not None:
+            me = self.agent_id
+            receivers = self.live_receivers(round_plan.receivers_of(me))
+            if receivers:
+                with self.phases("send"):
+                    self.send(round_index, receivers)
+            senders = round_plan.senders_to(me)
+            if senders or me in round_plan.mixers:
+                self.receive(round_index, senders, round_plan)
+            if me in round_plan.mixers:
+                with self.phases("mix"), self.link_lock:
+                    self.core.mix(round_plan.weights[me][0] + self.dropped_weight, self.plan.gamma(round_index))
+        every = self.config.runtime.snapshot_every
+        if every and (round_index + 1) % every == 0 and self.config.runtime.on_failure == "restart":
+            self.keep_snapshot()
+
+    def live_receivers(self, receivers: list[int]) -> list[int]:
+        return [j for j in receivers if j not in self.down and j not in self.dropped and j in self.peers]
 
     def send(self, round_index: int, receivers: list[int]) -> None:
         """Emit this round's message and push it to every receiver: by value when small, else one object-store
         copy shared by all receivers (its reference wrapped in a list so Ray does not fetch it early)."""
-        message = self.core.emit(receivers)
-        arrays = wire_arrays(message)
-        if message.nbytes <= INLINE_BYTES:
-            payload: tuple = ("value", message.numel, arrays)
-        else:
-            payload = ("ref", [ray.put((message.numel, arrays))])
-            self.by_reference += 1
-        sent_at = time.time()
-        available_at = sent_at + link_delay(message.nbytes, self.config.runtime.timing)
-        for receiver in receivers:
-            seq = self.sent_seq.get(receiver, 0)
-            self.sent_seq[receiver] = seq + 1
-            self.peers[receiver].deliver.remote((self.agent_id, seq, round_index, payload, sent_at, available_at))
+        with self.link_lock:
+            receivers = self.live_receivers(receivers)  # a peer may have died while this agent trained
+            message = self.core.emit(receivers)
+            payload = self.wire_payload(message.numel, message.nbytes, wire_arrays(message))
+            sent_at = time.time()
+            available_at = sent_at + link_delay(message.nbytes, self.config.runtime.timing)
+            for receiver in receivers:
+                lost, extra = self.fate()
+                if lost:
+                    self.post(receiver, round_index, "lost", None, sent_at, available_at + extra)
+                else:
+                    self.post(receiver, round_index, "q", payload, sent_at, available_at + extra)
+
+    def wire_payload(self, numel: int, nbytes: int, arrays: dict[str, np.ndarray]) -> tuple:
+        if nbytes <= INLINE_BYTES:
+            return ("value", numel, arrays)
+        self.by_reference += 1
+        return ("ref", [ray.put((numel, arrays))])
 
     def wait_round(self, round_index: int) -> int | None:
         """The round whose messages this mode must wait for (None: do not wait)."""
@@ -281,31 +337,55 @@ class AgentActor:
         """Absorb every readable letter (rounds <= round_index in sync mode), in order per sender."""
         up_to = round_index if self.config.runtime.mode == "sync" else None
         rule_is_dpsgd = self.config.gossip.rule == "dpsgd"
-        self_weight, row = round_plan.weights.get(self.agent_id, (1.0, {}))
-        weights = dict(row)
+        weights = dict(round_plan.weights.get(self.agent_id, (1.0, {}))[1])
         if not rule_is_dpsgd:
-            matrix = self.plan.topology.mixing(round_index)
-            weights = {j: float(matrix[self.agent_id, j]) for j in range(len(matrix)) if j != self.agent_id}
+            row = self.base_mixing[self.agent_id]
+            weights = {j: float(row[j]) for j in range(len(row)) if j != self.agent_id}
         taken: list[Letter] = []
         for sender in sorted(set(senders) | set(self.mailbox.queues)):
             letters = self.mailbox.take_ready(sender, up_to)
+            self.lost_messages += sum(letter.kind == "lost" for letter in letters)
             if rule_is_dpsgd:
-                letters = letters[-1:]  # a full model: only the newest counts
-            taken.extend(letters)
-        for letter, (numel, arrays) in zip(taken, self.open_letters(taken)):
+                letters = [letter for letter in letters if letter.kind == "q"][-1:]  # a full model: the newest counts
+            taken.extend(letter for letter in letters if letter.kind in ("q", "full"))
+        with self.link_lock:
+            self.apply_letters(taken, weights, round_index)
+
+    def apply_letters(self, letters: list[Letter], weights: dict[int, float], round_index: int | None) -> None:
+        """Absorb gossip messages and apply full public copies (call with link_lock held)."""
+        for letter, opened in zip(letters, self.open_letters(letters)):
+            weight = 0.0 if letter.sender in self.dropped else weights.get(letter.sender, 0.0)
+            if opened is None:  # its object-store copy died with its sender
+                self.lost_messages += 1
+                continue
+            numel, arrays = opened
+            if letter.kind == "full":
+                if self.core.link_copies is not None and weight > 0.0:
+                    self.core.resync_link(letter.sender, torch.from_numpy(np.asarray(arrays["x_hat"])), weight)
+                    self.resyncs += 1
+                continue
             self.record_delay(letter)
-            if letter.round != round_index:
+            if round_index is not None and letter.round != round_index:
                 self.stale_messages += 1
-            weight = weights.get(letter.sender, 0.0)
             if weight > 0.0:
-                self.core.absorb(received_message(arrays, numel, self.device), weight)
+                self.core.absorb(received_message(arrays, numel, self.device), weight, letter.sender)
 
     @staticmethod
-    def open_letters(letters: list[Letter]) -> list[tuple[int, dict]]:
-        """(numel, arrays) of each letter; the ones sent by reference are fetched in one ray.get."""
+    def open_letters(letters: list[Letter]) -> list[tuple[int, dict] | None]:
+        """(numel, arrays) of each letter (None when it is lost); the ones sent by reference are fetched in one
+        ray.get, or one by one if that fails (a reference whose sender died is lost)."""
         refs = [letter.payload[1][0] for letter in letters if letter.payload[0] == "ref"]
-        fetched = iter(ray.get(refs) if refs else ())
-        return [next(fetched) if letter.payload[0] == "ref" else letter.payload[1:] for letter in letters]
+        try:
+            fetched = ray.get(refs) if refs else []
+        except ray.exceptions.RayError:
+            fetched = []
+            for ref in refs:
+                try:
+                    fetched.append(ray.get(ref, timeout=10))
+                except (ray.exceptions.RayError, TimeoutError):
+                    fetched.append(None)
+        fetched_iter = iter(fetched)
+        return [next(fetched_iter) if letter.payload[0] == "ref" else letter.payload[1:] for letter in letters]
 
     def expected_senders(self, round_index: int, known: list[int] | None) -> list[int]:
         if known is not None:
@@ -324,6 +404,101 @@ class AgentActor:
         with self.mailbox.condition:
             self.mailbox.condition.notify_all()
         return self.core.step
+
+    # ------------------------------------------------------------ failures (control group, except crash)
+
+    def crash(self, round_index: int) -> None:
+        """Fault injection: this process dies now, as a crashed one would (after telling the coordinator when)."""
+        try:
+            ray.get(self.coordinator.record_event.remote(
+                {"kind": "fault_injected", "agent": self.agent_id, "round": round_index, "step": self.core.step,
+                 "time": time.time()}), timeout=10)
+        finally:
+            os._exit(1)
+
+    def announce(self) -> None:
+        """A restarted agent's first letters: its whole public copy (CHOCO/AdaGossip) or a round mark (D-PSGD)
+        to every out-neighbour, which then replaces what it knew of this agent."""
+        with self.link_lock:
+            for receiver in self.live_receivers(self.out_neighbours()):
+                self.post_resync(receiver)
+
+    def out_neighbours(self) -> list[int]:
+        me = self.agent_id
+        return [j for j in range(len(self.base_mixing)) if j != me and self.base_mixing[j, me] > 0]
+
+    def post_resync(self, receiver: int) -> None:
+        now = time.time()
+        if self.core.link_copies is None:
+            self.post(receiver, self.round_reached, "mark", None, now, now)
+            return
+        x_hat = self.core.public_copy()
+        payload = self.wire_payload(x_hat.numel(), x_hat.numel() * x_hat.element_size(), {"x_hat": x_hat.cpu().numpy()})
+        self.core.traffic.record([receiver], x_hat.numel() * x_hat.element_size())
+        self.post(receiver, self.round_reached, "full", payload, now,
+                  now + link_delay(x_hat.numel() * x_hat.element_size(), self.config.runtime.timing))
+
+    @ray.method(concurrency_group="control")
+    def peers_down(self, agents: list[int]) -> None:
+        """The coordinator found these peers dead: stop waiting for them and sending to them."""
+        with self.link_lock:
+            for j in agents:
+                self.down.add(j)
+                self.mailbox.mark_down(j)
+        for j in agents:
+            if j in self.out_neighbours() or self.base_mixing[self.agent_id, j] > 0:
+                self.event("neighbour_down", neighbour=j, round=self.round_reached)
+
+    @ray.method(concurrency_group="control")
+    def peer_restarted(self, agent: int, handle: Any, incarnation: int) -> None:
+        """Peer `agent` came back as `handle`: start a new stream to it with this agent's whole public copy."""
+        with self.link_lock:
+            if incarnation <= self.peer_incarnation.get(agent, 0):
+                return
+            self.peer_incarnation[agent] = incarnation
+            self.peers[agent] = handle
+            self.sent_seq[agent] = 0
+            self.down.discard(agent)
+            if agent in self.out_neighbours():
+                self.post_resync(agent)
+                if self.finished_loop:
+                    self.post(agent, self.plan.total_rounds, "fin", None, time.time(), 0.0)
+
+    @ray.method(concurrency_group="control")
+    def peer_dropped(self, agent: int) -> None:
+        """Peer `agent` is gone for good: remove it from s and give its weight to this agent's self weight."""
+        with self.link_lock:
+            self._forget(agent)
+
+    def _forget(self, agent: int) -> None:
+        if agent in self.dropped:
+            return
+        self.dropped.add(agent)
+        self.down.add(agent)
+        self.mailbox.mark_down(agent, gone=True)
+        weight = float(self.base_mixing[self.agent_id, agent])
+        if weight > 0.0:
+            self.dropped_weight += weight
+            if self.core.link_copies is not None:
+                self.core.drop_link(agent, weight)
+
+    @ray.method(concurrency_group="control")
+    def restore_snapshot(self, tensors: dict[str, np.ndarray], meta: dict) -> int:
+        """Continue from a snapshot the coordinator kept (a restarted agent, before it runs)."""
+        self.core.restore({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, meta)
+        self.round_reached = self.core.step // self.plan.local_steps - 1
+        return self.core.step
+
+    @ray.method(concurrency_group="control")
+    def position(self) -> int:
+        return self.core.step
+
+    def keep_snapshot(self) -> None:
+        """Send the coordinator this agent's whole state, to restart from if this process dies."""
+        with self.link_lock:
+            tensors, meta = self.core.snapshot()
+        arrays = {k: v.numpy() for k, v in tensors.items()}
+        self.outstanding.append(self.coordinator.keep_snapshot.remote(self.agent_id, self.incarnation, arrays, meta))
 
     # ------------------------------------------------------------ reporting
 
@@ -348,8 +523,10 @@ class AgentActor:
     def stats(self) -> dict:
         delays = {j: {"count": len(v), "min_s": min(v), "mean_s": float(np.mean(v)), "max_s": max(v)}
                   for j, v in self.link_delays.items() if v}
-        return {"agent": self.agent_id, "steps": self.core.step, "waited_s": self.waited_s, "timeouts": self.timeouts,
-                "stale_messages": self.stale_messages, "link_delays": delays, "phase_s": dict(self.phases.wall),
+        return {"agent": self.agent_id, "incarnation": self.incarnation, "steps": self.core.step,
+                "waited_s": self.waited_s, "timeouts": self.timeouts, "stale_messages": self.stale_messages,
+                "lost_messages": self.lost_messages, "resyncs": self.resyncs, "link_delays": delays,
+                "phase_s": dict(self.phases.wall),
                 "cpu_s": {**self.phases.cpu, "loop": self.phases.loop_cpu, "process": self.phases.process_cpu},
                 "sent_by_reference": self.by_reference, **self.traffic_counts()}
 
@@ -366,28 +543,28 @@ class AgentActor:
 
     @ray.method(concurrency_group="control")
     def rule_state(self) -> dict[str, np.ndarray]:
-        out = {name: t.cpu().numpy() for name, t in self.core.state.tensors().items()}
-        out["params"] = self.core.parameters_vector().cpu().numpy()
+        with self.link_lock:
+            out = {name: t.cpu().numpy().copy() for name, t in self.core.state.tensors().items()}
+            out["params"] = self.core.parameters_vector().cpu().numpy()
         return out
 
     @ray.method(concurrency_group="control")
-    def drain(self, expected: dict[int, int], timeout_s: float) -> int:
-        """Absorb every message still queued once `expected[j]` messages from each sender j have arrived."""
-        deadline = time.time() + timeout_s
+    def drain(self, timeout_s: float) -> int:
+        """After the run: once every live in-neighbour's final letter arrived, absorb every message still queued."""
+        row = self.base_mixing[self.agent_id]
+        senders = [j for j in range(len(row)) if j != self.agent_id and row[j] > 0 and j not in self.dropped]
         self.mailbox.wait_until(
-            lambda now: all(self.mailbox.received.get(j, 0) >= count for j, count in expected.items())
-            and all(l.available_at <= now for q in self.mailbox.queues.values() for l in q),
-            deadline,
+            lambda now: all(j in self.mailbox.finished for j in senders)
+            and all(letter.available_at <= now for q in self.mailbox.queues.values() for letter in q),
+            time.time() + timeout_s,
         )
-        matrix = self.plan.topology.mixing(0)
-        absorbed = 0
-        for sender in sorted(self.mailbox.queues):
-            letters = self.mailbox.take_ready(sender)
-            for letter, (numel, arrays) in zip(letters, self.open_letters(letters)):
-                if self.config.gossip.rule != "dpsgd":
-                    self.core.absorb(received_message(arrays, numel, self.device), float(matrix[self.agent_id, sender]))
-                absorbed += 1
-        return absorbed
+        taken = [letter for sender in sorted(self.mailbox.queues) for letter in self.mailbox.take_ready(sender)
+                 if letter.kind in ("q", "full")]
+        if self.config.gossip.rule == "dpsgd":
+            return len(taken)
+        with self.link_lock:
+            self.apply_letters(taken, {j: float(row[j]) for j in senders}, None)
+        return len(taken)
 
     @ray.method(concurrency_group="control")
     def load_state(self, state: list) -> None:
@@ -417,9 +594,26 @@ def split_state(arrays: dict[str, np.ndarray]) -> tuple[torch.Tensor, dict[str, 
     return params, buffers
 
 
+def spawn_agent(recipe: dict, agent: int, incarnation: int = 0) -> Any:
+    """Create agent `agent`'s actor in its placement-group bundle (also how a dead one is replaced)."""
+    options: dict[str, Any] = {"num_cpus": recipe["cpus"], "num_gpus": recipe["gpus"], "runtime_env": recipe["env"],
+                               "max_restarts": 0}
+    if recipe["group"] is not None:
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            recipe["group"], placement_group_bundle_index=agent)
+    return AgentActor.options(**options).remote(
+        agent, recipe["config"], recipe["data"], recipe["shards"][agent], recipe["steps_per_epoch"],
+        recipe["factors"][agent], recipe["threads"], incarnation)
+
+
+def traffic_of(counts: dict) -> Traffic:
+    return Traffic(counts["bytes_sent"], counts["messages_sent"])
+
+
 @ray.remote(concurrency_groups={"report": 1, "control": 2})
 class Coordinator:
-    """Owns the plan and the run's clock; starts the agents, gathers evaluations, performs the final merge."""
+    """Owns the plan and the run's clock; starts the agents, gathers evaluations, keeps the agents' snapshots,
+    replaces or drops agents that die (runtime.on_failure), performs the final merge."""
 
     def __init__(self, config_dict: dict, data: list, steps_per_epoch: int) -> None:
         pin_threads(1)
@@ -430,11 +624,20 @@ class Coordinator:
         self.plan = RunPlan(self.config, topology, steps_per_epoch)
         setup = RunSetup(self.config, dataset, [], topology, self.plan, test_x, test_y, {})
         self.merged = MergedModel(setup)
+        n = self.config.agents.count
         self.agents: list[Any] = []
+        self.recipe: dict = {}
+        self.runs: dict[int, Any] = {}
+        self.incarnations = [0] * n
+        self.restarts = [0] * n
+        self.dropped: set[int] = set()
+        self.snapshots: dict[int, tuple[dict[str, np.ndarray], dict]] = {}
+        self.failures: list[dict] = []
+        self.aborted: dict | None = None
         self.pending: dict[int, dict[int, tuple]] = {}
+        self.recorded: set[int] = set()
         self.records: list[dict] = []
         self.events: list[dict] = []
-        self.progress: dict[int, int] = {}
         self.condition = threading.Condition()
         self.started = time.time()
         self.finished: list[dict] | None = None
@@ -444,34 +647,171 @@ class Coordinator:
         return True
 
     @ray.method(concurrency_group="control")
-    def start(self, agents: list[Any]) -> None:
+    def start(self, agents: list[Any], recipe: dict) -> None:
         """Start every agent's own loop; returns at once (the loops run in the agents)."""
-        self.agents = agents
+        self.agents = list(agents)
+        self.recipe = recipe
         self.started = time.time()
-        self.runs = [agent.run.remote() for agent in agents]
+        self.runs = {i: agent.run.remote() for i, agent in enumerate(agents)}
         self.event("run_started", agents=len(agents))
 
+    def live(self, exclude: set[int] | list[int] = ()) -> list[int]:
+        return [i for i in range(len(self.agents)) if i not in self.dropped and i not in exclude]
+
     @ray.method(concurrency_group="control")
-    def wait_finished(self, timeout_s: float) -> list[dict]:
-        """Wait for the agents' loops; in bounded/async mode, once a quorum finished, stop the rest."""
+    def wait_finished(self, timeout_s: float) -> dict:
+        """Wait for the agents' loops, handling deaths as runtime.on_failure says; in bounded/async mode, once a
+        quorum finished, stop the rest. Returns the finished agents' stats and whether the run was aborted."""
         n = len(self.runs)
-        if self.config.runtime.mode != "sync":
-            quorum = max(1, math.ceil(self.config.runtime.finish_quorum * n))
-            ready, rest = ray.wait(self.runs, num_returns=quorum, timeout=timeout_s)
-            if rest:
-                stopped = [i for i, ref in enumerate(self.runs) if ref in rest]
+        deadline = time.time() + timeout_s
+        quorum = n if self.config.runtime.mode == "sync" else max(1, math.ceil(self.config.runtime.finish_quorum * n))
+        stats: dict[int, dict] = {}
+        stopping = False
+        while self.aborted is None:
+            waiting = {ref: i for i, ref in self.runs.items() if i not in stats and i not in self.dropped}
+            if not waiting:
+                break
+            ready, _ = ray.wait(list(waiting), num_returns=1, timeout=max(0.0, deadline - time.time()))
+            if not ready:
+                raise TimeoutError(f"{len(waiting)} agents did not finish within {timeout_s:g} s")
+            ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=0)
+            failed = []
+            for ref in ready:
+                try:
+                    stats[waiting[ref]] = ray.get(ref)
+                except ray.exceptions.RayActorError as error:
+                    failed.append((waiting[ref], error))
+            if failed:
+                self.handle_failures(failed)
+            if not stopping and self.aborted is None and len(stats) >= quorum and len(stats) < len(self.live()):
+                stopping = True
+                stopped = [i for i in self.live() if i not in stats]
                 steps = ray.get([self.agents[i].stop.remote() for i in stopped])
-                self.event("quorum_finished", finished=n - len(stopped), stopped=stopped, stopped_at_steps=steps)
-        ready, rest = ray.wait(self.runs, num_returns=n, timeout=timeout_s)
-        if rest:
-            raise TimeoutError(f"{len(rest)} agents did not finish within {timeout_s:g} s")
-        finished = ray.get(self.runs)
-        self.complete_pending()
-        self.event("agents_finished", steps=[s["steps"] for s in finished])
+                self.event("quorum_finished", finished=len(stats), stopped=stopped, stopped_at_steps=steps)
+        if self.aborted is not None:
+            stats.update(self.stop_all(exclude=set(stats)))
+        else:
+            self.complete_pending()
+        ordered = [stats[i] for i in sorted(stats)]
+        self.event("agents_finished", steps=[s["steps"] for s in ordered])
         with self.condition:
-            self.finished = finished
+            self.finished = ordered
             self.condition.notify_all()  # a waiting poll returns at once
-        return finished
+        return {"stats": ordered, "aborted": self.aborted}
+
+    def stop_all(self, exclude: set[int]) -> dict[int, dict]:
+        """Abort: stop every live agent and collect the stats of those whose loop ends in time."""
+        alive = self.live(set(exclude) | set(self.aborted["agents"]))
+        for i in alive:
+            self.agents[i].stop.remote()
+        out = {}
+        for i in alive:
+            try:
+                out[i] = ray.get(self.runs[i], timeout=self.config.runtime.wait_timeout_s)
+            except (ray.exceptions.RayError, TimeoutError):
+                pass
+        return out
+
+    # ------------------------------------------------------------ failures
+
+    def handle_failures(self, failed: list[tuple[int, Exception]]) -> None:
+        """Agents whose actor died: record it, tell the others, then restart, drop or abort (runtime.on_failure)."""
+        detected = time.time()
+        ids = [i for i, _ in failed]
+        policy = self.config.runtime.on_failure
+        injected = {e["agent"]: e for e in self.events if e["kind"] == "fault_injected"}
+        for i, error in failed:
+            record = {"agent": i, "incarnation": self.incarnations[i], "error": type(error).__name__,
+                      "detected_at_s": detected - self.started, "policy": policy}
+            if i in injected and self.incarnations[i] == 0:  # injected kills happen in the first life only
+                record["injected_round"] = injected[i]["round"]
+                record["detection_s"] = detected - self.started - injected[i]["time_s"]
+            self.failures.append(record)
+            self.event("agent_failed", **{k: v for k, v in record.items() if k != "policy"})
+        if policy == "abort":
+            self.aborted = {"agents": ids, "reason": f"agent {ids[0]} died and runtime.on_failure is abort"}
+            self.event("run_aborted", agents=ids)
+            return
+        others = self.live(exclude=ids)
+        ray.get([self.agents[j].peers_down.remote(ids) for j in others])
+        restart = [i for i in ids if policy == "restart" and self.restarts[i] < self.config.runtime.max_restarts]
+        for i in ids:
+            if i not in restart:
+                self.drop(i, reason="on_failure is drop" if policy == "drop" else "max_restarts reached")
+        if restart:
+            self.restart(restart, detected)
+        if not self.live():
+            self.aborted = {"agents": ids, "reason": "every agent was dropped"}
+
+    def drop(self, agent: int, reason: str) -> None:
+        self.dropped.add(agent)
+        self.runs.pop(agent, None)
+        others = self.live()
+        ray.get([self.agents[j].peer_dropped.remote(agent) for j in others])
+        self.event("agent_dropped", agent=agent, reason=reason, agents_left=len(others))
+        for record in self.failures:
+            if record["agent"] == agent and "action" not in record:
+                record["action"] = "dropped"
+        with self.condition:
+            complete = [step for step, reports in self.pending.items() if set(reports) >= set(others)]
+        for step in complete:
+            self.finish_record(step)
+
+    def restart(self, ids: list[int], detected: float) -> None:
+        """New actors for `ids`, from their latest snapshots; every live peer resends its public copy to them."""
+        others = self.live(exclude=ids)
+        frontier = ray.get([self.agents[j].position.remote() for j in others]) if others else [0]
+        new = {}
+        for i in ids:
+            self.incarnations[i] += 1
+            self.restarts[i] += 1
+            new[i] = self.agents[i] = spawn_agent(self.recipe, i, self.incarnations[i])
+        peers = {j: self.agents[j] for j in self.live()}
+        me = ray.get_runtime_context().current_actor
+        try:
+            placed = ray.get([new[i].connect.remote(peers, me, dict(enumerate(self.incarnations)), sorted(self.dropped))
+                              for i in ids], timeout=self.config.runtime.wait_timeout_s)
+            restored = {i: ray.get(new[i].restore_snapshot.remote(*self.snapshots[i])) if i in self.snapshots else 0
+                        for i in ids}
+        except (ray.exceptions.RayError, TimeoutError) as error:
+            for i in ids:
+                ray.kill(new[i])
+                self.event("restart_failed", agent=i, error=type(error).__name__)
+                self.drop(i, reason=f"restart failed ({type(error).__name__})")
+            return
+        ray.get([self.agents[j].peer_restarted.remote(i, new[i], self.incarnations[i]) for j in others for i in ids])
+        for i in ids:
+            self.runs[i] = new[i].run.remote()
+        recovered = time.time()
+        rejoined_at = ray.get([self.agents[j].position.remote() for j in others]) if others else frontier
+        local = self.plan.local_steps
+        failed_at = {r["agent"]: r["injected_round"] for r in self.failures if "injected_round" in r and "action" not in r}
+        for i, info in zip(ids, placed):
+            restored_round = restored[i] // local
+            died_round = failed_at.get(i, int(np.median(frontier)) // local)  # injected, else the others' round
+            facts = {"restored_step": restored[i], "rounds_lost": max(0, died_round - restored_round),
+                     "rounds_behind": max(0, int(np.median(rejoined_at)) // local - restored_round),
+                     "recovery_s": recovered - detected, "node": info["node"]}
+            for record in self.failures:
+                if record["agent"] == i and "action" not in record:
+                    record.update(action="restarted", **facts)
+            self.event("agent_restarted", agent=i, incarnation=self.incarnations[i], **facts)
+
+    @ray.method(concurrency_group="report")
+    def keep_snapshot(self, agent: int, incarnation: int, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        """An agent's latest state, copied (the arrays may live in memory its process owns)."""
+        if incarnation == self.incarnations[agent]:
+            self.snapshots[agent] = ({k: np.array(v, copy=True) for k, v in arrays.items()}, meta)
+
+    @ray.method(concurrency_group="control")
+    def live_agents(self) -> dict[int, Any]:
+        return {i: self.agents[i] for i in self.live()}
+
+    @ray.method(concurrency_group="control")
+    def failure_report(self) -> dict:
+        return {"failures": list(self.failures), "restarts": sum(self.restarts), "dropped_agents": sorted(self.dropped)}
+
+    # ------------------------------------------------------------ records
 
     def complete_pending(self) -> None:
         """Records of steps some agents never reached (they were stopped): fill in their final state."""
@@ -479,9 +819,10 @@ class Coordinator:
             steps = sorted(self.pending)
         if not steps:
             return
-        late = ray.get([agent.late_report.remote() for agent in self.agents])
+        live = self.live()
+        late = dict(zip(live, ray.get([self.agents[i].late_report.remote() for i in live])))
         for step in steps:
-            for agent, report in enumerate(late):
+            for agent, report in late.items():
                 with self.condition:
                     missing = agent not in self.pending.get(step, {agent: None})
                 if missing:
@@ -507,34 +848,38 @@ class Coordinator:
 
     @ray.method(concurrency_group="report")
     def report(self, agent: int, step: int, accuracy: float | None, state: list, loss: float, traffic: dict) -> None:
-        """An agent's evaluation at `step`; once all agents reported that step, build the network record."""
+        """An agent's evaluation at `step`; once every live agent reported that step, build the network record.
+        A restarted agent reports steps again: those already recorded are ignored."""
         with self.condition:
+            if step in self.recorded or agent in self.dropped:
+                return
             self.pending.setdefault(step, {})[agent] = (accuracy, state, loss, traffic)
-            complete = len(self.pending[step]) == self.config.agents.count
-        if not complete:
-            return
-        reports = self.pending.pop(step)
-        order = sorted(reports)
+            complete = set(self.pending[step]) >= set(self.live())
+        if complete:
+            self.finish_record(step)
+
+    def finish_record(self, step: int) -> None:
+        with self.condition:
+            if step in self.recorded or step not in self.pending:
+                return
+            self.recorded.add(step)
+            reports = self.pending.pop(step)
+        order = [i for i in sorted(reports) if i not in self.dropped]
         states = [split_state(ray.get(reports[i][1][0])) for i in order]
         vectors = [params for params, _ in states]
         self.merged.load(global_average(vectors), average_buffers([buffers for _, buffers in states]))
         accuracies = [reports[i][0] for i in order]
-
-        class _Traffic:  # the counts agents reported, shaped like core.agent.Traffic for network_record
-            def __init__(self, t: dict) -> None:
-                self.bytes_sent, self.messages_sent = t["bytes_sent"], t["messages_sent"]
-
-        round_index = self.plan.round_after_step(step)
         rounds_done = (step + 1) // self.plan.local_steps
         record = network_record(
             step=step, plan=self.plan, vectors=vectors,
             local_accuracies=None if accuracies[0] is None else accuracies,
-            merged_accuracy=self.merged.evaluate(), traffic=[_Traffic(reports[i][3]) for i in order],
+            merged_accuracy=self.merged.evaluate(), traffic=[traffic_of(reports[i][3]) for i in order],
             train_loss=float(np.mean([reports[i][2] for i in order])), rounds_done=rounds_done,
             communication_rounds=sum(self.plan.round_plan(r) is not None for r in range(rounds_done)),
             wall_time_s=time.time() - self.started,
         )
-        del round_index
+        if self.dropped:
+            record["agents"] = order
         with self.condition:
             self.records.append(record)
             self.records.sort(key=lambda r: r["step"])
@@ -548,29 +893,41 @@ class Coordinator:
                 self.condition.wait(timeout=timeout_s)
             return list(self.records[seen:]), self.finished is not None
 
+    # ------------------------------------------------------------ the end
+
+    def gather_states(self) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        return [split_state(s) for s in ray.get([self.agents[i].get_state.remote() for i in self.live()])]
+
+    @ray.method(concurrency_group="control")
+    def merged_state(self) -> dict[str, np.ndarray]:
+        """The exact average of the live agents' models, without sending it back (final merge off)."""
+        states = self.gather_states()
+        self.merged.load(global_average([p for p, _ in states]), average_buffers([b for _, b in states]))
+        return {k: v.numpy() for k, v in self.merged.state_dict().items()}
+
     @ray.method(concurrency_group="control")
     def final_merge(self) -> dict:
-        """Gather every agent's parameters, average exactly, send the average back, re-estimate batch norm."""
+        """Gather every live agent's parameters, average exactly, send the average back, re-estimate batch norm."""
         spec = self.config.schedule.final_merge
-        states = [split_state(s) for s in ray.get([agent.get_state.remote() for agent in self.agents])]
+        live = [self.agents[i] for i in self.live()]
+        states = self.gather_states()
         average = global_average([params for params, _ in states])
         buffers = average_buffers([b for _, b in states])
         arrays = {"params": average.numpy(), **{f"buffer.{k}": v.numpy() for k, v in buffers.items()}}
         ref = ray.put(arrays)
-        ray.get([agent.load_state.remote([ref]) for agent in self.agents])
+        ray.get([agent.load_state.remote([ref]) for agent in live])
         self.merged.load(average, buffers)
         if spec.bn == "local":
-            estimates = ray.get([agent.reestimate_batchnorm.remote(spec.bn_batches) for agent in self.agents])
+            estimates = ray.get([agent.reestimate_batchnorm.remote(spec.bn_batches) for agent in live])
             merged_buffers = average_buffers([split_state({"params": arrays["params"], **e})[1] for e in estimates])
             self.merged.load(average, merged_buffers)
-        elif spec.bn == "global":
-            self.merged.setup.dataset = self.merged.setup.dataset  # the global sample comes from the full train set
+        elif spec.bn == "global":  # the global sample comes from the full train set
             self.merged.reestimate_on_global_sample(spec.bn_batches, self.config.seed)
             new = {f"buffer.{k}": v.detach().cpu().numpy() for k, v in self.merged.model.named_buffers()}
             ref = ray.put({"params": arrays["params"], **new})
-            ray.get([agent.load_state.remote([ref]) for agent in self.agents])
+            ray.get([agent.load_state.remote([ref]) for agent in live])
         accuracy = self.merged.evaluate()
-        self.event("merge_done", merged_test_accuracy=accuracy, bn=spec.bn)
+        self.event("merge_done", merged_test_accuracy=accuracy, bn=spec.bn, agents=len(live))
         return {"merged_accuracy": accuracy, "state_dict": {k: v.numpy() for k, v in self.merged.state_dict().items()}}
 
     @ray.method(concurrency_group="control")
@@ -580,5 +937,4 @@ class Coordinator:
 
     @ray.method(concurrency_group="control")
     def consensus(self) -> float:
-        states = [split_state(s) for s in ray.get([agent.get_state.remote() for agent in self.agents])]
-        return consensus_distance([p for p, _ in states])
+        return consensus_distance([p for p, _ in self.gather_states()])

@@ -10,13 +10,16 @@ import numpy as np
 import ray
 import torch
 from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from raygossip.config import Config, to_dict
 from raygossip.core.timing import slowdown_factors
 from raygossip.engines.common import Observer, RunSetup
-from raygossip.engines.ray_actors import INLINE_LIMIT, AgentActor, Coordinator, actor_env, dataset_to_numpy
+from raygossip.core.agent import Traffic
+from raygossip.engines.ray_actors import (
+    INLINE_LIMIT, Coordinator, actor_env, dataset_to_numpy, spawn_agent, split_state, traffic_of,
+)
 from raygossip.errors import UserError
 
 
@@ -133,17 +136,16 @@ class RayEngine:
         config_dict = to_dict(config)
         factors = slowdown_factors(runtime.timing, config.agents.count, config.seed)
         spe = setup.plan.steps_per_epoch
-        env = actor_runtime_env(threads)
-        self.agents = [
-            AgentActor.options(
-                num_cpus=cpus, num_gpus=runtime.num_gpus_per_agent, runtime_env=env,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=i),
-            ).remote(i, config_dict, [data], setup.shards[i], spe, factors[i], threads)
-            for i in range(config.agents.count)
-        ]
-        # created after the agents: it is off the data path and needed only when the run starts
-        self.coordinator = Coordinator.options(num_cpus=0, runtime_env=actor_runtime_env(1)).remote(
-            config_dict, [data], spe)
+        self.recipe = {
+            "config": config_dict, "data": [data], "shards": list(setup.shards), "steps_per_epoch": spe,
+            "factors": factors, "threads": threads, "cpus": cpus, "gpus": runtime.num_gpus_per_agent,
+            "env": actor_runtime_env(threads), "group": self.group,
+        }
+        self.agents = [spawn_agent(self.recipe, i) for i in range(config.agents.count)]
+        # created after the agents: it is off the data path and needed only when the run starts. It lives on the
+        # driver's node, so the snapshots it keeps survive the loss of any other node.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.coordinator = Coordinator.options(num_cpus=0, runtime_env=actor_runtime_env(1), scheduling_strategy=here).remote(config_dict, [data], spe)
         self.startup_phases["submit_s"] = time.perf_counter() - began
         submitted = time.time()
         peers = dict(enumerate(self.agents))
@@ -167,7 +169,7 @@ class RayEngine:
             if factor > 1.0:
                 events.append({"kind": "slow_agent", "agent": info["agent"], "factor": factor, "time": time.time()})
         ray.get(self.coordinator.record_events.remote(events))
-        ray.get(self.coordinator.start.remote(self.agents))
+        ray.get(self.coordinator.start.remote(self.agents, self.recipe))
         expected = sum(self.setup.plan.is_eval_step(s) for s in range(self.setup.plan.total_steps))
         records: list[dict] = []
         bar = tqdm(total=expected, desc="raygossip[ray]", unit="eval", disable=True if not show else None, leave=False)
@@ -187,18 +189,23 @@ class RayEngine:
                 break
             if ray.wait([done], timeout=0)[0]:
                 ray.get(done)  # raises if wait_finished failed; else the next poll reports finished at once
-        finished = ray.get(done)
+        ending = ray.get(done)
         bar.close()
-        self.finished = finished
+        finished = self.finished = ending["stats"]
+        self.live = ray.get(self.coordinator.live_agents.remote())
         self.train_s = time.perf_counter() - began
-        last = records[-1]
-        merged = last["merged_test_accuracy"]
-        if self.config.schedule.final_merge.enabled:
+        failures = ray.get(self.coordinator.failure_report.remote())
+        last = records[-1] if records else None
+        merged = last["merged_test_accuracy"] if last else None
+        if ending["aborted"] is not None:
+            self.merged_state = {}
+        elif self.config.schedule.final_merge.enabled:
             outcome = ray.get(self.coordinator.final_merge.remote())
             merged = outcome["merged_accuracy"]
             self.merged_state = {k: torch.from_numpy(v.copy()) for k, v in outcome["state_dict"].items()}
         else:
-            self.merged_state = self._merged_state_without_merge()
+            self.merged_state = {k: torch.from_numpy(v.copy())
+                                 for k, v in ray.get(self.coordinator.merged_state.remote()).items()}
         events = ray.get(self.coordinator.get_events.remote())
         events.extend({"kind": "link_delays", "agent": s["agent"], "links": s["link_delays"]} for s in finished)
         extra = {
@@ -212,50 +219,42 @@ class RayEngine:
             "cpu_s_per_agent": [s["cpu_s"] for s in finished],
             "sent_by_reference": sum(s["sent_by_reference"] for s in finished),
             "startup_phases": dict(self.startup_phases),
+            "lost_messages": sum(s["lost_messages"] for s in finished),
+            "resyncs": sum(s["resyncs"] for s in finished),
+            **failures,
         }
-        return {"records": records, "merged_accuracy": merged, "last": last, "events": events, "extra": extra}
-
-    def _merged_state_without_merge(self) -> dict[str, torch.Tensor]:
-        from raygossip.algorithms.merge import global_average
-        from raygossip.engines.common import MergedModel, average_buffers
-        from raygossip.engines.ray_actors import split_state
-
-        states = [split_state(s) for s in ray.get([a.get_state.remote() for a in self.agents])]
-        merged = MergedModel(self.setup)
-        merged.load(global_average([p for p, _ in states]), average_buffers([b for _, b in states]))
-        return merged.state_dict()
+        outcome = {"records": records, "merged_accuracy": merged, "last": last, "events": events, "extra": extra}
+        if ending["aborted"] is not None:
+            outcome["aborted"] = ending["aborted"]
+        return outcome
 
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
         return self.merged_state
 
-    def traffic(self) -> list:
-        class _Traffic:
-            def __init__(self, stats: dict) -> None:
-                self.bytes_sent, self.messages_sent = stats["bytes_sent"], stats["messages_sent"]
-
-        return [_Traffic(s) for s in self.finished]
+    def traffic(self) -> list[Traffic]:
+        return [traffic_of(s) for s in self.finished]
 
     def agent_vectors(self) -> list[torch.Tensor]:
-        from raygossip.engines.ray_actors import split_state
-
-        return [split_state(s)[0] for s in ray.get([a.get_state.remote() for a in self.agents])]
+        """The live agents' parameter vectors, in agent order."""
+        return [split_state(s)[0] for s in ray.get([a.get_state.remote() for a in self.live.values()])]
 
     def choco_consistency_error(self) -> float:
-        """Drain every inbox, then max |s_i - sum_j W_ij x_hat_j| over agents (0 when every message was applied once)."""
-        n = self.config.agents.count
-        expected = [{j: self.finished[j]["per_link_messages"].get(i, 0) for j in range(n) if j != i} for i in range(n)]
-        ray.get([agent.drain.remote(expected[i], self.config.runtime.wait_timeout_s) for i, agent in enumerate(self.agents)])
-        states = ray.get([agent.rule_state.remote() for agent in self.agents])
+        """Drain every live inbox, then max |s_i - sum_j W_ij x_hat_j| over live agents and live neighbours j
+        (0 when every message was applied exactly once, and every resync and drop was applied)."""
+        live = self.live
+        ray.get([agent.drain.remote(self.config.runtime.wait_timeout_s) for agent in live.values()])
+        states = dict(zip(live, ray.get([agent.rule_state.remote() for agent in live.values()])))
         mixing = self.setup.topology.mixing(0)
         error = 0.0
-        for i in range(n):
-            want = sum(mixing[i, j] * states[j]["x_hat"].astype(np.float64) for j in range(n) if j != i and mixing[i, j] > 0)
+        for i in live:
+            want = sum(mixing[i, j] * states[j]["x_hat"].astype(np.float64) for j in live if j != i and mixing[i, j] > 0)
             error = max(error, float(np.max(np.abs(states[i]["s"] - want))))
         return error
 
     def close(self) -> None:
         """Kill the actors and free the placement group (and stop Ray if this engine started it)."""
-        for actor in [*getattr(self, "agents", []), getattr(self, "coordinator", None)]:
+        actors = [*getattr(self, "agents", []), *getattr(self, "live", {}).values(), getattr(self, "coordinator", None)]
+        for actor in actors:
             if actor is not None:
                 ray.kill(actor)
         if getattr(self, "group", None) is not None:

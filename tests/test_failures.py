@@ -1,0 +1,183 @@
+"""Agents and nodes that die mid-run on the Ray engine: restart, drop and abort, with real process deaths."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+import ray
+
+from raygossip.api import RunAborted, run
+from raygossip.config import load_config
+from test_ray_engine import run_ray, small, wait_for_idle_cluster
+
+CHOCO = {"rule": "choco", "gamma": 0.5, "compressor": {"name": "top_k", "ratio": 0.1}}
+
+
+def failing(**overrides) -> dict:
+    """4 agents on a ring, 80 rounds of ~0.08 s (long enough for a restart to rejoin), snapshots every 5 rounds."""
+    data = small(**overrides)
+    data["train"].update(epochs=2, steps_per_epoch=40)
+    data["runtime"].setdefault("timing", {})["step_time_s"] = 0.08
+    data["runtime"]["snapshot_every"] = 5
+    return data
+
+
+def events_of(outcome: dict, kind: str) -> list[dict]:
+    return [e for e in outcome["events"] if e["kind"] == kind]
+
+
+def check_every_record(outcome: dict, config) -> None:
+    """One record per evaluation step, none twice, in order (a restarted agent's repeated reports are ignored)."""
+    steps = [r["step"] for r in outcome["records"]]
+    assert steps == sorted(set(steps))
+    assert steps[-1] == 80 and len(steps) == config.train.epochs
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_killed_agent_restarts_from_its_snapshot_and_resyncs_choco(ray_cluster, mode):
+    data = failing(runtime__mode=mode)
+    data["gossip"] = CHOCO
+    data["faults"] = {"kill": [{"agent": 1, "round": 7}]}
+    config = load_config(base=data)
+    engine, outcome = run_ray(config)
+    try:
+        extra = outcome["extra"]
+        (failure,) = extra["failures"]
+        assert failure["agent"] == 1 and failure["action"] == "restarted" and failure["injected_round"] == 7
+        assert 0 <= failure["detection_s"] < 10.0
+        assert failure["restored_step"] == 5  # the snapshot after round 4 (every 5 rounds)
+        assert failure["rounds_lost"] == 2 and failure["rounds_behind"] >= 2
+        assert extra["restarts"] == 1 and extra["dropped_agents"] == []
+        restarted = events_of(outcome, "agent_restarted")
+        assert restarted and restarted[0]["agent"] == 1 and restarted[0]["incarnation"] == 1
+        assert {e["neighbour"] for e in events_of(outcome, "neighbour_down")} == {1}
+        assert extra["resyncs"] >= 2  # agent 1 took its 2 neighbours' copies
+        if mode == "sync":
+            check_every_record(outcome, config)
+            assert extra["steps_per_agent"] == [80] * 4
+        # every message applied once, the resync replaced what the neighbours knew of agent 1
+        assert engine.choco_consistency_error() < 1e-5
+        assert outcome["merged_accuracy"] > 0.5
+    finally:
+        engine.close()
+
+
+def test_agent_killed_from_outside_is_detected_and_replaced(ray_cluster):
+    """SIGKILL an agent's process while the run goes on (D-PSGD, sync); measure detection and recovery."""
+    data = failing()
+    config = load_config(base=data)
+    wait_for_idle_cluster()
+    from raygossip.engines.common import prepare
+    from raygossip.engines.ray_engine import RayEngine
+
+    engine = RayEngine(config, prepare(config))
+    victim = engine.placement[2]["pid"]
+    killed = {}
+
+    def kill_on_first_record(record: dict) -> None:
+        if not killed:
+            killed["at"] = time.time()
+            os.kill(victim, signal.SIGKILL)
+
+    try:
+        started = time.time()
+        outcome = engine.run(kill_on_first_record)
+        (failure,) = outcome["extra"]["failures"]
+        assert failure["agent"] == 2 and failure["error"] in ("ActorDiedError", "RayActorError")
+        detection = failure["detected_at_s"] - (killed["at"] - started)
+        assert detection < 10.0
+        assert failure["action"] == "restarted" and failure["recovery_s"] < 60.0
+        check_every_record(outcome, config)
+        assert outcome["extra"]["steps_per_agent"] == [80] * 4
+        assert outcome["merged_accuracy"] > 0.5
+    finally:
+        engine.close()
+
+
+def test_drop_policy_continues_without_the_dead_agent(ray_cluster):
+    data = failing(runtime__on_failure="drop")
+    data["gossip"] = CHOCO
+    data["faults"] = {"kill": [{"agent": 2, "round": 7}]}
+    config = load_config(base=data)
+    engine, outcome = run_ray(config)
+    try:
+        extra = outcome["extra"]
+        assert extra["dropped_agents"] == [2] and extra["restarts"] == 0
+        assert extra["failures"][0]["action"] == "dropped"
+        assert [s["agent"] for s in engine.finished] == [0, 1, 3]
+        last = outcome["records"][-1]
+        assert last["agents"] == [0, 1, 3] and len(last["local_test_accuracy"]) == 3
+        # neighbours 1 and 3 removed agent 2's share of s: the invariant holds over the survivors
+        assert engine.choco_consistency_error() < 1e-5
+        assert outcome["merged_accuracy"] > 0.5
+    finally:
+        engine.close()
+
+
+def test_abort_policy_stops_cleanly_and_keeps_what_was_written(ray_cluster, tmp_path):
+    data = failing(runtime__on_failure="abort")
+    data["faults"] = {"kill": [{"agent": 0, "round": 50}]}
+    config = load_config(base=data)
+    wait_for_idle_cluster()
+    with pytest.raises(RunAborted, match="agent 0 died"):
+        run(config, out_dir=tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "aborted" and summary["failures"][0]["agent"] == 0
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in metrics] == [40]  # the first epoch's record, written before the failure
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_message_loss_and_delay_are_injected_and_counted(ray_cluster):
+    data = failing()
+    data["faults"] = {"drop_messages": 0.25, "delay_messages": 0.5, "delay_s": 0.02}
+    config = load_config(base=data)
+    engine, outcome = run_ray(config)
+    try:
+        sent = outcome["last"]["messages_sent"]
+        lost = outcome["extra"]["lost_messages"]
+        assert 0.15 * sent < lost < 0.35 * sent
+        check_every_record(outcome, config)
+    finally:
+        engine.close()
+
+
+def test_removed_node_moves_its_agents_to_the_survivors(ray_cluster):
+    """Three agents spread over three nodes; the third node goes away mid-run; its agent restarts elsewhere."""
+    node = ray_cluster.add_node(num_cpus=2, object_store_memory=128 * 1024**2)
+    ray_cluster.wait_for_nodes()
+    try:
+        data = failing(agents__count=3, runtime__placement="SPREAD")
+        data["topology"] = {"name": "complete"}
+        config = load_config(base=data)
+        wait_for_idle_cluster()
+        from raygossip.engines.common import prepare
+        from raygossip.engines.ray_engine import RayEngine
+
+        engine = RayEngine(config, prepare(config))
+        doomed = node.node_id
+        on_doomed = [p["agent"] for p in engine.placement if p["node"] == doomed]
+        assert on_doomed, "SPREAD put no agent on the third node"
+        removed = {}
+
+        def remove_on_first_record(record: dict) -> None:
+            if not removed:
+                removed["at"] = time.time()
+                ray_cluster.remove_node(node)
+
+        try:
+            outcome = engine.run(remove_on_first_record)
+            failures = outcome["extra"]["failures"]
+            assert sorted(f["agent"] for f in failures) == sorted(on_doomed)
+            assert all(f["action"] == "restarted" and f["node"] != doomed for f in failures)
+            assert outcome["extra"]["steps_per_agent"] == [80] * 3
+            check_every_record(outcome, config)
+        finally:
+            engine.close()
+    finally:
+        if any(n is node for n in ray_cluster.worker_nodes):
+            ray_cluster.remove_node(node)
