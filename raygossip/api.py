@@ -67,8 +67,11 @@ def resume(run_dir: str | Path, observer: Observer | None = None, progress: bool
         raise UserError("RUN_DIR", f"{str(out)!r} holds no config.yaml (not a raygossip run folder)")
     config = load_config(out / "config.yaml")
     run_state, agents = load_checkpoint(out, config)
-    previous = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
-    previous = previous[: run_state["records"]]
+    if "record_list" in run_state:  # the Ray engine's coordinator keeps them (the driver may have died first)
+        previous = run_state["record_list"]
+    else:
+        previous = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
+        previous = previous[: run_state["records"]]
     write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in previous))
     return _execute(config, out, observer, progress, resume=(run_state, agents, previous))
 

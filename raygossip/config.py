@@ -454,8 +454,6 @@ def validate(config: Config) -> None:
            f"must be auto, cpu or cuda[:N], got {r.device!r}")
     _check(r.wait_timeout_s > 0, "runtime.wait_timeout_s", "must be > 0")
     _check(r.checkpoint_every >= 0, "runtime.checkpoint_every", f"must be >= 0 rounds (0: off), got {r.checkpoint_every}")
-    _check(not r.checkpoint_every or r.engine == "reference", "runtime.checkpoint_every",
-           "whole-run checkpoints are written by the reference engine only so far (set runtime.engine: reference)")
     _check(r.snapshot_every >= 0, "runtime.snapshot_every",
            f"must be >= 0 rounds between the snapshots a restarted agent resumes from (0: restart from scratch), "
            f"got {r.snapshot_every}")

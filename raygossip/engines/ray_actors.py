@@ -180,6 +180,7 @@ class AgentActor:
         self.lost_messages = 0
         self.resyncs = 0
         self.finished_loop = False
+        self.barrier = threading.Event()
         self.stop_requested = threading.Event()
         self.outstanding: list[Any] = []  # reports and events in flight to the coordinator
         self.sent_seq: dict[int, int] = {}  # receiver -> letters sent to it so far (the mailbox orders by it)
@@ -226,11 +227,15 @@ class AgentActor:
     # ------------------------------------------------------------ the loop
 
     @ray.method(concurrency_group="train")
-    def run(self) -> dict:
+    def run(self, checkpoints: bool = False, resync: bool = False) -> dict:
+        """The training loop to the end (or until stopped). checkpoints: stop at every runtime.checkpoint_every-th
+        round until the coordinator wrote the whole run's checkpoint; resync: first resend the whole public copy
+        to every neighbour (a restarted agent, or a run resumed from an asynchronous checkpoint)."""
         plan = self.plan
         clock = self.phases
         cpu_began, process_began = time.thread_time(), time.process_time()
-        if self.incarnation > 0:
+        every = self.config.runtime.checkpoint_every if checkpoints else 0
+        if self.incarnation > 0 or resync:
             self.announce()
         for step in range(self.core.step, plan.total_steps):
             if self.stop_requested.is_set():
@@ -247,6 +252,9 @@ class AgentActor:
             if plan.is_eval_step(step):
                 with clock("report"):
                     self.report_evaluation(step, round_index)
+            if every and round_index is not None and (round_index + 1) % every == 0 and step + 1 < plan.total_steps:
+                with clock("wait"):
+                    self.checkpoint_barrier(step)
         with self.link_lock:
             self.finished_loop = True
             for receiver in self.live_receivers(list(self.peers)):
@@ -493,6 +501,27 @@ class AgentActor:
     def position(self) -> int:
         return self.core.step
 
+    def checkpoint_barrier(self, step: int) -> None:
+        """Give the coordinator this agent's state after `step`, then wait until it wrote the run's checkpoint
+        (nobody sends the next round's messages before every agent's state is in: a consistent cut)."""
+        with self.link_lock:
+            tensors, meta = self.core.snapshot()
+        self.barrier.clear()
+        self.outstanding.append(self.coordinator.keep_checkpoint.remote(
+            self.agent_id, self.incarnation, step, {k: v.numpy() for k, v in tensors.items()}, meta))
+        deadline = time.time() + self.config.runtime.wait_timeout_s
+        while not self.barrier.wait(0.2):
+            if self.stop_requested.is_set():
+                return
+            if time.time() > deadline:
+                self.event("checkpoint_timeout", step=step + 1)
+                return
+
+    @ray.method(concurrency_group="control")
+    def release(self) -> None:
+        """The coordinator wrote the checkpoint: the loop goes on."""
+        self.barrier.set()
+
     def keep_snapshot(self) -> None:
         """Send the coordinator this agent's whole state, to restart from if this process dies."""
         with self.link_lock:
@@ -641,19 +670,38 @@ class Coordinator:
         self.condition = threading.Condition()
         self.started = time.time()
         self.finished: list[dict] | None = None
+        self.checkpoint_dir: str | None = None
+        self.arrivals: dict[int, dict[int, tuple]] = {}  # checkpoint step -> agent -> (arrays, meta)
+        self.before: dict = {"records": [], "events": []}  # what a resumed run did before its checkpoint
+        self.resumed_from = 0
 
     @ray.method(concurrency_group="control")
     def ready(self) -> bool:
         return True
 
     @ray.method(concurrency_group="control")
-    def start(self, agents: list[Any], recipe: dict) -> None:
-        """Start every agent's own loop; returns at once (the loops run in the agents)."""
+    def start(self, agents: list[Any], recipe: dict, checkpoint_dir: str | None = None,
+              resumed: dict | None = None) -> None:
+        """Start every agent's own loop; returns at once (the loops run in the agents).
+
+        resumed: the checkpoint's run state (records, events, wall time, dropped agents) when resuming."""
         self.agents = list(agents)
         self.recipe = recipe
+        self.checkpoint_dir = checkpoint_dir
         self.started = time.time()
-        self.runs = {i: agent.run.remote() for i, agent in enumerate(agents)}
-        self.event("run_started", agents=len(agents))
+        if resumed is not None:
+            self.before = {"records": list(resumed.get("record_list", [])), "events": list(resumed["events"])}
+            self.resumed_from = int(resumed["step"])
+            self.started = time.time() - float(resumed["wall_time_s"])  # the run's clock goes on
+            self.event("resumed", step=self.resumed_from)
+            for i in resumed.get("dropped", []):
+                self.dropped.add(i)
+                ray.kill(self.agents[i])
+                ray.get([self.agents[j].peer_dropped.remote(i) for j in self.live()])
+        resync = resumed is not None and self.config.runtime.mode != "sync"  # in-flight messages were not saved
+        checkpoints = checkpoint_dir is not None
+        self.runs = {i: self.agents[i].run.remote(checkpoints, resync) for i in self.live()}
+        self.event("run_started", agents=len(self.runs))
 
     def live(self, exclude: set[int] | list[int] = ()) -> list[int]:
         return [i for i in range(len(self.agents)) if i not in self.dropped and i not in exclude]
@@ -754,8 +802,11 @@ class Coordinator:
                 record["action"] = "dropped"
         with self.condition:
             complete = [step for step, reports in self.pending.items() if set(reports) >= set(others)]
+            barriers = [step for step, arrived in self.arrivals.items() if set(arrived) >= set(others)]
         for step in complete:
             self.finish_record(step)
+        for step in barriers:
+            threading.Thread(target=self.write_checkpoint, args=(step,), daemon=True).start()
 
     def restart(self, ids: list[int], detected: float) -> None:
         """New actors for `ids`, from their latest snapshots; every live peer resends its public copy to them."""
@@ -781,7 +832,7 @@ class Coordinator:
             return
         ray.get([self.agents[j].peer_restarted.remote(i, new[i], self.incarnations[i]) for j in others for i in ids])
         for i in ids:
-            self.runs[i] = new[i].run.remote()
+            self.runs[i] = new[i].run.remote(self.checkpoint_dir is not None)
         recovered = time.time()
         rejoined_at = ray.get([self.agents[j].position.remote() for j in others]) if others else frontier
         local = self.plan.local_steps
@@ -802,6 +853,50 @@ class Coordinator:
         """An agent's latest state, copied (the arrays may live in memory its process owns)."""
         if incarnation == self.incarnations[agent]:
             self.snapshots[agent] = ({k: np.array(v, copy=True) for k, v in arrays.items()}, meta)
+
+    # ------------------------------------------------------------ whole-run checkpoints
+
+    @ray.method(concurrency_group="report")
+    def keep_checkpoint(self, agent: int, incarnation: int, step: int, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        """One agent's state at a checkpoint step; once every live agent's is in, write the checkpoint."""
+        if incarnation != self.incarnations[agent]:
+            return
+        copied = ({k: np.array(v, copy=True) for k, v in arrays.items()}, meta)
+        if self.config.runtime.on_failure == "restart":
+            self.snapshots[agent] = copied
+        with self.condition:
+            arrived = self.arrivals.setdefault(step, {})
+            arrived[agent] = copied
+            complete = set(arrived) >= set(self.live())
+        if complete:  # written by another thread: it waits for this step's records, which come through this group
+            threading.Thread(target=self.write_checkpoint, args=(step,), daemon=True).start()
+
+    def write_checkpoint(self, step: int) -> None:
+        from raygossip.checkpoint import save_checkpoint
+
+        evaluated = [s for s in range(step + 1) if self.plan.is_eval_step(s)]
+        with self.condition:
+            arrived = self.arrivals.pop(step, None)
+            if arrived is None:
+                return
+            done_before = {r["step"] - 1 for r in self.before["records"]}
+            self.condition.wait_for(lambda: all(s in self.recorded or s in done_before for s in evaluated),
+                                    timeout=self.config.runtime.wait_timeout_s)
+            records = self.before["records"] + [r for r in self.records if r["step"] <= step + 1]
+            events = self.before["events"] + sorted(self.events, key=lambda e: e["time_s"])
+        agents = [({k: torch.from_numpy(v) for k, v in arrived[i][0].items()}, arrived[i][1]) if i in arrived
+                  else ({}, {"dropped": True}) for i in range(len(self.agents))]
+        rounds_done = (step + 1) // self.plan.local_steps
+        run_state = {
+            "step": step + 1, "records": len(records), "record_list": records, "events": events,
+            "wall_time_s": time.time() - self.started, "rounds_done": rounds_done,
+            "communication_rounds": sum(self.plan.round_plan(r) is not None for r in range(rounds_done)),
+            "dropped": sorted(self.dropped),
+        }
+        save_checkpoint(self.checkpoint_dir, self.config, run_state, agents)
+        self.event("checkpoint_written", step=step + 1)
+        for i in self.live():
+            self.agents[i].release.remote()
 
     @ray.method(concurrency_group="control")
     def live_agents(self) -> dict[int, Any]:
@@ -851,7 +946,7 @@ class Coordinator:
         """An agent's evaluation at `step`; once every live agent reported that step, build the network record.
         A restarted agent reports steps again: those already recorded are ignored."""
         with self.condition:
-            if step in self.recorded or agent in self.dropped:
+            if step in self.recorded or agent in self.dropped or step < self.resumed_from:
                 return
             self.pending.setdefault(step, {})[agent] = (accuracy, state, loss, traffic)
             complete = set(self.pending[step]) >= set(self.live())
@@ -933,7 +1028,7 @@ class Coordinator:
     @ray.method(concurrency_group="control")
     def get_events(self) -> list[dict]:
         with self.condition:
-            return sorted(self.events, key=lambda e: e["time_s"])
+            return self.before["events"] + sorted(self.events, key=lambda e: e["time_s"])
 
     @ray.method(concurrency_group="control")
     def consensus(self) -> float:

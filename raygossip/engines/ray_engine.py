@@ -158,8 +158,20 @@ class RayEngine:
         self.startup_phases["coordinator_ready_s"] = self.startup_s
         self.merged_state: dict[str, torch.Tensor] = {}
         self.finished: list[dict] = []
+        self.resumed: dict | None = None
 
-    def run(self, observer: Observer | None = None, progress: bool | None = None) -> dict:
+    def restore(self, run_state: dict, agents: list[tuple[dict, dict]]) -> int:
+        """Load every agent's state from a checkpoint (before run); returns the first step still to run."""
+        dropped = set(run_state.get("dropped", []))
+        ray.get([agent.restore_snapshot.remote({k: v.numpy() for k, v in tensors.items()}, meta)
+                 for i, (agent, (tensors, meta)) in enumerate(zip(self.agents, agents)) if i not in dropped])
+        self.resumed = run_state
+        return int(run_state["step"])
+
+    def run(self, observer: Observer | None = None, progress: bool | None = None, checkpoint_dir=None,
+            start_step: int = 0, previous_records: list[dict] | None = None) -> dict:
+        """Train to the end (from start_step after restore()); the coordinator writes whole-run checkpoints into
+        checkpoint_dir every runtime.checkpoint_every rounds."""
         show = self.config.runtime.progress if progress is None else progress
         began = time.perf_counter()
         events = []
@@ -169,15 +181,16 @@ class RayEngine:
             if factor > 1.0:
                 events.append({"kind": "slow_agent", "agent": info["agent"], "factor": factor, "time": time.time()})
         ray.get(self.coordinator.record_events.remote(events))
-        ray.get(self.coordinator.start.remote(self.agents, self.recipe))
-        expected = sum(self.setup.plan.is_eval_step(s) for s in range(self.setup.plan.total_steps))
-        records: list[dict] = []
+        ray.get(self.coordinator.start.remote(self.agents, self.recipe,
+                                              None if checkpoint_dir is None else str(checkpoint_dir), self.resumed))
+        expected = sum(self.setup.plan.is_eval_step(s) for s in range(start_step, self.setup.plan.total_steps))
+        records: list[dict] = list(previous_records or [])
         bar = tqdm(total=expected, desc="raygossip[ray]", unit="eval", disable=True if not show else None, leave=False)
         done = self.coordinator.wait_finished.remote(self.config.runtime.wait_timeout_s * 10)
         while True:
             # poll returns on a new record, when the agents finished, or after 0.5 s (then we check `done`,
             # which also carries a failure of wait_finished)
-            new, finished_now = ray.get(self.coordinator.poll.remote(len(records), 0.5))
+            new, finished_now = ray.get(self.coordinator.poll.remote(len(records) - len(previous_records or []), 0.5))
             for record in new:
                 records.append(record)
                 if observer is not None:

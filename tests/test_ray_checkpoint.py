@@ -1,0 +1,108 @@
+"""Whole-run checkpoints on the Ray engine: a consistent cut at a barrier; a killed driver resumes to the same end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from raygossip.api import resume, run
+from raygossip.checkpoint import MANIFEST
+from raygossip.config import load_config
+from raygossip.results import read_metrics
+from test_ray_engine import small, wait_for_idle_cluster
+
+CLI = str(Path(sys.executable).with_name("raygossip"))
+CHOCO = {"rule": "choco", "gamma": 0.5, "compressor": {"name": "top_k", "ratio": 0.1}}
+
+
+def ray_config(**runtime):
+    data = small()
+    data["gossip"] = CHOCO
+    data["train"].update(epochs=4, steps_per_epoch=12)
+    data["runtime"].update(runtime)
+    return load_config(base=data)
+
+
+def same_model(a: Path, b: Path) -> bool:
+    x, y = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def without_time(path: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "wall_time_s"} for r in read_metrics(path / "metrics.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_cluster, tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole")
+    wait_for_idle_cluster()
+    return out, run(ray_config(), out_dir=out)
+
+
+def test_ray_checkpoint_then_resume_reaches_the_same_final_parameters(ray_cluster, tmp_path, uninterrupted):
+    whole_dir, whole = uninterrupted
+    wait_for_idle_cluster()
+    checkpointed = run(ray_config(checkpoint_every=7), out_dir=tmp_path)
+    assert same_model(whole_dir, tmp_path)  # the barriers change nothing in sync mode
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    assert manifest["step"] == 42 and manifest["agents"] == 4  # 48 rounds, one checkpoint every 7
+    assert len(manifest["run_state"]["record_list"]) == 3  # evaluations after epochs 1-3 (steps 12, 24, 36)
+    assert [e["kind"] for e in checkpointed.summary["events"]].count("checkpoint_written") == 6
+    wait_for_idle_cluster()
+    resumed = resume(tmp_path)  # continues from step 42
+    assert resumed.summary["merged_test_accuracy"] == whole.summary["merged_test_accuracy"]
+    assert same_model(whole_dir, tmp_path)
+    assert without_time(tmp_path) == without_time(whole_dir)
+
+
+def test_ray_driver_killed_mid_run_resumes_to_identical_results(ray_cluster, tmp_path, uninterrupted):
+    """The driver (a CLI process joined to the test cluster) is SIGKILLed; Ray removes its actors; resume ends
+    with the uninterrupted run's model and metrics."""
+    whole_dir, whole = uninterrupted
+    out = tmp_path / "run"
+    config_file = tmp_path / "config.yaml"
+    data = small()
+    data["gossip"] = CHOCO
+    data["train"].update(epochs=4, steps_per_epoch=12)
+    data["runtime"]["timing"] = {"step_time_s": 0.15}  # slow enough to be killed part way; numbers unchanged
+    import yaml
+
+    config_file.write_text(yaml.safe_dump(data))
+    wait_for_idle_cluster()
+    cmd = [CLI, "run", str(config_file), "--no-progress", "--checkpoint-every", "3", "--out", str(out),
+           "--address", ray_cluster.address]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
+    deadline = time.time() + 240
+    step = 0
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            step = json.loads((out / MANIFEST).read_text())["step"]
+        except (OSError, ValueError, KeyError):
+            pass
+        if step >= 15:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    step = json.loads((out / MANIFEST).read_text())["step"]
+    assert 15 <= step < 48, "the run should have been killed part way"
+    for record in read_metrics(out / "metrics.jsonl"):
+        assert "merged_test_accuracy" in record
+    wait_for_idle_cluster()  # the dead driver's actors and placement group are released
+    done = subprocess.run([CLI, "resume", str(out), "--no-progress"], capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["merged_test_accuracy"] == whole.summary["merged_test_accuracy"]
+    assert [e["kind"] for e in summary["events"]].count("resumed") == 1
+    assert same_model(whole_dir, out)
+    assert without_time(out) == without_time(whole_dir)
