@@ -97,16 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def graph_option(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--graph", choices=list(GRAPHS), default="ring", help="the graph (default: ring)")
 
-    args = common.parse_args(SCENARIO, __doc__, argv, extend=graph_option)
-
-    def body() -> int:
-        runs = variants(args.scale, args.overrides, args.graph)
-        outcomes = common.run_variants(runs, args.seeds, args.out, engine=args.engine,
-                                       threads=common.threads_arg(args), progress=args.progress)
-        common.finish(SCENARIO, args, outcomes, report(outcomes))
-        return 0
-
-    return common.main_guard(body)
+    return common.run_scenario(SCENARIO, __doc__, argv, variants, report, extend=graph_option, options=("graph",))
 
 
 if __name__ == "__main__":

@@ -368,3 +368,34 @@ def main_guard(body: Callable[[], int]) -> int:
 def threads_arg(args: argparse.Namespace) -> int | None:
     return None if args.threads == 0 else args.threads
 
+
+def run_scenario(
+    scenario: str,
+    description: str,
+    argv: Sequence[str] | None,
+    variants: Callable[..., Sequence[Variant]],
+    report: Callable[[Sequence[Outcome]], str],
+    *,
+    extend: Callable[[argparse.ArgumentParser], None] | None = None,
+    options: Sequence[str] = (),
+    engine: Callable[[argparse.Namespace], str | None] | None = None,
+    observer: Callable[[str, int], Observer | None] | None = None,
+) -> int:
+    """A scenario script's main: parse the shared options, run its variants over the seeds, write its tables.
+
+    variants(scale, overrides, **extra) builds the runs, extra being the scenario's own options named in
+    `options` (added to the parser by `extend`); report(outcomes) is the text finish() prints and keeps.
+    engine(args) picks runtime.engine for every run and may refuse the user's choice with a UserError
+    (default: --engine as given); observer is passed on to run_variants. Returns the exit status.
+    """
+    args = parse_args(scenario, description, argv, extend=extend)
+
+    def body() -> int:
+        chosen = args.engine if engine is None else engine(args)
+        runs = variants(args.scale, args.overrides, **{name: getattr(args, name) for name in options})
+        outcomes = run_variants(runs, args.seeds, args.out, engine=chosen, observer=observer,
+                                threads=threads_arg(args), progress=args.progress)
+        finish(scenario, args, outcomes, report(outcomes))
+        return 0
+
+    return main_guard(body)

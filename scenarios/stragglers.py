@@ -14,6 +14,7 @@ metrics record as it arrives and notes when it arrived; the table puts wall time
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -118,21 +119,18 @@ def report(outcomes: Sequence[Outcome], watch: Watch | None = None) -> str:
     return common.summary_table(outcomes, extra)
 
 
+def ray_only(args: argparse.Namespace) -> str:
+    """Every run on the Ray engine; --engine reference is refused (a UserError)."""
+    if args.engine == "reference":
+        raise common.UserError("--engine", "stragglers needs the Ray engine: bounded and async modes and the "
+                                           "timing simulation exist only there (leave --engine unset or use ray)")
+    return "ray"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = common.parse_args(SCENARIO, __doc__, argv)
-
-    def body() -> int:
-        if args.engine == "reference":
-            raise common.UserError("--engine", "stragglers needs the Ray engine: bounded and async modes and the "
-                                               "timing simulation exist only there (leave --engine unset or use ray)")
-        runs = variants(args.scale, args.overrides)
-        watch = Watch()
-        outcomes = common.run_variants(runs, args.seeds, args.out, engine="ray", observer=watch,
-                                       threads=common.threads_arg(args), progress=args.progress)
-        common.finish(SCENARIO, args, outcomes, report(outcomes, watch))
-        return 0
-
-    return common.main_guard(body)
+    watch = Watch()
+    return common.run_scenario(SCENARIO, __doc__, argv, variants, lambda outcomes: report(outcomes, watch),
+                               engine=ray_only, observer=watch)
 
 
 if __name__ == "__main__":

@@ -65,16 +65,7 @@ def report(outcomes: Sequence[Outcome]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = common.parse_args(SCENARIO, __doc__, argv)
-
-    def body() -> int:
-        runs = variants(args.scale, args.overrides)
-        outcomes = common.run_variants(runs, args.seeds, args.out, engine=args.engine,
-                                       threads=common.threads_arg(args), progress=args.progress)
-        common.finish(SCENARIO, args, outcomes, report(outcomes))
-        return 0
-
-    return common.main_guard(body)
+    return common.run_scenario(SCENARIO, __doc__, argv, variants, report)
 
 
 if __name__ == "__main__":
