@@ -30,6 +30,17 @@ def events_of(outcome: dict, kind: str) -> list[dict]:
     return [e for e in outcome["events"] if e["kind"] == kind]
 
 
+def link_report(engine) -> str:
+    """For a failed invariant: how far each agent's copy of each neighbour's x_hat is from that x_hat."""
+    import numpy as np
+
+    live = engine.live
+    states = dict(zip(live, ray.get([a.rule_state.remote() for a in live.values()])))
+    return "; ".join(
+        f"{i} knows {k[5:]}: {float(np.max(np.abs(v - states[int(k[5:])]['x_hat']))):.2e}"
+        for i in live for k, v in states[i].items() if k.startswith("link.") and int(k[5:]) in states)
+
+
 def check_every_record(outcome: dict, config) -> None:
     """One record per evaluation step, none twice, in order (a restarted agent's repeated reports are ignored)."""
     steps = [r["step"] for r in outcome["records"]]
@@ -55,12 +66,13 @@ def test_killed_agent_restarts_from_its_snapshot_and_resyncs_choco(ray_cluster, 
         restarted = events_of(outcome, "agent_restarted")
         assert restarted and restarted[0]["agent"] == 1 and restarted[0]["incarnation"] == 1
         assert {e["neighbour"] for e in events_of(outcome, "neighbour_down")} == {1}
-        assert extra["resyncs"] >= 2  # agent 1 took its 2 neighbours' copies
-        if mode == "sync":
+        if mode == "sync":  # (in async mode the quorum may stop agent 1 before it trains: its drain resyncs it)
+            assert extra["resyncs"] >= 2  # agent 1 took its 2 neighbours' copies
             check_every_record(outcome, config)
             assert extra["steps_per_agent"] == [80] * 4
         # every message applied once, the resync replaced what the neighbours knew of agent 1
-        assert engine.choco_consistency_error() < 1e-5
+        error = engine.choco_consistency_error()
+        assert error < 1e-5, (error, link_report(engine), outcome["events"])
         assert outcome["merged_accuracy"] > 0.5
     finally:
         engine.close()
@@ -112,7 +124,8 @@ def test_drop_policy_continues_without_the_dead_agent(ray_cluster):
         last = outcome["records"][-1]
         assert last["agents"] == [0, 1, 3] and len(last["local_test_accuracy"]) == 3
         # neighbours 1 and 3 removed agent 2's share of s: the invariant holds over the survivors
-        assert engine.choco_consistency_error() < 1e-5
+        error = engine.choco_consistency_error()
+        assert error < 1e-5, (error, link_report(engine), outcome["events"])
         assert outcome["merged_accuracy"] > 0.5
     finally:
         engine.close()

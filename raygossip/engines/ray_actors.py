@@ -428,12 +428,19 @@ class AgentActor:
         """A restarted agent's first letters: its whole public copy (CHOCO/AdaGossip) or a round mark (D-PSGD)
         to every out-neighbour, which then replaces what it knew of this agent."""
         with self.link_lock:
-            for receiver in self.live_receivers(self.out_neighbours()):
+            for receiver in self.live_receivers(self.resync_receivers()):
                 self.post_resync(receiver)
 
     def out_neighbours(self) -> list[int]:
         me = self.agent_id
         return [j for j in range(len(self.base_mixing)) if j != me and self.base_mixing[j, me] > 0]
+
+    def resync_receivers(self) -> list[int]:
+        """Who gets this agent's resync letters: its out-neighbours (CHOCO/AdaGossip: a static graph), else
+        everyone (D-PSGD's round marks are tiny, and its graph may change every round)."""
+        if self.core.link_copies is not None:
+            return self.out_neighbours()
+        return [j for j in range(len(self.base_mixing)) if j != self.agent_id]
 
     def post_resync(self, receiver: int) -> None:
         now = time.time()
@@ -467,7 +474,7 @@ class AgentActor:
             self.peers[agent] = handle
             self.sent_seq[agent] = 0
             self.down.discard(agent)
-            if agent in self.out_neighbours():
+            if agent in self.resync_receivers():
                 self.post_resync(agent)
                 if self.finished_loop:
                     self.post(agent, self.plan.total_rounds, "fin", None, time.time(), 0.0)
@@ -574,6 +581,7 @@ class AgentActor:
     def rule_state(self) -> dict[str, np.ndarray]:
         with self.link_lock:
             out = {name: t.cpu().numpy().copy() for name, t in self.core.state.tensors().items()}
+            out.update({f"link.{j}": t.cpu().numpy().copy() for j, t in (self.core.link_copies or {}).items()})
             out["params"] = self.core.parameters_vector().cpu().numpy()
         return out
 
@@ -697,11 +705,23 @@ class Coordinator:
             for i in resumed.get("dropped", []):
                 self.dropped.add(i)
                 ray.kill(self.agents[i])
-                ray.get([self.agents[j].peer_dropped.remote(i) for j in self.live()])
+                self.gather([self.agents[j].peer_dropped.remote(i) for j in self.live()])
         resync = resumed is not None and self.config.runtime.mode != "sync"  # in-flight messages were not saved
         checkpoints = checkpoint_dir is not None
         self.runs = {i: self.agents[i].run.remote(checkpoints, resync) for i in self.live()}
         self.event("run_started", agents=len(self.runs))
+
+    @staticmethod
+    def gather(refs: list[Any], default: Any = None) -> list[Any]:
+        """Results of calls to agents, `default` for an agent that died meanwhile (its own run reference tells
+        the supervision loop, which handles it next)."""
+        out = []
+        for ref in refs:
+            try:
+                out.append(ray.get(ref))
+            except ray.exceptions.RayActorError:
+                out.append(default)
+        return out
 
     def live(self, exclude: set[int] | list[int] = ()) -> list[int]:
         return [i for i in range(len(self.agents)) if i not in self.dropped and i not in exclude]
@@ -734,7 +754,7 @@ class Coordinator:
             if not stopping and self.aborted is None and len(stats) >= quorum and len(stats) < len(self.live()):
                 stopping = True
                 stopped = [i for i in self.live() if i not in stats]
-                steps = ray.get([self.agents[i].stop.remote() for i in stopped])
+                steps = self.gather([self.agents[i].stop.remote() for i in stopped])
                 self.event("quorum_finished", finished=len(stats), stopped=stopped, stopped_at_steps=steps)
         if self.aborted is not None:
             stats.update(self.stop_all(exclude=set(stats)))
@@ -781,7 +801,7 @@ class Coordinator:
             self.event("run_aborted", agents=ids)
             return
         others = self.live(exclude=ids)
-        ray.get([self.agents[j].peers_down.remote(ids) for j in others])
+        self.gather([self.agents[j].peers_down.remote(ids) for j in others])
         restart = [i for i in ids if policy == "restart" and self.restarts[i] < self.config.runtime.max_restarts]
         for i in ids:
             if i not in restart:
@@ -795,7 +815,7 @@ class Coordinator:
         self.dropped.add(agent)
         self.runs.pop(agent, None)
         others = self.live()
-        ray.get([self.agents[j].peer_dropped.remote(agent) for j in others])
+        self.gather([self.agents[j].peer_dropped.remote(agent) for j in others])
         self.event("agent_dropped", agent=agent, reason=reason, agents_left=len(others))
         for record in self.failures:
             if record["agent"] == agent and "action" not in record:
@@ -811,7 +831,7 @@ class Coordinator:
     def restart(self, ids: list[int], detected: float) -> None:
         """New actors for `ids`, from their latest snapshots; every live peer resends its public copy to them."""
         others = self.live(exclude=ids)
-        frontier = ray.get([self.agents[j].position.remote() for j in others]) if others else [0]
+        frontier = [p for p in self.gather([self.agents[j].position.remote() for j in others]) if p is not None] or [0]
         new = {}
         for i in ids:
             self.incarnations[i] += 1
@@ -830,11 +850,11 @@ class Coordinator:
                 self.event("restart_failed", agent=i, error=type(error).__name__)
                 self.drop(i, reason=f"restart failed ({type(error).__name__})")
             return
-        ray.get([self.agents[j].peer_restarted.remote(i, new[i], self.incarnations[i]) for j in others for i in ids])
+        self.gather([self.agents[j].peer_restarted.remote(i, new[i], self.incarnations[i]) for j in others for i in ids])
         for i in ids:
             self.runs[i] = new[i].run.remote(self.checkpoint_dir is not None)
         recovered = time.time()
-        rejoined_at = ray.get([self.agents[j].position.remote() for j in others]) if others else frontier
+        rejoined_at = [p for p in self.gather([self.agents[j].position.remote() for j in others]) if p is not None] or frontier
         local = self.plan.local_steps
         failed_at = {r["agent"]: r["injected_round"] for r in self.failures if "injected_round" in r and "action" not in r}
         for i, info in zip(ids, placed):
@@ -915,7 +935,7 @@ class Coordinator:
         if not steps:
             return
         live = self.live()
-        late = dict(zip(live, ray.get([self.agents[i].late_report.remote() for i in live])))
+        late = {i: r for i, r in zip(live, self.gather([self.agents[i].late_report.remote() for i in live])) if r is not None}
         for step in steps:
             for agent, report in late.items():
                 with self.condition:
@@ -948,7 +968,12 @@ class Coordinator:
         with self.condition:
             if step in self.recorded or agent in self.dropped or step < self.resumed_from:
                 return
-            self.pending.setdefault(step, {})[agent] = (accuracy, state, loss, traffic)
+        try:  # copied now: the object dies with its owner, the agent, which may die before the record is complete
+            arrays = {k: np.array(v, copy=True) for k, v in ray.get(state[0]).items()}
+        except ray.exceptions.RayError:
+            return  # the agent died; a restarted one reports this step again
+        with self.condition:
+            self.pending.setdefault(step, {})[agent] = (accuracy, arrays, loss, traffic)
             complete = set(self.pending[step]) >= set(self.live())
         if complete:
             self.finish_record(step)
@@ -960,7 +985,7 @@ class Coordinator:
             self.recorded.add(step)
             reports = self.pending.pop(step)
         order = [i for i in sorted(reports) if i not in self.dropped]
-        states = [split_state(ray.get(reports[i][1][0])) for i in order]
+        states = [split_state(reports[i][1]) for i in order]
         vectors = [params for params, _ in states]
         self.merged.load(global_average(vectors), average_buffers([buffers for _, buffers in states]))
         accuracies = [reports[i][0] for i in order]
