@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--checkpoint-every", type=int, metavar="N",
                      help="write a resumable checkpoint into --out every N communication rounds")
+    run.add_argument("--on-failure", choices=["restart", "drop", "abort"],
+                     help="runtime.on_failure: what the Ray engine does when an agent dies")
 
     resume = sub.add_parser("resume", help="continue a run from its latest checkpoint")
     resume.add_argument("run_dir", help="the run's output folder (holds config.yaml and checkpoint.json)")
@@ -84,6 +86,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides.append("runtime.progress=false")
     if args.checkpoint_every is not None:
         overrides.append(f"runtime.checkpoint_every={args.checkpoint_every}")
+    if args.on_failure:
+        overrides.append(f"runtime.on_failure={args.on_failure}")
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address:
         overrides.append(f"runtime.address={address}")
@@ -109,6 +113,10 @@ def print_summary(s: dict, out: Path) -> None:
     print(f"merged_test_accuracy={s['merged_test_accuracy']:.4f}  mean_local_test_accuracy={local_text}")
     print(f"consensus_distance={s['consensus_distance']:.4g}  bytes_sent={s['bytes_sent']}  "
           f"messages_sent={s['messages_sent']}  wall_time_s={s['wall_time_s']:.1f}")
+    failures = s.get("failures") or []
+    if failures:
+        restarted = sum(f.get("action") == "restarted" for f in failures)
+        print(f"failures={len(failures)} restarted={restarted} dropped_agents={s.get('dropped_agents', [])}")
     print(f"results in {out}")
 
 

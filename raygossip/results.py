@@ -77,6 +77,7 @@ class MetricsLog:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.touch()  # present (maybe empty) from the start, so a failed run still has one
 
     def append(self, record: dict) -> None:
         line = json.dumps(record, default=_jsonable) + "\n"

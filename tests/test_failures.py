@@ -194,3 +194,21 @@ def test_removed_node_moves_its_agents_to_the_survivors(ray_cluster):
     finally:
         if any(n is node for n in ray_cluster.worker_nodes):
             ray_cluster.remove_node(node)
+
+
+def test_cli_abort_is_one_line_and_exit_status_3(ray_cluster, tmp_path, capsys):
+    """`raygossip run --on-failure abort` with an injected kill: one line on stderr, status 3, outputs kept."""
+    from raygossip.cli import main
+
+    out = tmp_path / "run"
+    wait_for_idle_cluster()
+    code = main(["run", "--no-progress", "--on-failure", "abort", "--out", str(out), "--address", ray_cluster.address,
+                 "--set", "agents.count=4", "--set", "model.hidden=[32]", "--set", "runtime.num_cpus_per_agent=0.5",
+                 "--set", "train.epochs=2", "--set", "eval.every=1", "--set", "faults.kill=[{agent: 3, round: 30}]"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3
+    assert err[-1].startswith("raygossip run: runtime.on_failure: run aborted: agent 3 died"), err
+    assert "Traceback" not in "\n".join(err)
+    assert json.loads((out / "summary.json").read_text())["status"] == "aborted"
+    assert (out / "config.yaml").exists() and not (out / "model.safetensors").exists()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # epoch 1's record, before the kill

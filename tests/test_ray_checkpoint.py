@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from raygossip.api import resume, run
+from raygossip.api import run
 from raygossip.checkpoint import MANIFEST
 from raygossip.config import load_config
 from raygossip.results import read_metrics
@@ -24,11 +24,10 @@ CLI = str(Path(sys.executable).with_name("raygossip"))
 CHOCO = {"rule": "choco", "gamma": 0.5, "compressor": {"name": "top_k", "ratio": 0.1}}
 
 
-def ray_config(**runtime):
+def ray_config():
     data = small()
     data["gossip"] = CHOCO
     data["train"].update(epochs=4, steps_per_epoch=12)
-    data["runtime"].update(runtime)
     return load_config(base=data)
 
 
@@ -46,22 +45,6 @@ def uninterrupted(ray_cluster, tmp_path_factory):
     out = tmp_path_factory.mktemp("whole")
     wait_for_idle_cluster()
     return out, run(ray_config(), out_dir=out)
-
-
-def test_ray_checkpoint_then_resume_reaches_the_same_final_parameters(ray_cluster, tmp_path, uninterrupted):
-    whole_dir, whole = uninterrupted
-    wait_for_idle_cluster()
-    checkpointed = run(ray_config(checkpoint_every=7), out_dir=tmp_path)
-    assert same_model(whole_dir, tmp_path)  # the barriers change nothing in sync mode
-    manifest = json.loads((tmp_path / MANIFEST).read_text())
-    assert manifest["step"] == 42 and manifest["agents"] == 4  # 48 rounds, one checkpoint every 7
-    assert len(manifest["run_state"]["record_list"]) == 3  # evaluations after epochs 1-3 (steps 12, 24, 36)
-    assert [e["kind"] for e in checkpointed.summary["events"]].count("checkpoint_written") == 6
-    wait_for_idle_cluster()
-    resumed = resume(tmp_path)  # continues from step 42
-    assert resumed.summary["merged_test_accuracy"] == whole.summary["merged_test_accuracy"]
-    assert same_model(whole_dir, tmp_path)
-    assert without_time(tmp_path) == without_time(whole_dir)
 
 
 def test_ray_driver_killed_mid_run_resumes_to_identical_results(ray_cluster, tmp_path, uninterrupted):
@@ -94,8 +77,10 @@ def test_ray_driver_killed_mid_run_resumes_to_identical_results(ray_cluster, tmp
     assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    step = json.loads((out / MANIFEST).read_text())["step"]
-    assert 15 <= step < 48, "the run should have been killed part way"
+    manifest = json.loads((out / MANIFEST).read_text())
+    step = manifest["step"]
+    assert 15 <= step < 48 and step % 3 == 0, "the run should have been killed part way, at a checkpoint round"
+    assert len(manifest["run_state"]["record_list"]) == step // 12  # one evaluation per epoch of 12 steps
     for record in read_metrics(out / "metrics.jsonl"):
         assert "merged_test_accuracy" in record
     wait_for_idle_cluster()  # the dead driver's actors and placement group are released
@@ -103,6 +88,8 @@ def test_ray_driver_killed_mid_run_resumes_to_identical_results(ray_cluster, tmp
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["merged_test_accuracy"] == whole.summary["merged_test_accuracy"]
-    assert [e["kind"] for e in summary["events"]].count("resumed") == 1
+    kinds = [e["kind"] for e in summary["events"]]
+    assert kinds.count("resumed") == 1
+    assert kinds.count("checkpoint_written") == 15  # every 3rd round of 48 but the last, over both lives
     assert same_model(whole_dir, out)
     assert without_time(out) == without_time(whole_dir)

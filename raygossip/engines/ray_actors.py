@@ -903,6 +903,7 @@ class Coordinator:
             self.condition.wait_for(lambda: all(s in self.recorded or s in done_before for s in evaluated),
                                     timeout=self.config.runtime.wait_timeout_s)
             records = self.before["records"] + [r for r in self.records if r["step"] <= step + 1]
+            self.events.append({"kind": "checkpoint_written", "time_s": time.time() - self.started, "step": step + 1})
             events = self.before["events"] + sorted(self.events, key=lambda e: e["time_s"])
         agents = [({k: torch.from_numpy(v) for k, v in arrived[i][0].items()}, arrived[i][1]) if i in arrived
                   else ({}, {"dropped": True}) for i in range(len(self.agents))]
@@ -914,7 +915,6 @@ class Coordinator:
             "dropped": sorted(self.dropped),
         }
         save_checkpoint(self.checkpoint_dir, self.config, run_state, agents)
-        self.event("checkpoint_written", step=step + 1)
         for i in self.live():
             self.agents[i].release.remote()
 
