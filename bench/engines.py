@@ -183,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     for repeat in range(args.repeat):
         for name in engines:
             gc.collect()
+            load_before = os.getloadavg()[0]
             result = run_reference(config, setup, args.reference_threads) if name == "reference" else run_ray(config, setup)
+            result["load_1min"] = (load_before + os.getloadavg()[0]) / 2  # a shared machine's load moves every figure
             results[name].append(result)
             shown = {k: round(v, 3) for k, v in result.items() if isinstance(v, float)}
             print(f"  [{repeat + 1}/{args.repeat}] {name}: {shown}", flush=True)
@@ -195,16 +197,18 @@ def main(argv: list[str] | None = None) -> int:
                      "steps": plan.total_steps, "rounds": rounds, "samples": samples, "cores": os.cpu_count(),
                      "prepare_s": prepare_s, "repeat": args.repeat, "command": " ".join(sys.argv)}
     print(f"\n{'engine':<10} {'start-up s':>11} {'train s':>9} {'samples/s':>10} {'ms/round':>9} {'CPU ms/round':>13}"
-          f"   (medians of {args.repeat})")
+          f" {'load':>5}   (medians of {args.repeat}; load: 1-min load average, mean of before and after)")
     for name, runs in results.items():
         startup = median([r["startup_s"] + r.get("init_s", 0.0) for r in runs])
         train = median([r["train_s"] for r in runs])
         cpu = median([r["cpu_s"] for r in runs])
+        load = median([r["load_1min"] for r in runs])
         summary[name] = {"startup_s": startup, "train_s": train, "samples_per_s": samples / train,
                          "ms_per_round": 1e3 * train / max(1, rounds), "cpu_ms_per_round": 1e3 * cpu / max(1, rounds),
+                         "load_1min": load,
                          "runs": [{k: v for k, v in r.items() if k != "vectors"} for r in runs]}
         print(f"{name:<10} {startup:>11.2f} {train:>9.2f} {samples / train:>10.0f} {1e3 * train / max(1, rounds):>9.2f}"
-              f" {1e3 * cpu / max(1, rounds):>13.2f}")
+              f" {1e3 * cpu / max(1, rounds):>13.2f} {load:>5.1f}")
     if "ray" in results:
         runs = results["ray"]
         print(f"ray start-up: ray.init {median([r['init_s'] for r in runs]):.2f} s (0 when already connected), "

@@ -154,6 +154,7 @@ class RuntimeConfig:
     device: str = "auto"
     torch_threads: int | None = None
     wait_timeout_s: float = 120.0
+    inline_bytes: int = 1048576
     finish_quorum: float = 0.5
     checkpoint_every: int = 0
     on_failure: str = "restart"
@@ -453,6 +454,8 @@ def validate(config: Config) -> None:
     _check(r.device in ("auto", "cpu") or r.device.startswith("cuda"), "runtime.device",
            f"must be auto, cpu or cuda[:N], got {r.device!r}")
     _check(r.wait_timeout_s > 0, "runtime.wait_timeout_s", "must be > 0")
+    _check(0 <= r.inline_bytes <= 1048576, "runtime.inline_bytes",
+           f"must be in 0..1048576 (messages larger than this go through the object store), got {r.inline_bytes}")
     _check(r.checkpoint_every >= 0, "runtime.checkpoint_every", f"must be >= 0 rounds (0: off), got {r.checkpoint_every}")
     _check(r.snapshot_every >= 0, "runtime.snapshot_every",
            f"must be >= 0 rounds between the snapshots a restarted agent resumes from (0: restart from scratch), "

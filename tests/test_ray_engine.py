@@ -54,16 +54,18 @@ def run_ray(config, **kwargs):
 
 
 @pytest.mark.parametrize(
-    "gossip",
+    "gossip, inline_bytes",
     [
-        {"rule": "dpsgd"},
-        {"rule": "choco", "gamma": 0.5, "compressor": {"name": "top_k", "ratio": 0.1}},
-        {"rule": "adagossip", "gamma": 0.5, "compressor": {"name": "qsgd", "bits": 4}},
+        ({"rule": "dpsgd"}, 1 << 20),
+        ({"rule": "choco", "gamma": 0.5, "compressor": {"name": "top_k", "ratio": 0.1}}, 1 << 20),
+        ({"rule": "adagossip", "gamma": 0.5, "compressor": {"name": "qsgd", "bits": 4}}, 1 << 20),
+        ({"rule": "choco", "gamma": 0.5, "compressor": {"name": "top_k", "ratio": 0.1}}, 0),
     ],
-    ids=["dpsgd", "choco-topk", "adagossip-qsgd"],
+    ids=["dpsgd", "choco-topk", "adagossip-qsgd", "choco-topk-object-store"],
 )
-def test_sync_mode_reproduces_the_reference_engine(ray_cluster, gossip):
+def test_sync_mode_reproduces_the_reference_engine(ray_cluster, gossip, inline_bytes):
     data = small()
+    data["runtime"]["inline_bytes"] = inline_bytes  # 0: every message is put into the object store once
     data["gossip"] = gossip
     if gossip["rule"] != "dpsgd":
         data["schedule"]["averaging_rate"] = {"kind": "constant"}
@@ -83,6 +85,8 @@ def test_sync_mode_reproduces_the_reference_engine(ray_cluster, gossip):
             assert got["bytes_sent"] == want["bytes_sent"]
             assert got["consensus_distance"] == pytest.approx(want["consensus_distance"], rel=1e-4, abs=1e-9)
         assert outcome["merged_accuracy"] == pytest.approx(expected["merged_accuracy"], abs=1e-9)
+        by_reference = outcome["extra"]["sent_by_reference"]
+        assert by_reference > 0 if inline_bytes == 0 else by_reference == 0
         merged_ref = reference.merged_state_dict()
         for name, tensor in engine.merged_state_dict().items():
             torch.testing.assert_close(tensor, merged_ref[name], rtol=1e-5, atol=1e-6)

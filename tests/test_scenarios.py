@@ -15,10 +15,12 @@ if str(REPO) not in sys.path:
 from raygossip.config import load_config  # noqa: E402
 from raygossip.core.plan import RunPlan  # noqa: E402
 from raygossip.algorithms.topology import build_topology  # noqa: E402
-from scenarios import adagossip_vs_choco, ars_vs_constant, common, late_communication, stragglers, topologies  # noqa: E402
+from scenarios import (  # noqa: E402
+    adagossip_vs_choco, ars_vs_constant, common, failures, late_communication, stragglers, topologies,
+)
 
 REFERENCE_SCENARIOS = [ars_vs_constant, adagossip_vs_choco, topologies]
-ALL_SCENARIOS = [*REFERENCE_SCENARIOS, late_communication, stragglers]
+ALL_SCENARIOS = [*REFERENCE_SCENARIOS, late_communication, stragglers, failures]
 CONFIG_FILES = sorted((REPO / "configs").rglob("*.yaml"))
 
 
@@ -156,4 +158,53 @@ def test_stragglers_smoke_on_the_ray_engine_with_an_observer(ray_cluster, tmp_pa
 
 def test_stragglers_refuses_the_reference_engine(capsys):
     assert stragglers.main(["--scale", "smoke", "--engine", "reference", "--out", "unused"]) == 2
+    assert "Ray engine" in capsys.readouterr().err
+
+
+def test_failure_variants_share_everything_but_the_faults():
+    variants = dict(failures.variants("cpu"))
+    assert len(variants) == 8 and {config.runtime.engine for config in variants.values()} == {"ray"}
+    assert {config.runtime.mode for config in variants.values()} == {"sync"}
+    kill = variants["D-PSGD, kill 25% at round 75, drop"]
+    assert (kill.faults.kill_fraction, kill.faults.kill_round, kill.runtime.on_failure) == (0.25, 75, "drop")
+    assert variants["CHOCO top-k 10%, 10% messages lost"].faults.drop_messages == 0.1
+    base = variants["D-PSGD, no failures"]
+    assert base.runtime.timing.step_time_s * 75 > 20  # the second half outlasts a restart
+    for config in variants.values():
+        assert (config.data, config.model, config.topology, config.train, config.seed) == (
+            base.data, base.model, base.topology, base.train, base.seed)
+
+
+def test_failures_smoke_reports_failures_only_where_injected(ray_cluster, tmp_path, capsys):
+    out = tmp_path / "failures"
+    assert failures.main(["--scale", "smoke", "--seeds", "0", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    variants = failures.variants("smoke")
+    for label, _ in variants:
+        assert f"| {label} | 0 |" in printed
+    assert "detection s" in printed and "recovery s" in printed
+    assert (tmp_path / "failures.md").is_file()
+    csv = (tmp_path / "failures.csv").read_text().splitlines()
+    assert csv[0].startswith("label,seed,merged_acc") and len(csv) == 1 + len(variants)
+    summaries = {label: json.loads((out / f"{common.slug(label)}-seed0" / "summary.json").read_text())
+                 for label, _ in variants}
+    for label, summary in summaries.items():
+        assert summary["status"] == "finished" and summary["engine"] == "ray", label
+        if "kill" in label:
+            (failure,) = summary["failures"]  # round(0.25 * 3 agents)
+            assert failure["injected_round"] == 8 and failure["detection_s"] >= 0
+            action = "restarted" if label.endswith("restart") else "dropped"
+            assert failure["action"] == action
+            if action == "restarted":
+                assert summary["restarts"] == 1 and failure["recovery_s"] > 0
+            else:
+                assert summary["dropped_agents"] == [failure["agent"]]
+        else:
+            assert summary["failures"] == [] and summary["restarts"] == 0 and summary["dropped_agents"] == []
+    assert summaries["D-PSGD, 10% messages lost"]["lost_messages"] > 0
+    assert summaries["D-PSGD, no failures"]["lost_messages"] == 0
+
+
+def test_failures_refuses_the_reference_engine(capsys):
+    assert failures.main(["--scale", "smoke", "--engine", "reference", "--out", "unused"]) == 2
     assert "Ray engine" in capsys.readouterr().err

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -40,6 +40,13 @@ class RunPlan:
     topology: Topology
     steps_per_epoch: int
 
+    def __post_init__(self) -> None:
+        # Memos (not fields: no effect on equality, repr or replace()): the averaging-rate schedule, gamma by
+        # epoch, and the round plans of schedules without per-round randomness by position in W's period.
+        object.__setattr__(self, "_rate", averaging_rate(self.config))
+        object.__setattr__(self, "_gammas", {})
+        object.__setattr__(self, "_plans", {})
+
     @property
     def total_steps(self) -> int:
         return self.config.train.epochs * self.steps_per_epoch
@@ -71,19 +78,36 @@ class RunPlan:
         return every > 0 and (step + 1) % (every * self.steps_per_epoch) == 0
 
     def gamma(self, round_index: int) -> float:
-        return float(averaging_rate(self.config)(self.epoch_of_step(self.last_step_of_round(round_index))))
+        epoch = self.epoch_of_step(self.last_step_of_round(round_index))
+        gamma = self._gammas.get(epoch)
+        if gamma is None:
+            gamma = self._gammas[epoch] = float(self._rate(epoch))
+        return gamma
 
     def round_plan(self, round_index: int) -> RoundPlan | None:
-        """Who sends what to whom in this round; None when the round does not communicate."""
-        return _round_plan(self, round_index)
+        """Who sends what to whom in this round; None when the round does not communicate.
+
+        Without per-round coin flips (communication kind "probability") or random peers, the plan of a
+        communicating round depends on the round only through W(t), so it is built once per position in
+        the topology's period and reused with the round's index.
+        """
+        comm = self.config.schedule.communication
+        progress = (self.last_step_of_round(round_index) + 1) / self.total_steps
+        params = {"start": comm.start, "width": comm.width, "sparse_every": comm.sparse_every}
+        if not round_communicates(comm.kind, round_index, progress, params):
+            return None
+        if comm.kind == "probability" or comm.pull == "random_peer":
+            return _round_plan(self, round_index)
+        phase = round_index % self.topology.period()
+        cached = self._plans.get(phase)
+        if cached is None:
+            cached = self._plans[phase] = _round_plan(self, round_index)
+        return cached if cached.round == round_index else replace(cached, round=round_index)
 
 
 def _round_plan(plan: RunPlan, round_index: int) -> RoundPlan | None:
+    """The plan of a communicating round, built from scratch (None when no agent is active)."""
     comm = plan.config.schedule.communication
-    progress = (plan.last_step_of_round(round_index) + 1) / plan.total_steps
-    params = {"start": comm.start, "width": comm.width, "sparse_every": comm.sparse_every}
-    if not round_communicates(comm.kind, round_index, progress, params):
-        return None
     n = plan.topology.n
     seed = plan.config.seed
     active = active_agents(n, round_index, comm.p, seed) if comm.kind == "probability" else np.ones(n, dtype=bool)

@@ -28,8 +28,9 @@ from raygossip.engines.mailbox import Letter, Mailbox
 
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
-# Messages up to this size travel by value inside the deliver call (one RPC, nothing to fetch); larger ones
-# are put into the object store once and every receiver gets a reference. Measured on a 2-core VM (sender
+# Messages up to this size (the default and largest runtime.inline_bytes) travel by value inside the deliver
+# call (one RPC, nothing to fetch); larger ones are put into the object store once and every receiver gets a
+# reference. Measured on a 2-core VM (sender
 # plus receiver CPU), one message by reference costs ~6.5-7.5 ms (put, borrower bookkeeping, get) at any
 # size up to 1 MiB and ~8.5 ms at 4 MiB; by value ~1.5 ms plus ~3.5 ms per MiB: they meet between 1 and
 # 2 MiB (bench/README.md).
@@ -184,7 +185,7 @@ class AgentActor:
         self.stop_requested = threading.Event()
         self.outstanding: list[Any] = []  # reports and events in flight to the coordinator
         self.sent_seq: dict[int, int] = {}  # receiver -> letters sent to it so far (the mailbox orders by it)
-        self.by_reference = 0  # messages that went through the object store (larger than INLINE_BYTES)
+        self.by_reference = 0  # messages that went through the object store (larger than runtime.inline_bytes)
         kills = kill_schedule(self.config.faults, self.config.agents.count, self.plan.total_rounds, self.config.seed)
         self.kill_round = kills.get(agent_id) if incarnation == 0 else None
         self.fate = MessageFate(self.config.faults, self.config.seed, agent_id, incarnation)
@@ -306,7 +307,7 @@ class AgentActor:
                     self.post(receiver, round_index, "q", payload, sent_at, available_at + extra)
 
     def wire_payload(self, numel: int, nbytes: int, arrays: dict[str, np.ndarray]) -> tuple:
-        if nbytes <= INLINE_BYTES:
+        if nbytes <= self.config.runtime.inline_bytes:
             return ("value", numel, arrays)
         self.by_reference += 1
         return ("ref", [ray.put((numel, arrays))])
