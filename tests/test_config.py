@@ -188,6 +188,10 @@ RANGE_ROWS: list[tuple[dict, str]] = [
     (nested("runtime.device", "tpu"), "runtime.device"),
     (nested("runtime.wait_timeout_s", 0), "runtime.wait_timeout_s"),
     (nested("runtime.finish_quorum", 0), "runtime.finish_quorum"),
+    (nested("runtime.inline_bytes", -1), "runtime.inline_bytes"),
+    (nested("runtime.inline_bytes", 1 << 21), "runtime.inline_bytes"),
+    (nested("runtime.snapshot_every", -1), "runtime.snapshot_every"),
+    (nested("runtime.max_restarts", -1), "runtime.max_restarts"),
     (nested("runtime.checkpoint_every", -1), "runtime.checkpoint_every"),
     (nested("runtime.finish_quorum", 1.5), "runtime.finish_quorum"),
     # cross-field: the reference engine runs only sync
@@ -438,10 +442,13 @@ def _every_section_changed() -> dict:
         "runtime": {"engine": "ray", "mode": "bounded", "staleness": 3, "address": "ray://head:10001", "num_cpus": 4,
                     "num_cpus_per_agent": 0.5, "num_gpus_per_agent": 0.25, "placement": "SPREAD", "device": "cuda:0",
                     "torch_threads": 2, "wait_timeout_s": 30.0, "finish_quorum": 1.0, "checkpoint_every": 0,
-                    "progress": False,
+                    "progress": False, "inline_bytes": 4096, "on_failure": "drop", "snapshot_every": 3,
+                    "max_restarts": 1,
                     "timing": {"slowdown": [1.0, 1.0, 2.0, 1.0, 1.5, 1.0], "slow_fraction": 0.25, "slow_factor": 3.0,
                                "jitter": 0.1, "step_time_s": 0.01, "latency_s": 0.002, "bandwidth_mbps": 100.0}},
         "eval": {"every": 2, "test_samples": 500, "local": False, "batch_size": 250},
+        "faults": {"kill": [{"agent": 2, "round": 5}], "kill_fraction": 0.2, "kill_round": 4, "drop_messages": 0.1,
+                   "delay_messages": 0.2, "delay_s": 0.05},
     }
 
 
