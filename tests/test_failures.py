@@ -110,6 +110,20 @@ def test_agent_killed_from_outside_is_detected_and_replaced(ray_cluster):
         engine.close()
 
 
+def test_two_deaths_at_once_are_both_detected_at_once(ray_cluster):
+    """The second death is detected while the first agent is being restarted, not after (D-PSGD, sync)."""
+    data = failing()
+    data["faults"] = {"kill": [{"agent": 0, "round": 7}, {"agent": 2, "round": 7}]}
+    engine, outcome = run_ray(load_config(base=data))
+    try:
+        failures = outcome["extra"]["failures"]
+        assert sorted(f["agent"] for f in failures) == [0, 2]
+        assert all(f["action"] == "restarted" and f["detection_s"] < 3.0 for f in failures), failures
+        assert outcome["extra"]["steps_per_agent"] == [80] * 4
+    finally:
+        engine.close()
+
+
 def test_drop_policy_continues_without_the_dead_agent(ray_cluster):
     data = failing(runtime__on_failure="drop")
     data["gossip"] = CHOCO

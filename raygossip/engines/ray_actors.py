@@ -672,6 +672,11 @@ class Coordinator:
         self.snapshots: dict[int, tuple[dict[str, np.ndarray], dict]] = {}
         self.failures: list[dict] = []
         self.aborted: dict | None = None
+        self.restart_queue: list[tuple[int, float]] = []  # (agent, when its death was detected)
+        self.restarting: set[int] = set()
+        self.restart_worker: threading.Thread | None = None
+        self.stopping = False
+        self.comm_counted = (0, 0)  # (rounds, how many of them communicate)
         self.pending: dict[int, dict[int, tuple]] = {}
         self.recorded: set[int] = set()
         self.records: list[dict] = []
@@ -730,18 +735,29 @@ class Coordinator:
     @ray.method(concurrency_group="control")
     def wait_finished(self, timeout_s: float) -> dict:
         """Wait for the agents' loops, handling deaths as runtime.on_failure says; in bounded/async mode, once a
-        quorum finished, stop the rest. Returns the finished agents' stats and whether the run was aborted."""
+        quorum finished, stop the rest. Returns the finished agents' stats and whether the run was aborted.
+
+        Restarts run in another thread, so a death is detected (and the neighbours told) within a fraction of a
+        second even while another agent is being restarted."""
         n = len(self.runs)
         deadline = time.time() + timeout_s
         quorum = n if self.config.runtime.mode == "sync" else max(1, math.ceil(self.config.runtime.finish_quorum * n))
         stats: dict[int, dict] = {}
-        stopping = False
         while self.aborted is None:
-            waiting = {ref: i for i, ref in self.runs.items() if i not in stats and i not in self.dropped}
+            with self.condition:
+                waiting = {ref: i for i, ref in self.runs.items()
+                           if i not in stats and i not in self.dropped and i not in self.restarting}
+                restarting = bool(self.restarting)
+                if not waiting and restarting:
+                    self.condition.wait(timeout=0.5)
+                    continue
             if not waiting:
                 break
-            ready, _ = ray.wait(list(waiting), num_returns=1, timeout=max(0.0, deadline - time.time()))
+            ready, _ = ray.wait(list(waiting), num_returns=1,
+                                timeout=0.5 if restarting else max(0.0, deadline - time.time()))
             if not ready:
+                if restarting or time.time() < deadline:
+                    continue
                 raise TimeoutError(f"{len(waiting)} agents did not finish within {timeout_s:g} s")
             ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=0)
             failed = []
@@ -752,8 +768,8 @@ class Coordinator:
                     failed.append((waiting[ref], error))
             if failed:
                 self.handle_failures(failed)
-            if not stopping and self.aborted is None and len(stats) >= quorum and len(stats) < len(self.live()):
-                stopping = True
+            if not self.stopping and self.aborted is None and len(stats) >= quorum and len(stats) < len(self.live()):
+                self.stopping = True
                 stopped = [i for i in self.live() if i not in stats]
                 steps = self.gather([self.agents[i].stop.remote() for i in stopped])
                 self.event("quorum_finished", finished=len(stats), stopped=stopped, stopped_at_steps=steps)
@@ -808,13 +824,19 @@ class Coordinator:
             if i not in restart:
                 self.drop(i, reason="on_failure is drop" if policy == "drop" else "max_restarts reached")
         if restart:
-            self.restart(restart, detected)
+            with self.condition:
+                self.restart_queue.extend((i, detected) for i in restart)
+                self.restarting.update(restart)
+                if self.restart_worker is None:
+                    self.restart_worker = threading.Thread(target=self.restart_loop, daemon=True)
+                    self.restart_worker.start()
         if not self.live():
             self.aborted = {"agents": ids, "reason": "every agent was dropped"}
 
     def drop(self, agent: int, reason: str) -> None:
-        self.dropped.add(agent)
-        self.runs.pop(agent, None)
+        with self.condition:
+            self.dropped.add(agent)
+            self.runs.pop(agent, None)
         others = self.live()
         self.gather([self.agents[j].peer_dropped.remote(agent) for j in others])
         self.event("agent_dropped", agent=agent, reason=reason, agents_left=len(others))
@@ -828,6 +850,22 @@ class Coordinator:
             self.finish_record(step)
         for step in barriers:
             threading.Thread(target=self.write_checkpoint, args=(step,), daemon=True).start()
+
+    def restart_loop(self) -> None:
+        """The restart thread: restart the queued agents, a batch at a time, until none is left."""
+        while True:
+            with self.condition:
+                if not self.restart_queue:
+                    self.restart_worker = None
+                    return
+                batch, self.restart_queue = self.restart_queue, []
+            ids = [i for i, _ in batch]
+            try:
+                self.restart(ids, min(t for _, t in batch))
+            finally:
+                with self.condition:
+                    self.restarting.difference_update(ids)
+                    self.condition.notify_all()
 
     def restart(self, ids: list[int], detected: float) -> None:
         """New actors for `ids`, from their latest snapshots; every live peer resends its public copy to them."""
@@ -852,8 +890,11 @@ class Coordinator:
                 self.drop(i, reason=f"restart failed ({type(error).__name__})")
             return
         self.gather([self.agents[j].peer_restarted.remote(i, new[i], self.incarnations[i]) for j in others for i in ids])
-        for i in ids:
-            self.runs[i] = new[i].run.remote(self.checkpoint_dir is not None)
+        with self.condition:
+            for i in ids:
+                self.runs[i] = new[i].run.remote(self.checkpoint_dir is not None)
+        if self.stopping:  # a bounded/async run's quorum already finished
+            self.gather([new[i].stop.remote() for i in ids])
         recovered = time.time()
         rejoined_at = [p for p in self.gather([self.agents[j].position.remote() for j in others]) if p is not None] or frontier
         local = self.plan.local_steps
@@ -912,7 +953,7 @@ class Coordinator:
         run_state = {
             "step": step + 1, "records": len(records), "record_list": records, "events": events,
             "wall_time_s": time.time() - self.started, "rounds_done": rounds_done,
-            "communication_rounds": sum(self.plan.round_plan(r) is not None for r in range(rounds_done)),
+            "communication_rounds": self.communication_rounds(rounds_done),
             "dropped": sorted(self.dropped),
         }
         save_checkpoint(self.checkpoint_dir, self.config, run_state, agents)
@@ -996,7 +1037,7 @@ class Coordinator:
             local_accuracies=None if accuracies[0] is None else accuracies,
             merged_accuracy=self.merged.evaluate(), traffic=[traffic_of(reports[i][3]) for i in order],
             train_loss=float(np.mean([reports[i][2] for i in order])), rounds_done=rounds_done,
-            communication_rounds=sum(self.plan.round_plan(r) is not None for r in range(rounds_done)),
+            communication_rounds=self.communication_rounds(rounds_done),
             wall_time_s=time.time() - self.started,
         )
         if self.dropped:
@@ -1005,6 +1046,17 @@ class Coordinator:
             self.records.append(record)
             self.records.sort(key=lambda r: r["step"])
             self.condition.notify_all()
+
+    def communication_rounds(self, rounds_done: int) -> int:
+        """How many of the first `rounds_done` rounds communicate (counted once, extended as the run goes)."""
+        with self.condition:
+            counted, count = self.comm_counted
+            for r in range(counted, rounds_done):
+                count += self.plan.round_plan(r) is not None
+            if rounds_done >= counted:
+                self.comm_counted = (rounds_done, count)
+                return count
+        return sum(self.plan.round_plan(r) is not None for r in range(rounds_done))  # an earlier step (rare)
 
     @ray.method(concurrency_group="control")
     def poll(self, seen: int, timeout_s: float) -> tuple[list[dict], bool]:
