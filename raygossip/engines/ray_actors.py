@@ -159,6 +159,8 @@ class AgentActor:
                                   self.config.topology.params)
         self.plan = RunPlan(self.config, topology, steps_per_epoch)
         self.base_mixing = topology.mixing(0)
+        row = self.base_mixing[agent_id]
+        self.base_weights = {j: float(row[j]) for j in range(len(row)) if j != agent_id and row[j] > 0}
         runtime = self.config.runtime
         self.device = pick_device(runtime.device, runtime.num_gpus_per_agent)
         planned = time.time()
@@ -182,6 +184,7 @@ class AgentActor:
         self.resyncs = 0
         self.finished_loop = False
         self.barrier = threading.Event()
+        self.barrier_step = -1
         self.stop_requested = threading.Event()
         self.outstanding: list[Any] = []  # reports and events in flight to the coordinator
         self.sent_seq: dict[int, int] = {}  # receiver -> letters sent to it so far (the mailbox orders by it)
@@ -197,12 +200,17 @@ class AgentActor:
 
     @ray.method(concurrency_group="control")
     def connect(self, peers: dict[int, Any], coordinator: Any, incarnations: dict[int, int] | None = None,
-                dropped: list[int] = ()) -> dict:
+                dropped: list[int] = (), down: list[int] = ()) -> dict:
+        """Wire this agent to its peers and the coordinator (a restarted one also learns who is dropped or down)."""
         self.peers = dict(peers)
         self.peer_incarnation = dict(incarnations or {})
         self.coordinator = coordinator
-        for j in dropped:
-            self._forget(j)
+        with self.link_lock:
+            for j in dropped:
+                self._forget(j)
+            for j in down:
+                self.down.add(j)
+                self.mailbox.mark_down(j)
         return {"agent": self.agent_id, "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
                 "device": str(self.device), "threads": torch.get_num_threads(), "startup": self.startup,
                 "incarnation": self.incarnation}
@@ -260,7 +268,7 @@ class AgentActor:
             self.finished_loop = True
             for receiver in self.live_receivers(list(self.peers)):
                 self.post(receiver, plan.total_rounds, "fin", None, time.time(), 0.0)
-        ray.get(self.outstanding)  # the coordinator has every report before the run counts as finished
+        ray.get(self.outstanding, timeout=self.config.runtime.wait_timeout_s)  # every report is in before the end
         self.outstanding.clear()
         clock.loop_cpu += time.thread_time() - cpu_began
         clock.process_cpu += time.process_time() - process_began
@@ -273,8 +281,8 @@ class AgentActor:
         round_plan = self.plan.round_plan(round_index)
         if round_plan is not None:
             me = self.agent_id
-            receivers = self.live_receivers(round_plan.receivers_of(me))
-            if receivers:
+            receivers = round_plan.receivers_of(me)
+            if receivers:  # filtered for dead peers inside send(), under link_lock (a peer may come back meanwhile)
                 with self.phases("send"):
                     self.send(round_index, receivers)
             senders = round_plan.senders_to(me)
@@ -294,7 +302,9 @@ class AgentActor:
         """Emit this round's message and push it to every receiver: by value when small, else one object-store
         copy shared by all receivers (its reference wrapped in a list so Ray does not fetch it early)."""
         with self.link_lock:
-            receivers = self.live_receivers(receivers)  # a peer may have died while this agent trained
+            receivers = self.live_receivers(receivers)
+            if not receivers:
+                return
             message = self.core.emit(receivers)
             payload = self.wire_payload(message.numel, message.nbytes, wire_arrays(message))
             sent_at = time.time()
@@ -348,8 +358,7 @@ class AgentActor:
         rule_is_dpsgd = self.config.gossip.rule == "dpsgd"
         weights = dict(round_plan.weights.get(self.agent_id, (1.0, {}))[1])
         if not rule_is_dpsgd:
-            row = self.base_mixing[self.agent_id]
-            weights = {j: float(row[j]) for j in range(len(row)) if j != self.agent_id}
+            weights = self.base_weights  # CHOCO/AdaGossip need a static graph
         taken: list[Letter] = []
         for sender in sorted(set(senders) | set(self.mailbox.queues)):
             letters = self.mailbox.take_ready(sender, up_to)
@@ -379,13 +388,12 @@ class AgentActor:
             if weight > 0.0:
                 self.core.absorb(received_message(arrays, numel, self.device), weight, letter.sender)
 
-    @staticmethod
-    def open_letters(letters: list[Letter]) -> list[tuple[int, dict] | None]:
+    def open_letters(self, letters: list[Letter]) -> list[tuple[int, dict] | None]:
         """(numel, arrays) of each letter (None when it is lost); the ones sent by reference are fetched in one
         ray.get, or one by one if that fails (a reference whose sender died is lost)."""
         refs = [letter.payload[1][0] for letter in letters if letter.payload[0] == "ref"]
         try:
-            fetched = ray.get(refs) if refs else []
+            fetched = ray.get(refs, timeout=self.config.runtime.wait_timeout_s) if refs else []
         except ray.exceptions.RayError:
             fetched = []
             for ref in refs:
@@ -501,7 +509,11 @@ class AgentActor:
     @ray.method(concurrency_group="control")
     def restore_snapshot(self, tensors: dict[str, np.ndarray], meta: dict) -> int:
         """Continue from a snapshot the coordinator kept (a restarted agent, before it runs)."""
-        self.core.restore({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, meta)
+        with self.link_lock:
+            self.core.restore({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, meta)
+            if self.core.link_copies is not None:  # the snapshot may predate drops this agent already knows of
+                for j in self.dropped:
+                    self.core.drop_link(j, float(self.base_mixing[self.agent_id, j]))
         self.round_reached = self.core.step // self.plan.local_steps - 1
         return self.core.step
 
@@ -515,6 +527,7 @@ class AgentActor:
         with self.link_lock:
             tensors, meta = self.core.snapshot()
         self.barrier.clear()
+        self.barrier_step = step
         self.outstanding.append(self.coordinator.keep_checkpoint.remote(
             self.agent_id, self.incarnation, step, {k: v.numpy() for k, v in tensors.items()}, meta))
         deadline = time.time() + self.config.runtime.wait_timeout_s
@@ -526,9 +539,11 @@ class AgentActor:
                 return
 
     @ray.method(concurrency_group="control")
-    def release(self) -> None:
-        """The coordinator wrote the checkpoint: the loop goes on."""
-        self.barrier.set()
+    def release(self, step: int) -> None:
+        """The coordinator wrote the checkpoint of `step`: the loop goes on (a late release of an earlier
+        checkpoint, after this agent gave up waiting for it, is ignored)."""
+        if step == self.barrier_step:
+            self.barrier.set()
 
     def keep_snapshot(self) -> None:
         """Send the coordinator this agent's whole state, to restart from if this process dies."""
@@ -679,7 +694,9 @@ class Coordinator:
         self.comm_counted = (0, 0)  # (rounds, how many of them communicate)
         self.pending: dict[int, dict[int, tuple]] = {}
         self.recorded: set[int] = set()
-        self.records: list[dict] = []
+        self.records: list[dict] = []  # by step
+        self.delivered: list[dict] = []  # the same, in the order they were completed
+        self.record_lock = threading.Lock()
         self.events: list[dict] = []
         self.condition = threading.Condition()
         self.started = time.time()
@@ -717,16 +734,16 @@ class Coordinator:
         self.runs = {i: self.agents[i].run.remote(checkpoints, resync) for i in self.live()}
         self.event("run_started", agents=len(self.runs))
 
-    @staticmethod
-    def gather(refs: list[Any], default: Any = None) -> list[Any]:
-        """Results of calls to agents, `default` for an agent that died meanwhile (its own run reference tells
-        the supervision loop, which handles it next)."""
+    def gather(self, refs: list[Any]) -> list[Any]:
+        """Results of calls to agents, None for an agent that died meanwhile (its own run reference tells the
+        supervision loop, which handles it next) or that did not answer within runtime.wait_timeout_s."""
+        deadline = time.time() + self.config.runtime.wait_timeout_s
         out = []
         for ref in refs:
             try:
-                out.append(ray.get(ref))
-            except ray.exceptions.RayActorError:
-                out.append(default)
+                out.append(ray.get(ref, timeout=max(0.1, deadline - time.time())))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                out.append(None)
         return out
 
     def live(self, exclude: set[int] | list[int] = ()) -> list[int]:
@@ -878,11 +895,14 @@ class Coordinator:
             new[i] = self.agents[i] = spawn_agent(self.recipe, i, self.incarnations[i])
         peers = {j: self.agents[j] for j in self.live()}
         me = ray.get_runtime_context().current_actor
+        with self.condition:  # peers that are dead and not yet back: the new agents must not wait for them
+            down = sorted((self.restarting | {j for j, _ in self.restart_queue}) - set(ids))
+        timeout = self.config.runtime.wait_timeout_s
         try:
-            placed = ray.get([new[i].connect.remote(peers, me, dict(enumerate(self.incarnations)), sorted(self.dropped))
-                              for i in ids], timeout=self.config.runtime.wait_timeout_s)
-            restored = {i: ray.get(new[i].restore_snapshot.remote(*self.snapshots[i])) if i in self.snapshots else 0
-                        for i in ids}
+            placed = ray.get([new[i].connect.remote(peers, me, dict(enumerate(self.incarnations)), sorted(self.dropped),
+                                                    down) for i in ids], timeout=timeout)
+            restored = {i: ray.get(new[i].restore_snapshot.remote(*self.snapshots[i]), timeout=timeout)
+                        if i in self.snapshots else 0 for i in ids}
         except (ray.exceptions.RayError, TimeoutError) as error:
             for i in ids:
                 ray.kill(new[i])
@@ -958,7 +978,7 @@ class Coordinator:
         }
         save_checkpoint(self.checkpoint_dir, self.config, run_state, agents)
         for i in self.live():
-            self.agents[i].release.remote()
+            self.agents[i].release.remote(step)
 
     @ray.method(concurrency_group="control")
     def live_agents(self) -> dict[int, Any]:
@@ -1026,6 +1046,10 @@ class Coordinator:
                 return
             self.recorded.add(step)
             reports = self.pending.pop(step)
+        with self.record_lock:  # the report thread, the supervision loop and the restart thread all get here
+            self._finish_record(step, reports)
+
+    def _finish_record(self, step: int, reports: dict[int, tuple]) -> None:
         order = [i for i in sorted(reports) if i not in self.dropped]
         states = [split_state(reports[i][1]) for i in order]
         vectors = [params for params, _ in states]
@@ -1043,6 +1067,7 @@ class Coordinator:
         if self.dropped:
             record["agents"] = order
         with self.condition:
+            self.delivered.append(record)  # in the order they were made: poll hands them out by position
             self.records.append(record)
             self.records.sort(key=lambda r: r["step"])
             self.condition.notify_all()
@@ -1062,9 +1087,9 @@ class Coordinator:
     def poll(self, seen: int, timeout_s: float) -> tuple[list[dict], bool]:
         """(records after the first `seen`, whether the agents finished), waiting up to timeout_s for either."""
         with self.condition:
-            if len(self.records) <= seen and self.finished is None:
+            if len(self.delivered) <= seen and self.finished is None:
                 self.condition.wait(timeout=timeout_s)
-            return list(self.records[seen:]), self.finished is not None
+            return list(self.delivered[seen:]), self.finished is not None
 
     # ------------------------------------------------------------ the end
 

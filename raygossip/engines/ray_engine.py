@@ -163,8 +163,10 @@ class RayEngine:
     def restore(self, run_state: dict, agents: list[tuple[dict, dict]]) -> int:
         """Load every agent's state from a checkpoint (before run); returns the first step still to run."""
         dropped = set(run_state.get("dropped", []))
-        ray.get([agent.restore_snapshot.remote({k: v.numpy() for k, v in tensors.items()}, meta)
-                 for i, (agent, (tensors, meta)) in enumerate(zip(self.agents, agents)) if i not in dropped])
+        arrays = {i: {k: v.numpy() for k, v in tensors.items()} for i, (tensors, _) in enumerate(agents) if i not in dropped}
+        ray.get([self.agents[i].restore_snapshot.remote(arrays[i], agents[i][1]) for i in arrays])
+        if self.config.runtime.on_failure == "restart":  # an agent that dies before its next snapshot restarts here
+            ray.get([self.coordinator.keep_snapshot.remote(i, 0, arrays[i], agents[i][1]) for i in arrays])
         self.resumed = run_state
         return int(run_state["step"])
 
@@ -204,6 +206,7 @@ class RayEngine:
                 ray.get(done)  # raises if wait_finished failed; else the next poll reports finished at once
         ending = ray.get(done)
         bar.close()
+        records.sort(key=lambda r: r["step"])  # (made in completion order; a drop can complete an earlier step late)
         finished = self.finished = ending["stats"]
         self.live = ray.get(self.coordinator.live_agents.remote())
         self.train_s = time.perf_counter() - began
