@@ -492,6 +492,8 @@ def _validate_faults(config: Config) -> None:
     agents = [kill.agent for kill in f.kill]
     _check(len(set(agents)) == len(agents), "faults.kill", f"lists an agent twice: {agents}")
     _check(0 <= f.kill_fraction < 1, "faults.kill_fraction", f"must be in [0, 1), got {f.kill_fraction}")
+    _check(f.kill_fraction == 0 or round(f.kill_fraction * n) >= 1, "faults.kill_fraction",
+           f"{f.kill_fraction} of {n} agents rounds to no agent at all; raise it to at least {0.5 / n:.3g}")
     _check(f.kill_round is None or f.kill_round >= 0, "faults.kill_round", f"must be >= 0, got {f.kill_round}")
     _check(0 <= f.drop_messages < 1, "faults.drop_messages", f"must be in [0, 1), got {f.drop_messages}")
     _check(0 <= f.delay_messages <= 1, "faults.delay_messages", f"must be in [0, 1], got {f.delay_messages}")

@@ -37,7 +37,6 @@ class Mailbox:
 
     def __init__(self, senders: list[int]) -> None:
         self.queues: dict[int, deque[Letter]] = {j: deque() for j in senders}
-        self.received: dict[int, int] = {j: 0 for j in senders}
         self.held: dict[int, dict[int, Letter]] = {}  # sender -> seq -> letter that arrived ahead of its turn
         self.next_seq: dict[int, int] = {}
         self.taken_round: dict[int, int] = {}  # sender -> newest round already taken from its queue
@@ -59,7 +58,6 @@ class Mailbox:
                 return
             if letter.incarnation > current:
                 self._new_stream(sender, letter.incarnation)
-            self.received[sender] = self.received.get(sender, 0) + 1
             queue = self.queues.setdefault(sender, deque())
             if letter.seq is None:
                 self._enqueue(queue, letter)
@@ -89,7 +87,6 @@ class Mailbox:
         self.held.pop(sender, None)
         self.next_seq[sender] = 0
         self.taken_round[sender] = -1
-        self.received[sender] = 0
         self.down.discard(sender)
         self.finished.discard(sender)
 
@@ -157,7 +154,3 @@ class Mailbox:
             if taken:
                 self.taken_round[sender] = max(self.taken_round.get(sender, -1), taken[-1].round)
         return taken
-
-    def pending(self) -> int:
-        with self.condition:
-            return sum(len(q) for q in self.queues.values()) + sum(len(h) for h in self.held.values())
