@@ -565,7 +565,7 @@ class AgentActor:
             accuracy = self.core.evaluate(self.test_x, self.test_y, self.config.eval.batch_size)
         state = ray.put(self.state_arrays())
         self.outstanding.append(self.coordinator.report.remote(
-            self.agent_id, step, accuracy, [state], self.core.take_mean_loss(), self.traffic_counts()))
+            self.agent_id, step, accuracy, [state], self.core.take_mean_loss(), self.traffic_counts(), self.incarnation))
 
     def traffic_counts(self) -> dict:
         traffic = self.core.traffic
@@ -638,7 +638,8 @@ class AgentActor:
     def late_report(self) -> tuple:
         """This stopped agent's evaluation, to complete records of steps it never reached."""
         accuracy = self.core.evaluate(self.test_x, self.test_y, self.config.eval.batch_size) if self.config.eval.local else None
-        return accuracy, [ray.put(self.state_arrays())], self.core.take_mean_loss(), self.traffic_counts()
+        return (accuracy, [ray.put(self.state_arrays())], self.core.take_mean_loss(), self.traffic_counts(),
+                self.incarnation)
 
 
 def split_state(arrays: dict[str, np.ndarray]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -1024,9 +1025,11 @@ class Coordinator:
             self.events.extend(stamped)
 
     @ray.method(concurrency_group="report")
-    def report(self, agent: int, step: int, accuracy: float | None, state: list, loss: float, traffic: dict) -> None:
+    def report(self, agent: int, step: int, accuracy: float | None, state: list, loss: float, traffic: dict,
+               incarnation: int = 0) -> None:
         """An agent's evaluation at `step`; once every live agent reported that step, build the network record.
-        A restarted agent reports steps again: those already recorded are ignored."""
+        A restarted agent reports steps again: those already recorded are ignored, and a dead life's late report
+        never replaces a newer life's."""
         with self.condition:
             if step in self.recorded or agent in self.dropped or step < self.resumed_from:
                 return
@@ -1035,7 +1038,10 @@ class Coordinator:
         except ray.exceptions.RayError:
             return  # the agent died; a restarted one reports this step again
         with self.condition:
-            self.pending.setdefault(step, {})[agent] = (accuracy, arrays, loss, traffic)
+            earlier = self.pending.get(step, {}).get(agent)
+            if earlier is not None and earlier[4] > incarnation:
+                return
+            self.pending.setdefault(step, {})[agent] = (accuracy, arrays, loss, traffic, incarnation)
             complete = set(self.pending[step]) >= set(self.live())
         if complete:
             self.finish_record(step)
