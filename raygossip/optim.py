@@ -234,3 +234,12 @@ def lr_schedule(
         return base(step) * (step / warmup_steps if step < warmup_steps else 1.0)
 
     return warmed
+
+
+def run_lr_schedule(train: Any, total_steps: int) -> LrSchedule:
+    """The learning-rate multiplier schedule a config's `train` section asks for, over a run of total_steps
+    (every agent and every record use this one)."""
+    spec = train.lr_schedule
+    steps_per_epoch = max(1, total_steps // train.epochs)
+    return lr_schedule(spec.kind, total_steps, milestones=spec.milestones, factor=spec.factor,
+                       warmup_steps=int(spec.warmup_epochs * steps_per_epoch))

@@ -15,7 +15,7 @@ from ..config import Config
 from ..core.flat import FlatParameters
 from ..data.datasets import Dataset, augment_batch
 from ..models import build_model
-from ..optim import build_optimizer, lr_schedule
+from ..optim import build_optimizer, run_lr_schedule
 
 
 def model_params(config: Config) -> dict:
@@ -73,11 +73,7 @@ class AgentCore:
             train.optimizer, [self.flat.param], lr=train.lr, momentum=train.momentum,
             nesterov=train.nesterov, weight_decay=train.weight_decay,
         )
-        steps_per_epoch = max(1, total_steps // train.epochs)
-        self.lr_multiplier = lr_schedule(
-            train.lr_schedule.kind, total_steps, milestones=train.lr_schedule.milestones,
-            factor=train.lr_schedule.factor, warmup_steps=int(train.lr_schedule.warmup_epochs * steps_per_epoch),
-        )
+        self.lr_multiplier = run_lr_schedule(train, total_steps)
         spec = config.gossip.compressor
         compressor = make_compressor(
             spec.name, self.flat.segments, ratio=spec.ratio, bits=spec.bits, scope=spec.scope, scaled=spec.scaled

@@ -18,7 +18,7 @@ from raygossip.core.plan import RunPlan, steps_per_epoch
 from raygossip.data.datasets import Dataset, load_dataset
 from raygossip.data.partition import heterogeneity_report, partition
 from raygossip.errors import UserError
-from raygossip.optim import lr_schedule
+from raygossip.optim import run_lr_schedule
 
 Observer = Callable[[dict], None]
 
@@ -183,14 +183,7 @@ def network_record(
 def lr_multiplier(plan: RunPlan, step: int) -> float:
     """The multiplier of train.lr at local step `step` (0-based): the schedule every agent builds over the
     run's plan.total_steps (raygossip.core.agent.AgentCore.lr_multiplier), so the same on every agent."""
-    train = plan.config.train
-    spec = train.lr_schedule
-    steps_per_epoch = max(1, plan.total_steps // train.epochs)  # as AgentCore derives it from total_steps
-    schedule = lr_schedule(
-        spec.kind, plan.total_steps, milestones=spec.milestones, factor=spec.factor,
-        warmup_steps=int(spec.warmup_epochs * steps_per_epoch),
-    )
-    return float(schedule(step))
+    return float(run_lr_schedule(plan.config.train, plan.total_steps)(step))
 
 
 def summary_record(

@@ -524,12 +524,11 @@ class AgentActor:
     def checkpoint_barrier(self, step: int) -> None:
         """Give the coordinator this agent's state after `step`, then wait until it wrote the run's checkpoint
         (nobody sends the next round's messages before every agent's state is in: a consistent cut)."""
-        with self.link_lock:
-            tensors, meta = self.core.snapshot()
+        arrays, meta = self.snapshot_arrays()
         self.barrier.clear()
         self.barrier_step = step
         self.outstanding.append(self.coordinator.keep_checkpoint.remote(
-            self.agent_id, self.incarnation, step, {k: v.numpy() for k, v in tensors.items()}, meta))
+            self.agent_id, self.incarnation, step, arrays, meta))
         deadline = time.time() + self.config.runtime.wait_timeout_s
         while not self.barrier.wait(0.2):
             if self.stop_requested.is_set():
@@ -547,10 +546,14 @@ class AgentActor:
 
     def keep_snapshot(self) -> None:
         """Send the coordinator this agent's whole state, to restart from if this process dies."""
+        self.outstanding.append(self.coordinator.keep_snapshot.remote(self.agent_id, self.incarnation,
+                                                                      *self.snapshot_arrays()))
+
+    def snapshot_arrays(self) -> tuple[dict[str, np.ndarray], dict]:
+        """AgentCore.snapshot() as numpy arrays, taken while no resync or drop changes the rule state."""
         with self.link_lock:
             tensors, meta = self.core.snapshot()
-        arrays = {k: v.numpy() for k, v in tensors.items()}
-        self.outstanding.append(self.coordinator.keep_snapshot.remote(self.agent_id, self.incarnation, arrays, meta))
+        return {k: v.numpy() for k, v in tensors.items()}, meta
 
     # ------------------------------------------------------------ reporting
 
@@ -658,6 +661,11 @@ def spawn_agent(recipe: dict, agent: int, incarnation: int = 0) -> Any:
     return AgentActor.options(**options).remote(
         agent, recipe["config"], recipe["data"], recipe["shards"][agent], recipe["steps_per_epoch"],
         recipe["factors"][agent], recipe["threads"], incarnation)
+
+
+def copied_state(arrays: dict[str, np.ndarray], meta: dict) -> tuple[dict[str, np.ndarray], dict]:
+    """An agent's state as this process's own copy (the arrays may live in memory the agent's process owns)."""
+    return {k: np.array(v, copy=True) for k, v in arrays.items()}, meta
 
 
 def traffic_of(counts: dict) -> Traffic:
@@ -935,7 +943,7 @@ class Coordinator:
     def keep_snapshot(self, agent: int, incarnation: int, arrays: dict[str, np.ndarray], meta: dict) -> None:
         """An agent's latest state, copied (the arrays may live in memory its process owns)."""
         if incarnation == self.incarnations[agent]:
-            self.snapshots[agent] = ({k: np.array(v, copy=True) for k, v in arrays.items()}, meta)
+            self.snapshots[agent] = copied_state(arrays, meta)
 
     # ------------------------------------------------------------ whole-run checkpoints
 
@@ -944,7 +952,7 @@ class Coordinator:
         """One agent's state at a checkpoint step; once every live agent's is in, write the checkpoint."""
         if incarnation != self.incarnations[agent]:
             return
-        copied = ({k: np.array(v, copy=True) for k, v in arrays.items()}, meta)
+        copied = copied_state(arrays, meta)
         if self.config.runtime.on_failure == "restart":
             self.snapshots[agent] = copied
         with self.condition:
