@@ -40,6 +40,10 @@ def bench_config(args: argparse.Namespace) -> dict:
         runtime["num_cpus"] = args.num_cpus
     if args.cpus_per_agent is not None:
         runtime["num_cpus_per_agent"] = args.cpus_per_agent
+    if args.on_failure is not None:
+        runtime["on_failure"] = args.on_failure
+    if args.snapshot_every is not None:
+        runtime["snapshot_every"] = args.snapshot_every
     return {
         "name": "bench-engines",
         "seed": 0,
@@ -156,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-samples", type=int, default=1000, help="test samples of the one final evaluation")
     parser.add_argument("--num-cpus", type=int, default=None, help="runtime.num_cpus (default: all cores)")
     parser.add_argument("--cpus-per-agent", type=float, default=None, help="runtime.num_cpus_per_agent")
+    parser.add_argument("--on-failure", default=None, choices=("restart", "drop", "abort"),
+                        help="runtime.on_failure of the Ray run (default: the config default, restart)")
+    parser.add_argument("--snapshot-every", type=int, default=None,
+                        help="runtime.snapshot_every of the Ray run (default: the config default)")
     parser.add_argument("--reference-threads", type=int, default=1,
                         help="torch threads of the reference engine (0: torch's default, one per core)")
     parser.add_argument("--repeat", type=int, default=1, help="run the pair R times, report medians")

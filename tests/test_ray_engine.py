@@ -177,3 +177,31 @@ def test_bounded_mode_never_waits_past_the_staleness_bound(ray_cluster):
         assert outcome["merged_accuracy"] > 0.6
     finally:
         engine.close()
+
+
+def test_a_run_may_last_far_longer_than_its_wait_timeout(ray_cluster):
+    # 110 steps of 0.1 s each: over 11 s, ten times runtime.wait_timeout_s; only a stall is an error
+    data = small(runtime__wait_timeout_s=1.0)
+    data["train"].update(epochs=1, steps_per_epoch=110)
+    data["eval"] = {"every": 0}
+    data["runtime"]["timing"] = {"step_time_s": 0.1}
+    engine, outcome = run_ray(load_config(base=data))
+    try:
+        assert engine.train_s > 10 * 1.0
+        assert outcome["extra"]["steps_per_agent"] == [110] * 4
+    finally:
+        engine.close()
+
+
+def test_a_run_in_which_no_agent_takes_a_step_within_the_wait_timeout_fails_as_stalled(ray_cluster):
+    data = small(runtime__wait_timeout_s=1.0)
+    data["train"].update(epochs=1, steps_per_epoch=4)
+    data["eval"] = {"every": 0}
+    data["runtime"]["timing"] = {"step_time_s": 3.0}  # every step is slower than the stall window
+    wait_for_idle_cluster()
+    engine = RayEngine(load_config(base=data), prepare(load_config(base=data)))
+    try:
+        with pytest.raises(Exception, match="stalled"):
+            engine.run()
+    finally:
+        engine.close()

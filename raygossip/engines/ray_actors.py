@@ -759,14 +759,17 @@ class Coordinator:
         return [i for i in range(len(self.agents)) if i not in self.dropped and i not in exclude]
 
     @ray.method(concurrency_group="control")
-    def wait_finished(self, timeout_s: float) -> dict:
+    def wait_finished(self, stall_s: float) -> dict:
         """Wait for the agents' loops, handling deaths as runtime.on_failure says; in bounded/async mode, once a
         quorum finished, stop the rest. Returns the finished agents' stats and whether the run was aborted.
 
         Restarts run in another thread, so a death is detected (and the neighbours told) within a fraction of a
-        second even while another agent is being restarted."""
+        second even while another agent is being restarted. A run may take as long as it needs: every `stall_s`
+        seconds without a finished loop the agents' steps are read, and only a run in which no agent took a
+        step since the last look fails (TimeoutError)."""
         n = len(self.runs)
-        deadline = time.time() + timeout_s
+        deadline = time.time() + stall_s
+        positions: dict[int, int] | None = None
         quorum = n if self.config.runtime.mode == "sync" else max(1, math.ceil(self.config.runtime.finish_quorum * n))
         stats: dict[int, dict] = {}
         while self.aborted is None:
@@ -784,7 +787,13 @@ class Coordinator:
             if not ready:
                 if restarting or time.time() < deadline:
                     continue
-                raise TimeoutError(f"{len(waiting)} agents did not finish within {timeout_s:g} s")
+                ids = sorted(waiting.values())
+                now = dict(zip(ids, self.gather([self.agents[i].position.remote() for i in ids])))
+                if now != positions:  # some agent moved (or this is the first look): not a stall
+                    positions, deadline = now, time.time() + stall_s
+                    continue
+                raise TimeoutError(f"the run stalled: none of the {len(waiting)} unfinished agents took a step "
+                                   f"in {stall_s:g} s (runtime.wait_timeout_s; raise it if one step takes longer)")
             ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=0)
             failed = []
             for ref in ready:

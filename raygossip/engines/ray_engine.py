@@ -188,7 +188,7 @@ class RayEngine:
         expected = sum(self.setup.plan.is_eval_step(s) for s in range(start_step, self.setup.plan.total_steps))
         records: list[dict] = list(previous_records or [])
         bar = tqdm(total=expected, desc="raygossip[ray]", unit="eval", disable=True if not show else None, leave=False)
-        done = self.coordinator.wait_finished.remote(self.config.runtime.wait_timeout_s * 10)
+        done = self.coordinator.wait_finished.remote(self.config.runtime.wait_timeout_s)
         while True:
             # poll returns on a new record, when the agents finished, or after 0.5 s (then we check `done`,
             # which also carries a failure of wait_finished)
