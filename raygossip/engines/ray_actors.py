@@ -915,17 +915,21 @@ class Coordinator:
         me = ray.get_runtime_context().current_actor
         with self.condition:  # peers that are dead and not yet back: the new agents must not wait for them
             down = sorted((self.restarting | {j for j, _ in self.restart_queue}) - set(ids))
-        timeout = self.config.runtime.wait_timeout_s
-        try:
-            placed = ray.get([new[i].connect.remote(peers, me, dict(enumerate(self.incarnations)), sorted(self.dropped),
-                                                    down) for i in ids], timeout=timeout)
-            restored = {i: ray.get(new[i].restore_snapshot.remote(*self.snapshots[i]), timeout=timeout)
-                        if i in self.snapshots else 0 for i in ids}
-        except (ray.exceptions.RayError, TimeoutError) as error:
-            for i in ids:
+        deadline = time.time() + self.config.runtime.wait_timeout_s
+        connected = {i: new[i].connect.remote(peers, me, dict(enumerate(self.incarnations)), sorted(self.dropped), down)
+                     for i in ids}
+        placed, restored = {}, {}
+        for i in ids:  # one new agent that fails to start is dropped; the others of its batch go on
+            try:
+                placed[i] = ray.get(connected[i], timeout=max(0.1, deadline - time.time()))
+                restored[i] = ray.get(new[i].restore_snapshot.remote(*self.snapshots[i]),
+                                      timeout=max(0.1, deadline - time.time())) if i in self.snapshots else 0
+            except (ray.exceptions.RayError, TimeoutError) as error:
                 ray.kill(new[i])
                 self.event("restart_failed", agent=i, error=type(error).__name__)
                 self.drop(i, reason=f"restart failed ({type(error).__name__})")
+        ids = [i for i in ids if i in restored]
+        if not ids:
             return
         self.gather([self.agents[j].peer_restarted.remote(i, new[i], self.incarnations[i]) for j in others for i in ids])
         with self.condition:
@@ -937,7 +941,8 @@ class Coordinator:
         rejoined_at = [p for p in self.gather([self.agents[j].position.remote() for j in others]) if p is not None] or frontier
         local = self.plan.local_steps
         failed_at = {r["agent"]: r["injected_round"] for r in self.failures if "injected_round" in r and "action" not in r}
-        for i, info in zip(ids, placed):
+        for i in ids:
+            info = placed[i]
             restored_round = restored[i] // local
             died_round = failed_at.get(i, int(np.median(frontier)) // local)  # injected, else the others' round
             facts = {"restored_step": restored[i], "rounds_lost": max(0, died_round - restored_round),
