@@ -82,7 +82,8 @@ def _check_checkpointing(config: Config, out: Path | None) -> None:
 
 
 class RunAborted(UserError):
-    """The run stopped because an agent died and runtime.on_failure is abort (its outputs so far are kept)."""
+    """The run stopped before its end (its outputs so far are kept): an agent died and runtime.on_failure is
+    abort, every agent was dropped, or no agent took a step within runtime.wait_timeout_s."""
 
 
 def _write_aborted(config: Config, engine, outcome: dict, out: Path | None, wall_time_s: float) -> None:
@@ -95,7 +96,7 @@ def _write_aborted(config: Config, engine, outcome: dict, out: Path | None, wall
     if out is not None:
         write_json_atomic(out / "summary.json", summary)
         where = f"; what was done so far is in {out}"
-    raise RunAborted("runtime.on_failure", f"run aborted: {aborted['reason']}{where}")
+    raise RunAborted(aborted.get("field", "runtime.on_failure"), f"run aborted: {aborted['reason']}{where}")
 
 
 def _execute(config: Config, out: Path | None, observer: Observer | None, progress: bool | None,

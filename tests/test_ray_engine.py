@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -193,15 +194,21 @@ def test_a_run_may_last_far_longer_than_its_wait_timeout(ray_cluster):
         engine.close()
 
 
-def test_a_run_in_which_no_agent_takes_a_step_within_the_wait_timeout_fails_as_stalled(ray_cluster):
-    data = small(runtime__wait_timeout_s=1.0)
-    data["train"].update(epochs=1, steps_per_epoch=4)
-    data["eval"] = {"every": 0}
-    data["runtime"]["timing"] = {"step_time_s": 3.0}  # every step is slower than the stall window
+def test_a_stalled_run_stops_with_one_line_exit_status_3_and_its_outputs(ray_cluster, tmp_path, capsys):
+    """No agent takes a step within runtime.wait_timeout_s (every step takes 3 s, the window is 1 s)."""
+    from raygossip.cli import main
+
+    out = tmp_path / "run"
     wait_for_idle_cluster()
-    engine = RayEngine(load_config(base=data), prepare(load_config(base=data)))
-    try:
-        with pytest.raises(Exception, match="stalled"):
-            engine.run()
-    finally:
-        engine.close()
+    code = main(["run", "--no-progress", "--out", str(out), "--address", ray_cluster.address,
+                 "--set", "agents.count=4", "--set", "model.hidden=[32]", "--set", "runtime.num_cpus_per_agent=0.5",
+                 "--set", "train.epochs=1", "--set", "train.steps_per_epoch=4", "--set", "runtime.wait_timeout_s=1.0",
+                 "--set", "runtime.timing.step_time_s=3.0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3
+    assert err[-1].startswith("raygossip run: runtime.wait_timeout_s: run aborted: the run stalled"), err
+    assert "Traceback" not in "\n".join(err)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "aborted"
+    stalled = [e for e in summary["events"] if e["kind"] == "run_stalled"]
+    assert len(stalled) == 1 and stalled[0]["agents"] == [0, 1, 2, 3]

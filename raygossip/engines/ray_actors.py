@@ -765,8 +765,8 @@ class Coordinator:
 
         Restarts run in another thread, so a death is detected (and the neighbours told) within a fraction of a
         second even while another agent is being restarted. A run may take as long as it needs: every `stall_s`
-        seconds without a finished loop the agents' steps are read, and only a run in which no agent took a
-        step since the last look fails (TimeoutError)."""
+        seconds without a finished loop the agents' steps are read, and a run in which no agent took a step
+        since the last look is stopped as aborted (reason: stalled)."""
         n = len(self.runs)
         deadline = time.time() + stall_s
         positions: dict[int, int] | None = None
@@ -792,8 +792,11 @@ class Coordinator:
                 if now != positions:  # some agent moved (or this is the first look): not a stall
                     positions, deadline = now, time.time() + stall_s
                     continue
-                raise TimeoutError(f"the run stalled: none of the {len(waiting)} unfinished agents took a step "
-                                   f"in {stall_s:g} s (runtime.wait_timeout_s; raise it if one step takes longer)")
+                self.aborted = {"agents": [], "stalled": ids, "field": "runtime.wait_timeout_s",
+                                "reason": f"the run stalled: none of the {len(ids)} unfinished agents took a step in "
+                                          f"{stall_s:g} s (raise runtime.wait_timeout_s if one step takes longer)"}
+                self.event("run_stalled", agents=ids, steps=[now[i] for i in ids])
+                break
             ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=0)
             failed = []
             for ref in ready:
