@@ -792,7 +792,7 @@ class Coordinator:
                 if now != positions:  # some agent moved (or this is the first look): not a stall
                     positions, deadline = now, time.time() + stall_s
                     continue
-                self.aborted = {"agents": [], "stalled": ids, "field": "runtime.wait_timeout_s",
+                self.aborted = {"agents": [], "field": "runtime.wait_timeout_s",
                                 "reason": f"the run stalled: none of the {len(ids)} unfinished agents took a step in "
                                           f"{stall_s:g} s (raise runtime.wait_timeout_s if one step takes longer)"}
                 self.event("run_stalled", agents=ids, steps=[now[i] for i in ids])
