@@ -44,6 +44,7 @@ def bench_config(args: argparse.Namespace) -> dict:
         runtime["on_failure"] = args.on_failure
     if args.snapshot_every is not None:
         runtime["snapshot_every"] = args.snapshot_every
+    runtime["transport"] = args.transport
     return {
         "name": "bench-engines",
         "seed": 0,
@@ -132,7 +133,7 @@ def run_ray(config, setup) -> dict:
                 "threads": [p.get("threads") for p in engine.placement], "vectors": engine.agent_vectors(),
                 "accuracy": outcome["last"]["merged_test_accuracy"], "waited_s": extra.get("waited_s_per_agent"),
                 "phases": extra.get("phase_s_per_agent"), "startup_phases": extra.get("startup_phases"),
-                "cpu": extra.get("cpu_s_per_agent")}
+                "cpu": extra.get("cpu_s_per_agent"), "transport": extra.get("transport")}
     finally:
         if engine is not None:
             engine.close()
@@ -164,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="runtime.on_failure of the Ray run (default: the config default, restart)")
     parser.add_argument("--snapshot-every", type=int, default=None,
                         help="runtime.snapshot_every of the Ray run (default: the config default)")
+    parser.add_argument("--transport", default="auto", choices=("auto", "calls"),
+                        help="runtime.transport of the Ray run (auto: shared-memory channels on one node)")
     parser.add_argument("--reference-threads", type=int, default=1,
                         help="torch threads of the reference engine (0: torch's default, one per core)")
     parser.add_argument("--repeat", type=int, default=1, help="run the pair R times, report medians")
@@ -185,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     engines = [name.strip() for name in args.engines.split(",") if name.strip()]
     print(f"reference engine torch threads: {args.reference_threads or 'default'}")
     print(f"config: {config.agents.count} agents, {config.model.name} on {config.data.name}, ring, dpsgd every step, "
-          f"sync; {plan.total_steps} steps x batch {config.train.batch_size} = {samples} samples, {rounds} rounds; "
+          f"sync, Ray transport {args.transport}; {plan.total_steps} steps x batch {config.train.batch_size} = {samples} samples, {rounds} rounds; "
           f"{os.cpu_count()} cores; data prepared in {prepare_s:.2f} s")
     results: dict[str, list[dict]] = {name: [] for name in engines}
     for repeat in range(args.repeat):

@@ -155,6 +155,7 @@ class RuntimeConfig:
     torch_threads: int | None = None
     wait_timeout_s: float = 120.0
     inline_bytes: int = 1048576
+    transport: str = "auto"
     finish_quorum: float = 0.5
     checkpoint_every: int = 0
     on_failure: str = "restart"
@@ -383,6 +384,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "runtime.mode": ("sync", "bounded", "async"),
     "runtime.on_failure": ("restart", "drop", "abort"),
     "runtime.placement": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+    "runtime.transport": ("auto", "calls"),
     "train.optimizer": ("sgd", "adamw"),
     "train.lr_schedule.kind": ("constant", "step", "cosine"),
     "topology.weights": ("uniform", "metropolis"),

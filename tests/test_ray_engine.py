@@ -54,19 +54,25 @@ def run_ray(config, **kwargs):
         raise
 
 
+CHOCO_TOPK = {"rule": "choco", "gamma": 0.5, "compressor": {"name": "top_k", "ratio": 0.1}}
+
+
 @pytest.mark.parametrize(
-    "gossip, inline_bytes",
+    "gossip, transport, inline_bytes",
     [
-        ({"rule": "dpsgd"}, 1 << 20),
-        ({"rule": "choco", "gamma": 0.5, "compressor": {"name": "top_k", "ratio": 0.1}}, 1 << 20),
-        ({"rule": "adagossip", "gamma": 0.5, "compressor": {"name": "qsgd", "bits": 4}}, 1 << 20),
-        ({"rule": "choco", "gamma": 0.5, "compressor": {"name": "top_k", "ratio": 0.1}}, 0),
+        ({"rule": "dpsgd"}, "auto", 1 << 20),
+        (CHOCO_TOPK, "auto", 1 << 20),
+        ({"rule": "adagossip", "gamma": 0.5, "compressor": {"name": "qsgd", "bits": 4}}, "auto", 1 << 20),
+        (CHOCO_TOPK, "calls", 1 << 20),
+        (CHOCO_TOPK, "calls", 0),
     ],
-    ids=["dpsgd", "choco-topk", "adagossip-qsgd", "choco-topk-object-store"],
+    ids=["dpsgd", "choco-topk", "adagossip-qsgd", "choco-topk-calls", "choco-topk-calls-object-store"],
 )
-def test_sync_mode_reproduces_the_reference_engine(ray_cluster, gossip, inline_bytes):
+def test_sync_mode_reproduces_the_reference_engine(ray_cluster, gossip, transport, inline_bytes):
+    """auto: the agents (all on the head node: PACK) gossip through shared-memory channels; calls: by actor calls,
+    with each message inside its call or (inline_bytes 0) put into the object store once."""
     data = small()
-    data["runtime"]["inline_bytes"] = inline_bytes  # 0: every message is put into the object store once
+    data["runtime"].update(transport=transport, inline_bytes=inline_bytes)
     data["gossip"] = gossip
     if gossip["rule"] != "dpsgd":
         data["schedule"]["averaging_rate"] = {"kind": "constant"}
@@ -86,6 +92,7 @@ def test_sync_mode_reproduces_the_reference_engine(ray_cluster, gossip, inline_b
             assert got["bytes_sent"] == want["bytes_sent"]
             assert got["consensus_distance"] == pytest.approx(want["consensus_distance"], rel=1e-4, abs=1e-9)
         assert outcome["merged_accuracy"] == pytest.approx(expected["merged_accuracy"], abs=1e-9)
+        assert outcome["extra"]["transport"] == ("channels" if transport == "auto" else "calls")
         by_reference = outcome["extra"]["sent_by_reference"]
         assert by_reference > 0 if inline_bytes == 0 else by_reference == 0
         merged_ref = reference.merged_state_dict()
@@ -161,6 +168,7 @@ def test_agents_spread_over_two_nodes_train_to_the_end(ray_cluster):
     try:
         assert len(ray_cluster.list_all_nodes()) == 2
         assert len(outcome["extra"]["nodes"]) == 2, "SPREAD should use both nodes"
+        assert outcome["extra"]["transport"] == "calls"  # a channel's reader must be on its writer's node
         assert outcome["extra"]["steps_per_agent"] == [24] * 4
         assert outcome["merged_accuracy"] > 0.6
     finally:

@@ -23,6 +23,7 @@ from raygossip.core.faults import MessageFate, kill_schedule
 from raygossip.core.plan import RunPlan
 from raygossip.core.timing import StepClock, link_delay
 from raygossip.data.datasets import Dataset, Split
+from raygossip.engines.channels import ChannelLinks
 from raygossip.engines.common import MergedModel, RunSetup, average_buffers, network_record
 from raygossip.engines.mailbox import Letter, Mailbox
 
@@ -137,7 +138,9 @@ def pick_device(requested: str, num_gpus: float) -> torch.device:
 
 @ray.remote(concurrency_groups={"train": 1, "mail": 1, "control": 1})
 class AgentActor:
-    """One agent: runs its own training loop; neighbours push message references into its mailbox.
+    """One agent: runs its own training loop; neighbours push letters into its mailbox by actor call, or
+    (runtime.transport auto, a sync run on one node) write them into shared-memory channels that its
+    training thread reads when it waits (channels.py); a link whose peer dies goes back to calls.
 
     Letters are (sender, incarnation, seq, round, kind, payload, sent_at, available_at) with kind
     "q" (a gossip message), "full" (the sender's whole public copy, after a restart), "mark" (D-PSGD
@@ -168,6 +171,7 @@ class AgentActor:
                               track_links=runtime.on_failure != "abort")
         self.clock = StepClock(runtime.timing, slowdown, self.config.seed, agent_id)
         self.mailbox = Mailbox(list(range(self.config.agents.count)))
+        self.links = ChannelLinks()  # shared-memory channels to and from neighbours on this node (sync runs)
         self.peers: dict[int, Any] = {}
         self.peer_incarnation: dict[int, int] = {}
         self.down: set[int] = set()  # peers that died: nothing is sent to them until they come back
@@ -222,16 +226,33 @@ class AgentActor:
         A payload is ("value", numel, arrays), or ("ref", [ObjectRef]) wrapped in a list so that Ray
         does not fetch it before this runs. One argument and no return value: the cheapest Ray call.
         """
+        self.accept(letter)
+
+    def accept(self, letter: tuple) -> None:
         sender, incarnation, seq, round_index, kind, payload, sent_at, available_at = letter
         self.mailbox.put(Letter(sender, round_index, payload, sent_at, available_at, seq=seq,
                                 incarnation=incarnation, final=kind == "fin", kind=kind))
 
     def post(self, receiver: int, round_index: int, kind: str, payload: Any, sent_at: float, available_at: float) -> None:
-        """Push one letter to `receiver`, next in this agent's stream to it (call with link_lock held)."""
+        """Push one letter to `receiver`, next in this agent's stream to it (call with link_lock held): through
+        their shared-memory channel when they have one, else by an actor call."""
         seq = self.sent_seq.get(receiver, 0)
         self.sent_seq[receiver] = seq + 1
-        self.peers[receiver].deliver.remote(
-            (self.agent_id, self.incarnation, seq, round_index, kind, payload, sent_at, available_at))
+        letter = (self.agent_id, self.incarnation, seq, round_index, kind, payload, sent_at, available_at)
+        if not self.links.write(receiver, letter, time.time() + self.config.runtime.wait_timeout_s):
+            self.peers[receiver].deliver.remote(letter)
+
+    @ray.method(concurrency_group="control")
+    def open_links(self, readers: dict[int, tuple[Any, str]]) -> dict[int, Any]:
+        """Create this agent's channel to each out-neighbour (handle, node id) on its node; returns them."""
+        x = self.core.parameters_vector()
+        size = x.numel() * x.element_size() + 65536  # a dense message and its envelope (larger ones resize)
+        return self.links.open(ray.get_runtime_context().current_actor, readers, size)
+
+    @ray.method(concurrency_group="control")
+    def attach_links(self, inbound: dict[int, Any]) -> None:
+        """Read the in-neighbours' letters from these channels (sender -> channel)."""
+        self.links.attach(inbound)
 
     # ------------------------------------------------------------ the loop
 
@@ -317,7 +338,7 @@ class AgentActor:
                     self.post(receiver, round_index, "q", payload, sent_at, available_at + extra)
 
     def wire_payload(self, numel: int, nbytes: int, arrays: dict[str, np.ndarray]) -> tuple:
-        if nbytes <= self.config.runtime.inline_bytes:
+        if nbytes <= self.config.runtime.inline_bytes or self.links.out:  # a channel takes any size
             return ("value", numel, arrays)
         self.by_reference += 1
         return ("ref", [ray.put((numel, arrays))])
@@ -338,11 +359,16 @@ class AgentActor:
             expected = self.expected_senders(wait_for, senders if wait_for == round_index else None)
             if expected:
                 started = time.time()
+                deadline = started + self.config.runtime.wait_timeout_s
                 with self.phases("wait"):
+                    for j in expected:
+                        for letter in self.links.pull(j, lambda: self.mailbox.has_round(j, wait_for, math.inf),
+                                                      deadline, self.stop_requested.is_set):
+                            self.accept(letter)
                     ok = self.mailbox.wait_until(
                         lambda now: self.stop_requested.is_set()
                         or all(self.mailbox.has_round(j, wait_for, now) for j in expected),
-                        started + self.config.runtime.wait_timeout_s,
+                        deadline,
                     )
                 self.waited_s += time.time() - started
                 if not ok and not self.stop_requested.is_set():
@@ -465,6 +491,8 @@ class AgentActor:
     @ray.method(concurrency_group="control")
     def peers_down(self, agents: list[int]) -> None:
         """The coordinator found these peers dead: stop waiting for them and sending to them."""
+        for j in agents:
+            self.links.close(j)
         with self.link_lock:
             for j in agents:
                 self.down.add(j)
@@ -476,6 +504,7 @@ class AgentActor:
     @ray.method(concurrency_group="control")
     def peer_restarted(self, agent: int, handle: Any, incarnation: int) -> None:
         """Peer `agent` came back as `handle`: start a new stream to it with this agent's whole public copy."""
+        self.links.close(agent)
         with self.link_lock:
             if incarnation <= self.peer_incarnation.get(agent, 0):
                 return
@@ -491,6 +520,7 @@ class AgentActor:
     @ray.method(concurrency_group="control")
     def peer_dropped(self, agent: int) -> None:
         """Peer `agent` is gone for good: remove it from s and give its weight to this agent's self weight."""
+        self.links.close(agent)
         with self.link_lock:
             self._forget(agent)
 
@@ -609,10 +639,14 @@ class AgentActor:
         """After the run: once every live in-neighbour's final letter arrived, absorb every message still queued."""
         row = self.base_mixing[self.agent_id]
         senders = [j for j in range(len(row)) if j != self.agent_id and row[j] > 0 and j not in self.dropped]
+        deadline = time.time() + timeout_s
+        for j in senders:
+            for letter in self.links.pull(j, lambda: self.mailbox.absent(j), deadline):
+                self.accept(letter)
         self.mailbox.wait_until(
             lambda now: all(j in self.mailbox.finished for j in senders)
             and all(letter.available_at <= now for q in self.mailbox.queues.values() for letter in q),
-            time.time() + timeout_s,
+            deadline,
         )
         taken = [letter for sender in sorted(self.mailbox.queues) for letter in self.mailbox.take_ready(sender)
                  if letter.kind in ("q", "full")]

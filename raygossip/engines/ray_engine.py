@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from raygossip.config import Config, to_dict
 from raygossip.core.timing import slowdown_factors
+from raygossip.engines.channels import available as channels_available
 from raygossip.engines.common import Observer, RunSetup
 from raygossip.core.agent import Traffic
 from raygossip.engines.ray_actors import (
@@ -46,6 +47,24 @@ def ensure_ray(config: Config) -> bool:
     else:
         ray.init(address=runtime.address, log_to_driver=True)
     return True
+
+
+def pick_transport(config: Config, placement: list[dict]) -> str:
+    """runtime.transport "auto": shared-memory channels when the run is sync and every agent is on one node
+    (a channel's reader must be on its writer's node) and the platform has named pipes; else actor calls."""
+    one_node = len({p["node"] for p in placement}) == 1
+    if config.runtime.transport == "auto" and config.runtime.mode == "sync" and one_node and channels_available():
+        return "channels"
+    return "calls"
+
+
+def open_channels(agents: list, nodes: list[str], mixing: np.ndarray) -> None:
+    """Give every directed link of the graph (W_ji > 0: i sends to j) its channel: writers create, readers attach."""
+    n = len(agents)
+    readers = [{j: (agents[j], nodes[j]) for j in range(n) if j != i and mixing[j, i] > 0} for i in range(n)]
+    made = ray.get([agent.open_links.remote(r) for agent, r in zip(agents, readers)])
+    inbound = [{i: made[i][j] for i in range(n) if j in made[i]} for j in range(n)]
+    ray.get([agent.attach_links.remote(links) for agent, links in zip(agents, inbound)])
 
 
 def actor_runtime_env(threads: int) -> dict | None:
@@ -151,6 +170,9 @@ class RayEngine:
         peers = dict(enumerate(self.agents))
         self.placement = ray.get([agent.connect.remote(peers, self.coordinator) for agent in self.agents])
         self.startup_phases["agents_ready_s"] = time.perf_counter() - began
+        self.transport = pick_transport(config, self.placement)
+        if self.transport == "channels":
+            open_channels(self.agents, [p["node"] for p in self.placement], setup.topology.mixing(0))
         self.startup_phases.update(agent_startup_medians(self.placement, submitted))
         ray.get(self.coordinator.ready.remote())
         self.factors = factors
@@ -234,6 +256,7 @@ class RayEngine:
             "phase_s_per_agent": [s["phase_s"] for s in finished],
             "cpu_s_per_agent": [s["cpu_s"] for s in finished],
             "sent_by_reference": sum(s["sent_by_reference"] for s in finished),
+            "transport": self.transport,
             "startup_phases": dict(self.startup_phases),
             "lost_messages": sum(s["lost_messages"] for s in finished),
             "resyncs": sum(s["resyncs"] for s in finished),

@@ -1,0 +1,104 @@
+"""Shared-memory links between agents on one node: one Ray object-store channel per directed link."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import select
+import tempfile
+import time
+import uuid
+from typing import Any, Callable, Iterator
+
+from ray.exceptions import RayChannelError, RayChannelTimeoutError
+from ray.experimental.channel.shared_memory_channel import BufferedSharedMemoryChannel
+
+BUFFERS = 3  # letters a writer may be ahead of its reader's reads before a write waits
+SLICE_S = 0.05  # a blocked read or write looks this often whether its link was closed or its deadline passed
+
+
+def available() -> bool:
+    """Whether this platform has the named pipes the doorbells need."""
+    return hasattr(os, "mkfifo")
+
+
+class ChannelLinks:
+    """One agent's channel ends, by peer. A link is closed for good when its peer dies or is replaced; letters
+    then travel by actor call (`write` returns False and the caller sends it that way).
+
+    Ray's channel read spins while it waits (a core's worth of CPU taken from the agents that compute), so
+    each link also has a doorbell, a named pipe: the writer rings it once per letter and the reader sleeps
+    in select() until it rings, then reads a letter that is already there. The pipe's path is unlinked as
+    soon as both ends have it open. A letter travels pickled (Ray's own serialisation of a tuple holding
+    arrays costs several times more here), so what a read returns is this process's own copy. `closed` is
+    written by the control thread and read by the training thread without a lock."""
+
+    def __init__(self) -> None:
+        self.out: dict[int, tuple[Any, int]] = {}  # receiver -> (channel, doorbell fd)
+        self.inbound: dict[int, tuple[Any, int]] = {}  # sender -> (channel, doorbell fd)
+        self.closed: set[int] = set()
+
+    def open(self, me: Any, readers: dict[int, tuple[Any, str]], size_bytes: int) -> dict[int, tuple[Any, str]]:
+        """Create this writer's channel and doorbell to each reader (actor handle, node id); returns
+        (channel, doorbell path) by reader, for `attach`."""
+        made = {}
+        for receiver, (handle, node) in readers.items():
+            channel = BufferedSharedMemoryChannel(me, [(handle, node)], BUFFERS, size_bytes)
+            channel.ensure_registered_as_writer()
+            path = os.path.join(tempfile.gettempdir(), f"raygossip-bell-{uuid.uuid4().hex}")
+            os.mkfifo(path, 0o600)
+            self.out[receiver] = (channel, os.open(path, os.O_RDWR | os.O_NONBLOCK))
+            made[receiver] = (channel, path)
+        return made
+
+    def attach(self, inbound: dict[int, tuple[Any, str]]) -> None:
+        for sender, (channel, path) in inbound.items():
+            channel.ensure_registered_as_reader()
+            self.inbound[sender] = (channel, os.open(path, os.O_RDWR | os.O_NONBLOCK))
+            os.unlink(path)
+
+    def close(self, peer: int) -> None:
+        self.closed.add(peer)
+
+    def write(self, receiver: int, letter: tuple, deadline: float) -> bool:
+        """Write a letter to `receiver`'s channel; False when there is none (any more): send it by call."""
+        channel, bell = self.out.get(receiver, (None, -1))
+        while channel is not None and receiver not in self.closed:
+            try:
+                channel.write(pickle.dumps(letter, protocol=5), timeout=SLICE_S)
+                os.write(bell, b"\0")
+                return True
+            except RayChannelTimeoutError:
+                if time.time() >= deadline:
+                    break
+            except RayChannelError:
+                break
+        if self.out.pop(receiver, None) is not None:
+            os.close(bell)
+        return False
+
+    def pull(self, sender: int, satisfied: Callable[[], bool], deadline: float,
+             stopped: Callable[[], bool] = lambda: False) -> Iterator[tuple]:
+        """Letters from `sender`'s channel, in order, until satisfied(), the deadline, a stop or the link closes."""
+        channel, bell = self.inbound.get(sender, (None, -1))
+        while channel is not None and not satisfied() and not stopped():
+            if sender in self.closed:
+                self.inbound.pop(sender, None)
+                os.close(bell)
+                return
+            now = time.time()
+            if not select.select([bell], [], [], max(0.0, min(SLICE_S, deadline - now)))[0]:
+                if now >= deadline:
+                    return
+                continue
+            os.read(bell, 1)
+            try:
+                letter = channel.read(timeout=max(SLICE_S, deadline - now))  # there: the writer rang after writing
+            except RayChannelTimeoutError:
+                return
+            except RayChannelError:
+                self.inbound.pop(sender, None)
+                os.close(bell)
+                return
+            yield pickle.loads(letter)
+
