@@ -115,3 +115,36 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def config_with(**runtime):
+    from raygossip.config import load_config
+    from raygossip.presets import quickstart
+
+    data = quickstart()
+    data["runtime"] = {"engine": "ray", **runtime}
+    return load_config(base=data)
+
+
+ONE_NODE = [{"node": "a", "message_bytes": 1_000_000}] * 4
+TWO_NODES = [{"node": "a", "message_bytes": 1_000_000}] * 2 + [{"node": "b", "message_bytes": 1_000_000}] * 2
+
+
+@pytest.mark.parametrize(
+    "runtime, placement, store_bytes, want, why",
+    [
+        ({}, ONE_NODE, 2**30, "channels", "a sync run on one node"),
+        ({"transport": "calls"}, ONE_NODE, 2**30, "calls", "runtime.transport is calls"),
+        ({"mode": "async"}, ONE_NODE, 2**30, "calls", "runtime.mode is async"),
+        ({"mode": "bounded"}, ONE_NODE, 2**30, "calls", "runtime.mode is bounded"),
+        ({}, TWO_NODES, 2**30, "calls", "more than one node"),
+        # 8 links x 3 letters x (1 MB + envelope) = 25.6 MB: more than half of a 40 MB store
+        ({}, ONE_NODE, 40 * 2**20, "calls", "more than half of the node's 40 MiB object store"),
+    ],
+)
+def test_auto_picks_channels_only_for_sync_runs_on_one_node_that_fit(runtime, placement, store_bytes, want, why):
+    from raygossip.engines.ray_engine import pick_transport
+
+    transport, reason = pick_transport(config_with(**runtime), placement, 8, store_bytes)
+    assert transport == want
+    assert why in reason

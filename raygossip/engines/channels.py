@@ -14,6 +14,7 @@ from ray.exceptions import RayChannelError, RayChannelTimeoutError
 from ray.experimental.channel.shared_memory_channel import BufferedSharedMemoryChannel
 
 BUFFERS = 3  # letters a writer may be ahead of its reader's reads before a write waits
+ENVELOPE_BYTES = 65536  # a channel's room beyond the dense message: the letter's other fields, a compressor's indices
 SLICE_S = 0.05  # a blocked read or write looks this often whether its link was closed or its deadline passed
 
 

@@ -23,7 +23,7 @@ from raygossip.core.faults import MessageFate, kill_schedule
 from raygossip.core.plan import RunPlan
 from raygossip.core.timing import StepClock, link_delay
 from raygossip.data.datasets import Dataset, Split
-from raygossip.engines.channels import ChannelLinks
+from raygossip.engines.channels import ENVELOPE_BYTES, ChannelLinks
 from raygossip.engines.common import MergedModel, RunSetup, average_buffers, network_record
 from raygossip.engines.mailbox import Letter, Mailbox
 
@@ -216,7 +216,8 @@ class AgentActor:
                 self.down.add(j)
                 self.mailbox.mark_down(j)
         return {"agent": self.agent_id, "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-                "device": str(self.device), "threads": torch.get_num_threads(), "startup": self.startup,
+                "device": str(self.device), "threads": torch.get_num_threads(), "message_bytes": self.message_bytes(),
+                "startup": self.startup,
                 "incarnation": self.incarnation}
 
     @ray.method(concurrency_group="mail", num_returns=0, enable_task_events=False)
@@ -245,9 +246,13 @@ class AgentActor:
     @ray.method(concurrency_group="control")
     def open_links(self, readers: dict[int, tuple[Any, str]]) -> dict[int, Any]:
         """Create this agent's channel to each out-neighbour (handle, node id) on its node; returns them."""
-        x = self.core.parameters_vector()
-        size = x.numel() * x.element_size() + 65536  # a dense message and its envelope (larger ones resize)
+        size = self.message_bytes() + ENVELOPE_BYTES  # a larger letter resizes the channel
         return self.links.open(ray.get_runtime_context().current_actor, readers, size)
+
+    def message_bytes(self) -> int:
+        """Bytes of a dense message (the whole parameter vector): what a channel is made to hold."""
+        x = self.core.parameters_vector()
+        return x.numel() * x.element_size()
 
     @ray.method(concurrency_group="control")
     def attach_links(self, inbound: dict[int, Any]) -> None:

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from raygossip.config import Config, to_dict
 from raygossip.core.timing import slowdown_factors
+from raygossip.engines.channels import BUFFERS as CHANNEL_BUFFERS, ENVELOPE_BYTES as CHANNEL_ENVELOPE
 from raygossip.engines.channels import available as channels_available
 from raygossip.engines.common import Observer, RunSetup
 from raygossip.core.agent import Traffic
@@ -49,13 +50,29 @@ def ensure_ray(config: Config) -> bool:
     return True
 
 
-def pick_transport(config: Config, placement: list[dict]) -> str:
-    """runtime.transport "auto": shared-memory channels when the run is sync and every agent is on one node
-    (a channel's reader must be on its writer's node) and the platform has named pipes; else actor calls."""
-    one_node = len({p["node"] for p in placement}) == 1
-    if config.runtime.transport == "auto" and config.runtime.mode == "sync" and one_node and channels_available():
-        return "channels"
-    return "calls"
+def pick_transport(config: Config, placement: list[dict], links: int, object_store_bytes: float) -> tuple[str, str]:
+    """(transport, why). runtime.transport "auto" picks shared-memory channels when the run is sync, every agent
+    is on one node (a channel's reader must be on its writer's node), the platform has named pipes and the
+    channels (BUFFERS letters of the largest dense message per directed link) take at most half of that node's
+    object store; else actor calls."""
+    runtime = config.runtime
+    if runtime.transport == "calls":
+        return "calls", "runtime.transport is calls"
+    if runtime.mode != "sync":
+        return "calls", f"runtime.mode is {runtime.mode} (channels serve sync runs)"
+    if len({p["node"] for p in placement}) > 1:
+        return "calls", "the agents are on more than one node"
+    if not channels_available():
+        return "calls", "this platform has no named pipes"
+    need = links * CHANNEL_BUFFERS * (max(p["message_bytes"] for p in placement) + CHANNEL_ENVELOPE)
+    if need > object_store_bytes / 2:
+        return "calls", (f"the channels would take {need / 2**20:.0f} MiB, more than half of the node's "
+                         f"{object_store_bytes / 2**20:.0f} MiB object store")
+    return "channels", f"a sync run on one node ({links} links, {need / 2**20:.1f} MiB of object store)"
+
+
+def node_object_store_bytes(node_id: str) -> float:
+    return next((n["Resources"].get("object_store_memory", 0.0) for n in ray.nodes() if n["NodeID"] == node_id), 0.0)
 
 
 def open_channels(agents: list, nodes: list[str], mixing: np.ndarray) -> None:
@@ -170,9 +187,12 @@ class RayEngine:
         peers = dict(enumerate(self.agents))
         self.placement = ray.get([agent.connect.remote(peers, self.coordinator) for agent in self.agents])
         self.startup_phases["agents_ready_s"] = time.perf_counter() - began
-        self.transport = pick_transport(config, self.placement)
+        mixing = setup.topology.mixing(0)
+        links = int(np.count_nonzero(mixing) - np.count_nonzero(np.diag(mixing)))
+        self.transport, self.transport_reason = pick_transport(
+            config, self.placement, links, node_object_store_bytes(self.placement[0]["node"]))
         if self.transport == "channels":
-            open_channels(self.agents, [p["node"] for p in self.placement], setup.topology.mixing(0))
+            open_channels(self.agents, [p["node"] for p in self.placement], mixing)
         self.startup_phases.update(agent_startup_medians(self.placement, submitted))
         ray.get(self.coordinator.ready.remote())
         self.factors = factors
@@ -204,6 +224,8 @@ class RayEngine:
             events.append({"kind": "agent_started", "time": time.time(), **shown, "slowdown": factor})
             if factor > 1.0:
                 events.append({"kind": "slow_agent", "agent": info["agent"], "factor": factor, "time": time.time()})
+        events.append({"kind": "transport", "time": time.time(), "transport": self.transport,
+                       "reason": self.transport_reason})
         ray.get(self.coordinator.record_events.remote(events))
         ray.get(self.coordinator.start.remote(self.agents, self.recipe,
                                               None if checkpoint_dir is None else str(checkpoint_dir), self.resumed))
