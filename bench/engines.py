@@ -57,6 +57,7 @@ def bench_config(args: argparse.Namespace) -> dict:
         "schedule": {"averaging_rate": {"kind": "constant", "gamma0": 1.0},
                      "communication": {"kind": "every"}, "final_merge": {"enabled": False}},
         "eval": {"every": 0, "local": False, "test_samples": args.test_samples},
+        "runtime": runtime,
     }
 
 
