@@ -11,7 +11,11 @@ import uuid
 from typing import Any, Callable, Iterator
 
 from ray.exceptions import RayChannelError, RayChannelTimeoutError
-from ray.experimental.channel.shared_memory_channel import BufferedSharedMemoryChannel
+
+try:  # an experimental Ray API: a Ray without it sends every letter by call
+    from ray.experimental.channel.shared_memory_channel import BufferedSharedMemoryChannel
+except ImportError:  # pragma: no cover - depends on the installed Ray
+    BufferedSharedMemoryChannel = None
 
 BUFFERS = 3  # letters a writer may be ahead of its reader's reads before a write waits
 ENVELOPE_BYTES = 65536  # a channel's room beyond the dense message: the letter's other fields, a compressor's indices
@@ -19,8 +23,8 @@ SLICE_S = 0.05  # a blocked read or write looks this often whether its link was 
 
 
 def available() -> bool:
-    """Whether this platform has the named pipes the doorbells need."""
-    return hasattr(os, "mkfifo")
+    """Whether this Ray has the channels and this platform the named pipes the doorbells need."""
+    return BufferedSharedMemoryChannel is not None and hasattr(os, "mkfifo")
 
 
 class ChannelLinks:

@@ -63,7 +63,7 @@ def pick_transport(config: Config, placement: list[dict], links: int, object_sto
     if len({p["node"] for p in placement}) > 1:
         return "calls", "the agents are on more than one node"
     if not channels_available():
-        return "calls", "this platform has no named pipes"
+        return "calls", "this Ray has no shared-memory channels or this platform no named pipes"
     need = links * CHANNEL_BUFFERS * (max(p["message_bytes"] for p in placement) + CHANNEL_ENVELOPE)
     if need > object_store_bytes / 2:
         return "calls", (f"the channels would take {need / 2**20:.0f} MiB, more than half of the node's "
