@@ -15,8 +15,7 @@ from tqdm import tqdm
 
 from raygossip.config import Config, to_dict
 from raygossip.core.timing import slowdown_factors
-from raygossip.engines.channels import BUFFERS as CHANNEL_BUFFERS, ENVELOPE_BYTES as CHANNEL_ENVELOPE
-from raygossip.engines.channels import available as channels_available
+from raygossip.engines.channels import BUFFERS as CHANNEL_BUFFERS, ENVELOPE_BYTES as CHANNEL_ENVELOPE, available as channels_available
 from raygossip.engines.common import Observer, RunSetup
 from raygossip.core.agent import Traffic
 from raygossip.engines.ray_actors import (
