@@ -67,6 +67,7 @@ def test_killed_agent_restarts_from_its_snapshot_and_resyncs_choco(ray_cluster, 
         assert restarted and restarted[0]["agent"] == 1 and restarted[0]["incarnation"] == 1
         assert {e["neighbour"] for e in events_of(outcome, "neighbour_down")} == {1}
         if mode == "sync":  # (in async mode the quorum may stop agent 1 before it trains: its drain resyncs it)
+            assert extra["transport"] == "channels"  # the links to agent 1 went back to calls when it died
             assert extra["resyncs"] >= 2  # agent 1 took its 2 neighbours' copies
             check_every_record(outcome, config)
             assert extra["steps_per_agent"] == [80] * 4
@@ -103,6 +104,7 @@ def test_agent_killed_from_outside_is_detected_and_replaced(ray_cluster):
         detection = failure["detected_at_s"] - (killed["at"] - started)
         assert detection < 10.0
         assert failure["action"] == "restarted" and failure["recovery_s"] < 60.0
+        assert outcome["extra"]["transport"] == "channels"  # a reader waiting on the dead writer's channel let go
         check_every_record(outcome, config)
         assert outcome["extra"]["steps_per_agent"] == [80] * 4
         assert outcome["merged_accuracy"] > 0.5
