@@ -366,7 +366,7 @@ class AgentActor:
                 started = time.time()
                 deadline = started + self.config.runtime.wait_timeout_s
                 with self.phases("wait"):
-                    for j in expected:
+                    for j in expected if self.links.inbound else ():  # letters by call are already in the mailbox
                         for letter in self.links.pull(j, lambda: self.mailbox.has_round(j, wait_for, math.inf),
                                                       deadline, self.stop_requested.is_set):
                             self.accept(letter)

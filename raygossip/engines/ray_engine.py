@@ -71,6 +71,7 @@ def pick_transport(config: Config, placement: list[dict], links: int, object_sto
 
 
 def node_object_store_bytes(node_id: str) -> float:
+    """The object-store memory of one node of the cluster (0 when the node is not listed)."""
     return next((n["Resources"].get("object_store_memory", 0.0) for n in ray.nodes() if n["NodeID"] == node_id), 0.0)
 
 
