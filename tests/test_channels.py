@@ -10,7 +10,7 @@ import pytest
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from raygossip.engines.channels import BUFFERS, ChannelLinks
+from raygossip.engines.channels import BUFFERS, SEMAPHORE_DIR, ChannelLinks, named_semaphores
 
 
 @ray.remote(num_cpus=0.1, max_concurrency=2)
@@ -25,7 +25,7 @@ class End:
         return ray.get_runtime_context().get_node_id()
 
     def open(self, reader, node: str) -> dict:
-        return self.links.open(ray.get_runtime_context().current_actor, {1: (reader, node)}, 4096)
+        return self.links.open(ray.get_runtime_context().current_actor, {1: (reader, node)}, 8192)
 
     def attach(self, made: dict) -> None:
         self.links.attach({0: made[1]})
@@ -42,28 +42,57 @@ class End:
     def close(self, peer: int) -> None:
         self.links.close(peer)
 
+    def seal(self) -> None:
+        self.links.seal()
+
 
 def letter(round_index: int, size: int = 1000) -> tuple:
     arrays = {"values": np.arange(size, dtype=np.float32) + round_index}
     return (0, 0, round_index, round_index, "q", ("value", size, arrays), time.time(), 0.0)
 
 
-@pytest.fixture()
-def link(ray_cluster):
-    """A writer (0) and a reader (1) on the head node, wired by a channel and its doorbell."""
+def wired_link() -> tuple:
+    """A writer (0) and a reader (1) on the head node, wired by a channel and its doorbell, sealed."""
     head = ray.get_runtime_context().get_node_id()
     here = NodeAffinitySchedulingStrategy(head, soft=False)
     writer, reader = End.options(scheduling_strategy=here).remote(), End.options(scheduling_strategy=here).remote()
     made = ray.get(writer.open.remote(reader, ray.get(reader.node.remote())))
     ray.get(reader.attach.remote(made))
+    ray.get(writer.seal.remote())
+    return writer, reader
+
+
+@pytest.fixture()
+def link(ray_cluster):
+    writer, reader = wired_link()
     yield writer, reader
     ray.kill(writer)
     ray.kill(reader)
 
 
+def test_a_sealed_link_leaves_no_semaphore_names_behind_and_still_carries_letters(ray_cluster):
+    """Ray's channels make two named semaphores per buffer and remove them only when a process that opened them
+    exits by itself; agents are killed, so the writer unlinks their names once the reader has opened them."""
+    before = named_semaphores()
+    head = ray.get_runtime_context().get_node_id()
+    here = NodeAffinitySchedulingStrategy(head, soft=False)
+    writer, reader = End.options(scheduling_strategy=here).remote(), End.options(scheduling_strategy=here).remote()
+    made = ray.get(writer.open.remote(reader, ray.get(reader.node.remote())))
+    ray.get(reader.attach.remote(made))
+    if os.path.isdir(SEMAPHORE_DIR):  # Linux: named semaphores are files there
+        assert len(named_semaphores() - before) == 2 * BUFFERS
+    ray.get(writer.seal.remote())
+    pulled = reader.pull.remote(BUFFERS, 30.0)
+    assert ray.get(writer.write.remote([letter(r, 100) for r in range(BUFFERS + 1)], 30.0)) == [True] * (BUFFERS + 1)
+    assert [g[3] for g in ray.get(pulled)] == list(range(BUFFERS + 1))
+    ray.kill(writer)
+    ray.kill(reader)
+    assert named_semaphores() - before == set()
+
+
 def test_letters_arrive_whole_and_in_order_and_larger_ones_resize_the_channel(link):
     writer, reader = link
-    sizes = [1000, 1000, 50_000, 1000]  # 200 KB: larger than the 4 KB channel was made for
+    sizes = [1000, 1000, 50_000, 1000]  # 200 KB: larger than the 8 KB channel was made for
     pulled = reader.pull.remote(len(sizes) - 1, 30.0)
     for r, size in enumerate(sizes):
         assert ray.get(writer.write.remote([letter(r, size)], 30.0)) == [True]

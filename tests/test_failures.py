@@ -61,6 +61,7 @@ def test_killed_agent_restarts_from_its_snapshot_and_resyncs_choco(ray_cluster, 
         assert failure["agent"] == 1 and failure["action"] == "restarted" and failure["injected_round"] == 7
         assert 0 <= failure["detection_s"] < 10.0
         assert failure["restored_step"] == 5  # the snapshot after round 4 (every 5 rounds)
+        assert failure["snapshot"] == "file"  # on the coordinator's node: a file in shared memory, no call
         assert failure["rounds_lost"] == 2 and failure["rounds_behind"] >= 2
         assert extra["restarts"] == 1 and extra["dropped_agents"] == []
         restarted = events_of(outcome, "agent_restarted")
@@ -203,6 +204,7 @@ def test_removed_node_moves_its_agents_to_the_survivors(ray_cluster):
             failures = outcome["extra"]["failures"]
             assert sorted(f["agent"] for f in failures) == sorted(on_doomed)
             assert all(f["action"] == "restarted" and f["node"] != doomed for f in failures)
+            assert all(f["snapshot"] == "sent" for f in failures)  # a copy on the coordinator's node survived
             assert outcome["extra"]["steps_per_agent"] == [80] * 3
             check_every_record(outcome, config)
         finally:

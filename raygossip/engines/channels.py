@@ -20,6 +20,15 @@ except ImportError:  # pragma: no cover - depends on the installed Ray
 BUFFERS = 3  # letters a writer may be ahead of its reader's reads before a write waits
 ENVELOPE_BYTES = 65536  # a channel's room beyond the dense message: the letter's other fields, a compressor's indices
 SLICE_S = 0.05  # a blocked read or write looks this often whether its link was closed or its deadline passed
+SEMAPHORE_DIR = "/dev/shm"  # where Linux keeps named semaphores (Ray's channels make two per buffer)
+
+
+def named_semaphores() -> set[str]:
+    """The named semaphores of this machine (empty where they are not files in SEMAPHORE_DIR)."""
+    try:
+        return {name for name in os.listdir(SEMAPHORE_DIR) if name.startswith("sem.")}
+    except OSError:
+        return set()
 
 
 def available() -> bool:
@@ -34,7 +43,8 @@ class ChannelLinks:
     Ray's channel read spins while it waits (a core's worth of CPU taken from the agents that compute), so
     each link also has a doorbell, a named pipe: the writer rings it once per letter and the reader sleeps
     in select() until it rings, then reads a letter that is already there. The pipe's path is unlinked as
-    soon as both ends have it open. A letter travels pickled (Ray's own serialisation of a tuple holding
+    soon as both ends have it open, and so are the channel's named semaphores (`seal`): Ray removes them only
+    when a process that opened them exits by itself, and an agent actor is killed. A letter travels pickled (Ray's own serialisation of a tuple holding
     arrays costs several times more here), so what a read returns is this process's own copy. `closed` is
     written by the control thread and read by the training thread without a lock."""
 
@@ -42,11 +52,13 @@ class ChannelLinks:
         self.out: dict[int, tuple[Any, int]] = {}  # receiver -> (channel, doorbell fd)
         self.inbound: dict[int, tuple[Any, int]] = {}  # sender -> (channel, doorbell fd)
         self.closed: set[int] = set()
+        self.semaphores: set[str] = set()  # the named semaphores `open` made, until `seal` unlinks them
 
     def open(self, me: Any, readers: dict[int, tuple[Any, str]], size_bytes: int) -> dict[int, tuple[Any, str]]:
         """Create this writer's channel and doorbell to each reader (actor handle, node id); returns
         (channel, doorbell path) by reader, for `attach`."""
         made = {}
+        before = named_semaphores()
         for receiver, (handle, node) in readers.items():
             channel = BufferedSharedMemoryChannel(me, [(handle, node)], BUFFERS, size_bytes)
             channel.ensure_registered_as_writer()
@@ -54,7 +66,19 @@ class ChannelLinks:
             os.mkfifo(path, 0o600)
             self.out[receiver] = (channel, os.open(path, os.O_RDWR | os.O_NONBLOCK))
             made[receiver] = (channel, path)
+        self.semaphores |= named_semaphores() - before
         return made
+
+    def seal(self) -> None:
+        """Unlink the names of the semaphores `open` made, once every reader has attached (opened them): they
+        live on in the processes that have them open and vanish with the last of them, killed or not. A
+        channel that grows later (a letter larger than it) makes new ones, which stay until Ray removes them."""
+        for name in self.semaphores:
+            try:
+                os.unlink(os.path.join(SEMAPHORE_DIR, name))
+            except FileNotFoundError:
+                pass
+        self.semaphores.clear()
 
     def attach(self, inbound: dict[int, tuple[Any, str]]) -> None:
         for sender, (channel, path) in inbound.items():

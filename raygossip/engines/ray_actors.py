@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import threading
 import time
 import warnings
@@ -26,6 +27,7 @@ from raygossip.data.datasets import Dataset, Split
 from raygossip.engines.channels import ENVELOPE_BYTES, ChannelLinks
 from raygossip.engines.common import MergedModel, RunSetup, average_buffers, network_record
 from raygossip.engines.mailbox import Letter, Mailbox
+from raygossip.engines.snapshots import make_snapshot_dir, read_snapshot, write_snapshot
 
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
@@ -180,6 +182,7 @@ class AgentActor:
         self.link_lock = threading.Lock()
         self.round_reached = self.core.step // self.plan.local_steps - 1
         self.coordinator = None
+        self.snapshot_dir: str | None = None  # on the coordinator's node: snapshots go there as files (keep_snapshot)
         self.link_delays: dict[int, list[float]] = {}
         self.waited_s = 0.0
         self.timeouts = 0
@@ -203,19 +206,22 @@ class AgentActor:
     # ------------------------------------------------------------ wiring and mail
 
     @ray.method(concurrency_group="control")
-    def connect(self, peers: dict[int, Any], coordinator: Any, incarnations: dict[int, int] | None = None,
-                dropped: list[int] = (), down: list[int] = ()) -> dict:
-        """Wire this agent to its peers and the coordinator (a restarted one also learns who is dropped or down)."""
+    def connect(self, peers: dict[int, Any], coordinator: Any, snapshot_dir: tuple[str, str] | None = None,
+                incarnations: dict[int, int] | None = None, dropped: list[int] = (), down: list[int] = ()) -> dict:
+        """Wire this agent to its peers and the coordinator (a restarted one also learns who is dropped or down).
+        snapshot_dir: (node, directory) where agents on that node (the coordinator's) write their snapshots."""
         self.peers = dict(peers)
         self.peer_incarnation = dict(incarnations or {})
         self.coordinator = coordinator
+        node = ray.get_runtime_context().get_node_id()
+        self.snapshot_dir = snapshot_dir[1] if snapshot_dir is not None and snapshot_dir[0] == node else None
         with self.link_lock:
             for j in dropped:
                 self._forget(j)
             for j in down:
                 self.down.add(j)
                 self.mailbox.mark_down(j)
-        return {"agent": self.agent_id, "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+        return {"agent": self.agent_id, "node": node, "pid": os.getpid(),
                 "device": str(self.device), "threads": torch.get_num_threads(), "message_bytes": self.message_bytes(),
                 "startup": self.startup,
                 "incarnation": self.incarnation}
@@ -258,6 +264,11 @@ class AgentActor:
     def attach_links(self, inbound: dict[int, Any]) -> None:
         """Read the in-neighbours' letters from these channels (sender -> channel)."""
         self.links.attach(inbound)
+
+    @ray.method(concurrency_group="control")
+    def seal_links(self) -> None:
+        """Every reader has attached: the names of this agent's channel semaphores can go (ChannelLinks.seal)."""
+        self.links.seal()
 
     # ------------------------------------------------------------ the loop
 
@@ -542,8 +553,9 @@ class AgentActor:
                 self.core.drop_link(agent, weight)
 
     @ray.method(concurrency_group="control")
-    def restore_snapshot(self, tensors: dict[str, np.ndarray], meta: dict) -> int:
-        """Continue from a snapshot the coordinator kept (a restarted agent, before it runs)."""
+    def restore_snapshot(self, snapshot: tuple[dict[str, np.ndarray], dict]) -> int:
+        """Continue from a snapshot (tensors, meta) the coordinator kept (a restarted agent, before it runs)."""
+        tensors, meta = snapshot
         with self.link_lock:
             self.core.restore({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, meta)
             if self.core.link_copies is not None:  # the snapshot may predate drops this agent already knows of
@@ -580,7 +592,18 @@ class AgentActor:
             self.barrier.set()
 
     def keep_snapshot(self) -> None:
-        """Send the coordinator this agent's whole state, to restart from if this process dies."""
+        """Keep this agent's whole state where its death does not lose it, to restart from. On the coordinator's
+        node: a file in shared memory, which the coordinator reads only if it restarts this agent (no call, one
+        copy). From another node: sent to the coordinator, which copies it (it survives the loss of this node)."""
+        if self.snapshot_dir is not None:
+            with self.link_lock:
+                tensors, meta = self.core.snapshot()
+            try:
+                write_snapshot(self.snapshot_dir, self.agent_id, tensors, meta)
+                return
+            except OSError as error:  # shared memory full, say: from now on by value
+                self.event("snapshot_file_failed", error=str(error))
+                self.snapshot_dir = None
         self.outstanding.append(self.coordinator.keep_snapshot.remote(self.agent_id, self.incarnation,
                                                                       *self.snapshot_arrays()))
 
@@ -732,7 +755,11 @@ class Coordinator:
         self.incarnations = [0] * n
         self.restarts = [0] * n
         self.dropped: set[int] = set()
-        self.snapshots: dict[int, tuple[dict[str, np.ndarray], dict]] = {}
+        self.snapshots: dict[int, tuple[dict[str, np.ndarray], dict]] = {}  # sent by value (see latest_snapshot)
+        runtime = self.config.runtime
+        self.snapshot_dir: tuple[str, str] | None = None  # (this node, directory): agents on it write snapshots there
+        if runtime.on_failure == "restart" and runtime.snapshot_every:
+            self.snapshot_dir = (ray.get_runtime_context().get_node_id(), make_snapshot_dir())
         self.failures: list[dict] = []
         self.aborted: dict | None = None
         self.restart_queue: list[tuple[int, float]] = []  # (agent, when its death was detected)
@@ -757,6 +784,16 @@ class Coordinator:
     @ray.method(concurrency_group="control")
     def ready(self) -> bool:
         return True
+
+    @ray.method(concurrency_group="control")
+    def snapshot_place(self) -> tuple[str, str] | None:
+        """(node, directory) where the agents on this actor's node write their snapshots; None without snapshots."""
+        return self.snapshot_dir
+
+    @ray.method(concurrency_group="control")
+    def remove_snapshots(self) -> None:
+        if self.snapshot_dir is not None:
+            shutil.rmtree(self.snapshot_dir[1], ignore_errors=True)
 
     @ray.method(concurrency_group="control")
     def start(self, agents: list[Any], recipe: dict, checkpoint_dir: str | None = None,
@@ -958,14 +995,16 @@ class Coordinator:
         with self.condition:  # peers that are dead and not yet back: the new agents must not wait for them
             down = sorted((self.restarting | {j for j, _ in self.restart_queue}) - set(ids))
         deadline = time.time() + self.config.runtime.wait_timeout_s
-        connected = {i: new[i].connect.remote(peers, me, dict(enumerate(self.incarnations)), sorted(self.dropped), down)
+        connected = {i: new[i].connect.remote(peers, me, self.snapshot_dir, dict(enumerate(self.incarnations)),
+                                              sorted(self.dropped), down)
                      for i in ids}
-        placed, restored = {}, {}
+        placed, restored, sources = {}, {}, {}
         for i in ids:  # one new agent that fails to start is dropped; the others of its batch go on
             try:
                 placed[i] = ray.get(connected[i], timeout=max(0.1, deadline - time.time()))
-                restored[i] = ray.get(new[i].restore_snapshot.remote(*self.snapshots[i]),
-                                      timeout=max(0.1, deadline - time.time())) if i in self.snapshots else 0
+                snapshot, sources[i] = self.latest_snapshot(i)
+                restored[i] = ray.get(new[i].restore_snapshot.remote(snapshot),
+                                      timeout=max(0.1, deadline - time.time())) if snapshot is not None else 0
             except (ray.exceptions.RayError, TimeoutError) as error:
                 ray.kill(new[i])
                 self.event("restart_failed", agent=i, error=type(error).__name__)
@@ -987,13 +1026,24 @@ class Coordinator:
             info = placed[i]
             restored_round = restored[i] // local
             died_round = failed_at.get(i, int(np.median(frontier)) // local)  # injected, else the others' round
-            facts = {"restored_step": restored[i], "rounds_lost": max(0, died_round - restored_round),
+            facts = {"restored_step": restored[i], "snapshot": sources[i],
+                     "rounds_lost": max(0, died_round - restored_round),
                      "rounds_behind": max(0, int(np.median(rejoined_at)) // local - restored_round),
                      "recovery_s": recovered - detected, "node": info["node"]}
             for record in self.failures:
                 if record["agent"] == i and "action" not in record:
                     record.update(action="restarted", **facts)
             self.event("agent_restarted", agent=i, incarnation=self.incarnations[i], **facts)
+
+    def latest_snapshot(self, agent: int) -> tuple[tuple[dict[str, np.ndarray], dict] | None, str | None]:
+        """The newer, by step, of the agent's snapshot file (it ran on this node) and the snapshot it sent (it
+        ran elsewhere, or a resumed run's checkpoint), and which it was ("file" or "sent"); (None, None)
+        when there is neither."""
+        kept = [(self.snapshots.get(agent), "sent")]
+        if self.snapshot_dir is not None:
+            kept.append((read_snapshot(self.snapshot_dir[1], agent), "file"))
+        kept = [(snapshot, source) for snapshot, source in kept if snapshot is not None]
+        return max(kept, key=lambda pair: pair[0][1]["step"]) if kept else (None, None)
 
     @ray.method(concurrency_group="report")
     def keep_snapshot(self, agent: int, incarnation: int, arrays: dict[str, np.ndarray], meta: dict) -> None:

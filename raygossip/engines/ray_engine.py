@@ -76,12 +76,14 @@ def node_object_store_bytes(node_id: str) -> float:
 
 
 def open_channels(agents: list, nodes: list[str], mixing: np.ndarray) -> None:
-    """Give every directed link of the graph (W_ji > 0: i sends to j) its channel: writers create, readers attach."""
+    """Give every directed link of the graph (W_ji > 0: i sends to j) its channel: writers create, readers attach,
+    writers seal. The writers create one after another, so that each knows which named semaphores are its own."""
     n = len(agents)
     readers = [{j: (agents[j], nodes[j]) for j in range(n) if j != i and mixing[j, i] > 0} for i in range(n)]
-    made = ray.get([agent.open_links.remote(r) for agent, r in zip(agents, readers)])
+    made = [ray.get(agent.open_links.remote(r)) for agent, r in zip(agents, readers)]
     inbound = [{i: made[i][j] for i in range(n) if j in made[i]} for j in range(n)]
     ray.get([agent.attach_links.remote(links) for agent, links in zip(agents, inbound)])
+    ray.get([agent.seal_links.remote() for agent in agents])
 
 
 def actor_runtime_env(threads: int) -> dict | None:
@@ -185,7 +187,9 @@ class RayEngine:
         self.startup_phases["submit_s"] = time.perf_counter() - began
         submitted = time.time()
         peers = dict(enumerate(self.agents))
-        self.placement = ray.get([agent.connect.remote(peers, self.coordinator) for agent in self.agents])
+        self.snapshot_dir = ray.get(self.coordinator.snapshot_place.remote())
+        self.placement = ray.get([agent.connect.remote(peers, self.coordinator, self.snapshot_dir)
+                                  for agent in self.agents])
         self.startup_phases["agents_ready_s"] = time.perf_counter() - began
         mixing = setup.topology.mixing(0)
         links = int(np.count_nonzero(mixing) - np.count_nonzero(np.diag(mixing)))
@@ -206,7 +210,7 @@ class RayEngine:
         """Load every agent's state from a checkpoint (before run); returns the first step still to run."""
         dropped = set(run_state.get("dropped", []))
         arrays = {i: {k: v.numpy() for k, v in tensors.items()} for i, (tensors, _) in enumerate(agents) if i not in dropped}
-        ray.get([self.agents[i].restore_snapshot.remote(arrays[i], agents[i][1]) for i in arrays])
+        ray.get([self.agents[i].restore_snapshot.remote((arrays[i], agents[i][1])) for i in arrays])
         if self.config.runtime.on_failure == "restart":  # an agent that dies before its next snapshot restarts here
             ray.get([self.coordinator.keep_snapshot.remote(i, 0, arrays[i], agents[i][1]) for i in arrays])
         self.resumed = run_state
@@ -314,10 +318,15 @@ class RayEngine:
 
     def close(self) -> None:
         """Kill the actors and free the placement group (and stop Ray if this engine started it)."""
-        actors = [*getattr(self, "agents", []), *getattr(self, "live", {}).values(), getattr(self, "coordinator", None)]
-        for actor in actors:
-            if actor is not None:
-                ray.kill(actor)
+        for actor in [*getattr(self, "agents", []), *getattr(self, "live", {}).values()]:
+            ray.kill(actor)
+        coordinator = getattr(self, "coordinator", None)
+        if coordinator is not None:
+            try:  # the agents' snapshot files (a run whose coordinator died leaves them to snapshots.sweep_stale)
+                ray.get(coordinator.remove_snapshots.remote(), timeout=10)
+            except (ray.exceptions.RayError, TimeoutError):
+                pass
+            ray.kill(coordinator)
         if getattr(self, "group", None) is not None:
             remove_placement_group(self.group)
             wait_released(self.group, self.free_cpus_before, deadline_s=5.0)
