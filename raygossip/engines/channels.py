@@ -43,10 +43,11 @@ class ChannelLinks:
     Ray's channel read spins while it waits (a core's worth of CPU taken from the agents that compute), so
     each link also has a doorbell, a named pipe: the writer rings it once per letter and the reader sleeps
     in select() until it rings, then reads a letter that is already there. The pipe's path is unlinked as
-    soon as both ends have it open, and so are the channel's named semaphores (`seal`): Ray removes them only
-    when a process that opened them exits by itself, and an agent actor is killed. A letter travels pickled (Ray's own serialisation of a tuple holding
-    arrays costs several times more here), so what a read returns is this process's own copy. `closed` is
-    written by the control thread and read by the training thread without a lock."""
+    soon as both ends have it open, and so are the names of the channel's semaphores (`seal`): Ray removes
+    them only when a process that opened them exits by itself, and agent actors are killed. A letter travels
+    pickled (Ray's own serialisation of a tuple holding arrays costs several times more here), so what a
+    read returns is this process's own copy. `closed` is written by the control thread and read by the
+    training thread without a lock."""
 
     def __init__(self) -> None:
         self.out: dict[int, tuple[Any, int]] = {}  # receiver -> (channel, doorbell fd)

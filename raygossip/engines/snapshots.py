@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.numpy import load_file
 
 from raygossip.results import save_tensors_atomic
 
@@ -26,8 +25,8 @@ def shared_memory_root() -> str | None:
 
 
 def make_snapshot_dir() -> str:
-    """A new directory for one run's snapshots, named after this process so that `sweep_stale` can find the
-    directories of runs whose driver died without removing them."""
+    """A new directory for one run's snapshots, named after this process (the coordinator's) so that
+    `sweep_stale` can find the directories of runs whose coordinator died without removing them."""
     root = shared_memory_root()
     sweep_stale(root or tempfile.gettempdir())
     return tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=root)
@@ -66,5 +65,4 @@ def read_snapshot(directory: str, agent: int) -> tuple[dict[str, np.ndarray], di
     if not path.exists():
         return None
     with safe_open(str(path), framework="numpy") as handle:
-        meta = json.loads(handle.metadata()["meta"])
-    return load_file(str(path)), meta
+        return {name: handle.get_tensor(name) for name in handle.keys()}, json.loads(handle.metadata()["meta"])
