@@ -18,9 +18,8 @@ from raygossip.core.timing import slowdown_factors
 from raygossip.engines.channels import BUFFERS as CHANNEL_BUFFERS, ENVELOPE_BYTES as CHANNEL_ENVELOPE, available as channels_available
 from raygossip.engines.common import Observer, RunSetup
 from raygossip.core.agent import Traffic
-from raygossip.engines.ray_actors import (
-    INLINE_LIMIT, Coordinator, actor_env, dataset_to_numpy, spawn_agent, split_state, traffic_of,
-)
+from raygossip.engines.agent_actor import INLINE_LIMIT, actor_env, dataset_to_numpy, spawn_agent
+from raygossip.engines.coordinator import Coordinator, split_state, traffic_of
 from raygossip.errors import UserError
 
 
@@ -38,7 +37,7 @@ def ensure_ray(config: Config) -> bool:
     if runtime.address is None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         # "local": a fresh Ray of our own, even when another one runs on this machine (ray.init() would join it).
-        # Messages up to INLINE_LIMIT then travel inside the calls (see ray_actors.INLINE_BYTES).
+        # Messages up to INLINE_LIMIT then travel inside the calls (see agent_actor.INLINE_BYTES).
         ray.init(address="local", num_cpus=runtime.num_cpus or os.cpu_count(), include_dashboard=False,
                  dashboard_host="127.0.0.1", log_to_driver=True, configure_logging=False,
                  _system_config={"max_direct_call_object_size": INLINE_LIMIT})
