@@ -83,13 +83,16 @@ def descendants_cpu_s() -> float:
     return total
 
 
-def run_reference(config, setup, threads: int) -> dict:
-    """The reference engine with `threads` torch threads (0: leave torch's default)."""
+def run_reference(config, setup, threads: int | None) -> dict:
+    """The reference engine with runtime.torch_threads `threads` (None: the config's, i.e. what a Ray agent gets);
+    torch's thread count is put back afterwards."""
+    import dataclasses
+
     import torch
 
     default = torch.get_num_threads()
-    if threads > 0:
-        torch.set_num_threads(threads)
+    if threads:
+        config = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, torch_threads=threads))
     try:
         return _run_reference(config, setup)
     finally:
@@ -168,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="runtime.snapshot_every of the Ray run (default: the config default)")
     parser.add_argument("--transport", default="auto", choices=("auto", "calls"),
                         help="runtime.transport of the Ray run (auto: shared-memory channels on one node)")
-    parser.add_argument("--reference-threads", type=int, default=1,
-                        help="torch threads of the reference engine (0: torch's default, one per core)")
+    parser.add_argument("--reference-threads", type=int, default=None,
+                        help="runtime.torch_threads of the reference run (default: what a Ray agent gets, 1 here)")
     parser.add_argument("--repeat", type=int, default=1, help="run the pair R times, report medians")
     parser.add_argument("--engines", default="reference,ray", help="comma-separated subset, in run order")
     parser.add_argument("--json", type=Path, default=None, help="also write every measurement to this file")
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = plan.total_rounds
     samples = plan.total_steps * config.train.batch_size * config.agents.count
     engines = [name.strip() for name in args.engines.split(",") if name.strip()]
-    print(f"reference engine torch threads: {args.reference_threads or 'default'}")
+    print(f"reference engine torch threads: {args.reference_threads or 'as a Ray agent (runtime.torch_threads)'}")
     print(f"config: {config.agents.count} agents, {config.model.name} on {config.data.name}, ring, dpsgd every step, "
           f"sync, Ray transport {args.transport}; {plan.total_steps} steps x batch {config.train.batch_size} = {samples} samples, {rounds} rounds; "
           f"{os.cpu_count()} cores; data prepared in {prepare_s:.2f} s")

@@ -11,7 +11,7 @@ import torch
 
 from raygossip.algorithms.merge import consensus_distance, global_average
 from raygossip.algorithms.topology import Topology, build_topology, spectral_report
-from raygossip.config import Config
+from raygossip.config import Config, RuntimeConfig
 from raygossip.core.agent import evaluate, make_model, reestimate_batchnorm
 from raygossip.core.flat import FlatParameters
 from raygossip.core.plan import RunPlan, steps_per_epoch
@@ -21,6 +21,13 @@ from raygossip.errors import UserError
 from raygossip.optim import run_lr_schedule
 
 Observer = Callable[[dict], None]
+
+
+def agent_threads(runtime: RuntimeConfig) -> int:
+    """torch intra-op threads that step one agent, in either engine: runtime.torch_threads, else the agent's whole-CPU
+    share (runtime.num_cpus_per_agent; unset, a Ray agent gets at most 1 CPU), at least 1. Both engines use the same
+    count because on some CPUs it changes the order of floating-point sums, and so the numbers."""
+    return runtime.torch_threads or max(1, int(runtime.num_cpus_per_agent or 1))
 
 
 @dataclass

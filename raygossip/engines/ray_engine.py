@@ -16,7 +16,7 @@ from tqdm import tqdm
 from raygossip.config import Config, to_dict
 from raygossip.core.timing import slowdown_factors
 from raygossip.engines.channels import BUFFERS as CHANNEL_BUFFERS, ENVELOPE_BYTES as CHANNEL_ENVELOPE, available as channels_available
-from raygossip.engines.common import Observer, RunSetup
+from raygossip.engines.common import Observer, RunSetup, agent_threads
 from raygossip.core.agent import Traffic
 from raygossip.engines.agent_actor import INLINE_LIMIT, actor_env, dataset_to_numpy, spawn_agent
 from raygossip.engines.coordinator import Coordinator, split_state, traffic_of
@@ -157,7 +157,7 @@ class RayEngine:
         runtime = config.runtime
         cpus = cpus_per_agent(config)
         check_resources(config, cpus)
-        threads = runtime.torch_threads or max(1, int(cpus))
+        threads = agent_threads(runtime)
         bundle = {"CPU": cpus}
         if runtime.num_gpus_per_agent > 0:
             bundle["GPU"] = runtime.num_gpus_per_agent

@@ -8,7 +8,9 @@ import torch
 from tqdm import tqdm
 
 from raygossip.core.agent import AgentCore
-from raygossip.engines.common import MergedModel, Observer, RunSetup, average_buffers, network_record, prepare
+from raygossip.engines.common import (
+    MergedModel, Observer, RunSetup, agent_threads, average_buffers, network_record, prepare,
+)
 from raygossip.algorithms.merge import global_average
 from raygossip.config import Config
 
@@ -20,8 +22,7 @@ class ReferenceEngine:
 
     def __init__(self, config: Config, setup: RunSetup | None = None) -> None:
         self.config = config
-        if config.runtime.torch_threads:
-            torch.set_num_threads(config.runtime.torch_threads)
+        torch.set_num_threads(agent_threads(config.runtime))  # what a Ray agent gets: the same numbers
         self.setup = setup or prepare(config)
         device = "cpu" if config.runtime.device == "auto" else config.runtime.device
         self.device = torch.device(device)
