@@ -172,6 +172,29 @@ def test_async_with_a_straggler_is_faster_and_stays_consistent(ray_cluster):
     assert async_acc > 0.6, timings
 
 
+def test_async_dpsgd_keeps_mixing_with_the_last_model_of_a_neighbour_that_sent_nothing_new(ray_cluster):
+    """A straggler whose neighbours have finished still mixes, with their last models, in every round. Without
+    that it took its last ~3/4 of the steps alone: final consensus distance 1.89 against sync's 0.0036 (with
+    it: 0.023, measured)."""
+    distances, reused = {}, {}
+    for mode in ("sync", "async"):
+        data = small(runtime__mode=mode, runtime__finish_quorum=1.0)
+        data["schedule"]["averaging_rate"] = {"kind": "constant", "gamma0": 1.0}
+        data["train"].update(epochs=3, steps_per_epoch=15)
+        data["eval"] = {"every": 0}
+        data["runtime"]["timing"] = {"slowdown": [1.0, 1.0, 1.0, 4.0], "step_time_s": 0.03}
+        engine, outcome = run_ray(load_config(base=data))
+        try:
+            assert outcome["extra"]["steps_per_agent"] == [45] * 4
+            distances[mode] = outcome["last"]["consensus_distance"]
+            reused[mode] = outcome["extra"]["reused_models"]
+        finally:
+            engine.close()
+    assert reused["sync"] == 0  # sync mode always has this round's model from every neighbour
+    assert reused["async"] > 0
+    assert distances["async"] < 25 * distances["sync"], distances
+
+
 def test_link_latency_and_bandwidth_set_delivery_times(ray_cluster):
     data = small()
     data["train"].update(epochs=1, steps_per_epoch=6)

@@ -186,6 +186,8 @@ class AgentActor:
         self.stale_messages = 0
         self.lost_messages = 0
         self.resyncs = 0
+        self.last_models: dict[int, tuple[int, dict]] = {}  # D-PSGD, bounded/async: sender -> its last model
+        self.reused_models = 0  # rounds in which a sender's last model counted again (absorb_ready)
         self.finished_loop = False
         self.barrier = threading.Event()
         self.barrier_step = -1
@@ -392,24 +394,38 @@ class AgentActor:
             self.absorb_ready(round_index, senders, round_plan)
 
     def absorb_ready(self, round_index: int, senders: list[int], round_plan) -> None:
-        """Absorb every readable letter (rounds <= round_index in sync mode), in order per sender."""
+        """Absorb every readable letter (rounds <= round_index in sync mode), in order per sender.
+
+        D-PSGD in bounded and async mode: a sender of this round with nothing new (it is slower, or its loop has
+        ended) counts with the last model it sent, so that the agent keeps mixing instead of taking local steps
+        alone (which pulls it towards its own shard: the last rounds of a run whose neighbours finished)."""
         up_to = round_index if self.config.runtime.mode == "sync" else None
         rule_is_dpsgd = self.config.gossip.rule == "dpsgd"
         weights = dict(round_plan.weights.get(self.agent_id, (1.0, {}))[1])
         if not rule_is_dpsgd:
             weights = self.base_weights  # CHOCO/AdaGossip need a static graph
         taken: list[Letter] = []
+        quiet: list[int] = []  # D-PSGD, bounded/async: this round's senders with no new model
         for sender in sorted(set(senders) | set(self.mailbox.queues)):
             letters = self.mailbox.take_ready(sender, up_to)
             self.lost_messages += sum(letter.kind == "lost" for letter in letters)
             if rule_is_dpsgd:
                 letters = [letter for letter in letters if letter.kind == "q"][-1:]  # a full model: the newest counts
+                if not letters and up_to is None and sender in senders:
+                    quiet.append(sender)
             taken.extend(letter for letter in letters if letter.kind in ("q", "full"))
         with self.link_lock:
             self.apply_letters(taken, weights, round_index)
+            for sender in quiet:
+                last = self.last_models.get(sender)
+                weight = weights.get(sender, 0.0)
+                if last is not None and weight > 0.0 and sender not in self.down:
+                    self.core.absorb(received_message(last[1], last[0], self.device), weight, sender)
+                    self.reused_models += 1
 
     def apply_letters(self, letters: list[Letter], weights: dict[int, float], round_index: int | None) -> None:
         """Absorb gossip messages and apply full public copies (call with link_lock held)."""
+        keep_last = self.config.gossip.rule == "dpsgd" and self.config.runtime.mode != "sync"
         for letter, opened in zip(letters, self.open_letters(letters)):
             weight = 0.0 if letter.sender in self.dropped else weights.get(letter.sender, 0.0)
             if opened is None:  # its object-store copy died with its sender
@@ -424,6 +440,8 @@ class AgentActor:
             self.record_delay(letter)
             if round_index is not None and letter.round != round_index:
                 self.stale_messages += 1
+            if keep_last:
+                self.last_models[letter.sender] = (numel, arrays)
             if weight > 0.0:
                 self.core.absorb(received_message(arrays, numel, self.device), weight, letter.sender)
 
@@ -542,6 +560,7 @@ class AgentActor:
             return
         self.dropped.add(agent)
         self.down.add(agent)
+        self.last_models.pop(agent, None)
         self.mailbox.mark_down(agent, gone=True)
         weight = float(self.base_mixing[self.agent_id, agent])
         if weight > 0.0:
@@ -635,7 +654,8 @@ class AgentActor:
                   for j, v in self.link_delays.items() if v}
         return {"agent": self.agent_id, "incarnation": self.incarnation, "steps": self.core.step,
                 "waited_s": self.waited_s, "timeouts": self.timeouts, "stale_messages": self.stale_messages,
-                "lost_messages": self.lost_messages, "resyncs": self.resyncs, "link_delays": delays,
+                "lost_messages": self.lost_messages, "resyncs": self.resyncs, "reused_models": self.reused_models,
+                "link_delays": delays,
                 "phase_s": dict(self.phases.wall),
                 "cpu_s": {**self.phases.cpu, "loop": self.phases.loop_cpu, "process": self.phases.process_cpu},
                 "sent_by_reference": self.by_reference, **self.traffic_counts()}

@@ -275,6 +275,7 @@ class RayEngine:
             "startup_s": self.startup_s, "train_s": self.train_s,
             "waited_s_per_agent": [s["waited_s"] for s in finished],
             "stale_messages": sum(s["stale_messages"] for s in finished),
+            "reused_models": sum(s["reused_models"] for s in finished),
             "wait_timeouts": sum(s["timeouts"] for s in finished),
             "nodes": sorted({p["node"] for p in self.placement}),
             "steps_per_agent": [s["steps"] for s in finished],
