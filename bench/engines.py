@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         paired = [b["train_s"] / a["train_s"] for a, b in zip(results["reference"], results["ray"])]
         summary.update(ratio_ray_over_reference=ratio, paired_ratios=paired, ray_overhead_ms_per_round=overhead)
         print(f"ratio ray/reference (training only): {ratio:.3f}   ray - reference per round: {overhead:+.2f} ms")
-        print(f"  per-run ratios (each Ray run against the reference run just before it): "
+        print("  per-run ratios (each Ray run against the reference run just before it): "
               + ", ".join(f"{r:.3f}" for r in paired) + f"; median {median(paired):.3f}")
     if args.json is not None:
         args.json.write_text(json.dumps(summary, indent=1, default=str))

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+import yaml
+
 from raygossip.config import parse_yaml
 from raygossip.api import RunAborted
 from raygossip.errors import UserError

@@ -96,6 +96,7 @@ def test_topology_metropolis_weights(capsys):
         (["ring", "--agents", "0"], "--agents"),
         (["hypercube", "--agents", "16"], "topology.name"),
         (["circulant", "--agents", "16", "--param", "offsets"], "--param"),
+        (["circulant", "--agents", "16", "--param", "offsets=[1,5"], "--param offsets"),  # not YAML
         (["circulant", "--agents", "16", "--param", "offsets=[2,4]"], "topology.params.offsets"),
         (["ring", "--agents", "16", "--param", "degree=3"], "topology.params.degree"),
     ],

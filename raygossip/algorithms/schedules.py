@@ -8,7 +8,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..errors import UserError
 
 Schedule = Callable[[int], float]
 
