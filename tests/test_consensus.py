@@ -142,9 +142,8 @@ def test_adagossip_first_round_uses_bias_correction():
     state.s = torch.tensor([0.3, 1e-12], dtype=torch.float64)
     got, state = rule.mix(x.clone(), state, 1.0, 0.01)
     # t = 1: u/(1-beta) = r^2, so gamma_i = gamma / |r_i| (capped at 1)
-    r = state.s  # x and x_hat are 0: the gossip error is s
-    assert got[0].item() == pytest.approx(0.01 / (r[0].item() + 1e-8) * r[0].item())
-    assert got[1].item() == pytest.approx(1.0 * r[1].item())
+    assert got[0].item() == pytest.approx(0.01 / (0.3 + 1e-8) * 0.3)
+    assert got[1].item() == pytest.approx(1.0 * 1e-12)
 
 
 def test_dpsgd_renormalises_when_messages_are_missing():

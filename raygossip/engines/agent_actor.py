@@ -186,7 +186,9 @@ class AgentActor:
         self.stale_messages = 0
         self.lost_messages = 0
         self.resyncs = 0
-        self.last_models: dict[int, tuple[int, dict]] = {}  # D-PSGD, bounded/async: sender -> its last model
+        # D-PSGD in bounded/async mode: a sender with nothing new in a round counts with its last model (absorb_ready)
+        self.reuse_last_models = self.config.gossip.rule == "dpsgd" and runtime.mode != "sync"
+        self.last_models: dict[int, tuple[int, dict]] = {}  # sender -> (numel, arrays) of its last model
         self.reused_models = 0  # rounds in which a sender's last model counted again (absorb_ready)
         self.finished_loop = False
         self.barrier = threading.Event()
@@ -411,7 +413,7 @@ class AgentActor:
             self.lost_messages += sum(letter.kind == "lost" for letter in letters)
             if rule_is_dpsgd:
                 letters = [letter for letter in letters if letter.kind == "q"][-1:]  # a full model: the newest counts
-                if not letters and up_to is None and sender in senders:
+                if not letters and self.reuse_last_models and sender in senders:
                     quiet.append(sender)
             taken.extend(letter for letter in letters if letter.kind in ("q", "full"))
         with self.link_lock:
@@ -425,7 +427,6 @@ class AgentActor:
 
     def apply_letters(self, letters: list[Letter], weights: dict[int, float], round_index: int | None) -> None:
         """Absorb gossip messages and apply full public copies (call with link_lock held)."""
-        keep_last = self.config.gossip.rule == "dpsgd" and self.config.runtime.mode != "sync"
         for letter, opened in zip(letters, self.open_letters(letters)):
             weight = 0.0 if letter.sender in self.dropped else weights.get(letter.sender, 0.0)
             if opened is None:  # its object-store copy died with its sender
@@ -440,7 +441,7 @@ class AgentActor:
             self.record_delay(letter)
             if round_index is not None and letter.round != round_index:
                 self.stale_messages += 1
-            if keep_last:
+            if self.reuse_last_models and letter.sender not in self.dropped:
                 self.last_models[letter.sender] = (numel, arrays)
             if weight > 0.0:
                 self.core.absorb(received_message(arrays, numel, self.device), weight, letter.sender)
