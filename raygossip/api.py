@@ -48,6 +48,7 @@ def run(config: Config, out_dir: str | Path | None = None, observer: Observer | 
     """Validate, build the engine, train to the end; write config.yaml, metrics.jsonl, summary.json, model.safetensors."""
     validate(config)
     _check_checkpointing(config, Path(out_dir) if out_dir is not None else None)
+    _check_cluster(config)
     setup = prepare(config)  # every data, model and schedule error surfaces here, before any folder or Ray process
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
@@ -79,6 +80,13 @@ def resume(run_dir: str | Path, observer: Observer | None = None, progress: bool
 def _check_checkpointing(config: Config, out: Path | None) -> None:
     if config.runtime.checkpoint_every and out is None:
         raise UserError("runtime.checkpoint_every", "needs an output folder (--out) to write checkpoints into")
+
+
+def _check_cluster(config: Config) -> None:
+    if config.runtime.engine == "ray" and config.runtime.address is not None:
+        from raygossip.engines.cluster import preflight_cluster  # imports Ray: only for a run on a cluster
+
+        preflight_cluster(config)  # a head that is not there or refuses the token: one line, before any folder
 
 
 class RunAborted(UserError):

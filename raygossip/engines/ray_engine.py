@@ -16,36 +16,12 @@ from tqdm import tqdm
 from raygossip.config import Config, to_dict
 from raygossip.core.timing import slowdown_factors
 from raygossip.engines.channels import BUFFERS as CHANNEL_BUFFERS, ENVELOPE_BYTES as CHANNEL_ENVELOPE, available as channels_available
+from raygossip.engines.cluster import ensure_ray, on_started_node
 from raygossip.engines.common import Observer, RunSetup, agent_threads
 from raygossip.core.agent import Traffic
 from raygossip.engines.agent_actor import INLINE_LIMIT, actor_env, dataset_to_numpy, spawn_agent
 from raygossip.engines.coordinator import Coordinator, split_state, traffic_of
 from raygossip.errors import UserError
-
-
-_CONFIGURED_NODE: str | None = None  # head node of the local Ray that ensure_ray started (with INLINE_LIMIT)
-
-
-def ensure_ray(config: Config) -> bool:
-    """Connect to the configured cluster or start a local Ray bound to loopback; True if we started it."""
-    runtime = config.runtime
-    if ray.is_initialized():
-        return False
-    if runtime.num_gpus_per_agent > 0 and runtime.address is None and not torch.cuda.is_available():
-        raise UserError("runtime.num_gpus_per_agent",
-                        f"{runtime.num_gpus_per_agent} asked for, but this machine has no GPU (set it to 0)")
-    if runtime.address is None:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        # "local": a fresh Ray of our own, even when another one runs on this machine (ray.init() would join it).
-        # Messages up to INLINE_LIMIT then travel inside the calls (see agent_actor.INLINE_BYTES).
-        ray.init(address="local", num_cpus=runtime.num_cpus or os.cpu_count(), include_dashboard=False,
-                 dashboard_host="127.0.0.1", log_to_driver=True, configure_logging=False,
-                 _system_config={"max_direct_call_object_size": INLINE_LIMIT})
-        global _CONFIGURED_NODE
-        _CONFIGURED_NODE = ray.get_runtime_context().get_node_id()
-    else:
-        ray.init(address=runtime.address, log_to_driver=True)
-    return True
 
 
 def pick_transport(config: Config, placement: list[dict], links: int, object_store_bytes: float) -> tuple[str, str]:
@@ -90,7 +66,7 @@ def actor_runtime_env(threads: int) -> dict | None:
     and Ray pins OMP to the CPU share, and without a runtime_env the actors reuse the workers Ray
     started ahead (a runtime_env costs ~4 s of start-up for 8 agents on 2 cores). Elsewhere, the
     same settings as environment variables of the actors' worker processes."""
-    if _CONFIGURED_NODE is not None and ray.get_runtime_context().get_node_id() == _CONFIGURED_NODE:
+    if on_started_node():
         return None
     return {"env_vars": actor_env(threads)}
 
