@@ -187,6 +187,7 @@ class EvalConfig:
     test_samples: int | None = None
     local: bool = True
     batch_size: int = 1000
+    validation_fraction: float = 0.0
 
 
 @dataclass(kw_only=True)
@@ -480,6 +481,8 @@ def validate(config: Config) -> None:
     _check(e.every >= 0, "eval.every", f"must be >= 0 (epochs between evaluations; 0: only at the end), got {e.every}")
     _check(e.test_samples is None or e.test_samples >= 1, "eval.test_samples", "must be >= 1")
     _check(e.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    _check(0 <= e.validation_fraction < 1, "eval.validation_fraction",
+           f"must be in [0, 1) (the held-out fraction of the training set; 0: none), got {e.validation_fraction}")
     _check(config.data.partition.alpha > 0, "data.partition.alpha", f"must be > 0, got {config.data.partition.alpha}")
     _check(config.data.partition.shards_per_agent >= 1, "data.partition.shards_per_agent", "must be >= 1")
     _check(r.engine == "ray" or r.mode == "sync", "runtime.mode",

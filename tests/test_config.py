@@ -212,6 +212,7 @@ RANGE_ROWS: list[tuple[dict, str]] = [
     (nested("eval.every", -1), "eval.every"),
     (nested("eval.test_samples", 0), "eval.test_samples"),
     (nested("eval.batch_size", 0), "eval.batch_size"),
+    (nested("eval.validation_fraction", 1.0), "eval.validation_fraction"),
     # data
     (nested("data.partition.alpha", 0), "data.partition.alpha"),
     (nested("data.partition.alpha", -1), "data.partition.alpha"),

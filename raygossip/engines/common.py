@@ -44,16 +44,30 @@ class RunSetup:
     heterogeneity: dict
 
 
+def validation_split(config: Config, train_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training indices, held-out validation indices) of the training set: eval.validation_fraction of it, drawn
+    with the run's seed before the partition, so the same for every agent and every engine; sorted."""
+    count = round(config.eval.validation_fraction * train_size)
+    order = np.random.default_rng([config.seed, 0x5A1]).permutation(train_size)
+    return np.sort(order[count:]), np.sort(order[:count])
+
+
 def prepare(config: Config) -> RunSetup:
     """Load the data, partition it, build the graph and the plan (raises UserError on bad input)."""
     spec = config.data
     dataset = load_dataset(spec.name, spec.root, spec.download, image_size=spec.image_size)
-    labels = dataset.train.y.numpy()
+    train_index, held_out = validation_split(config, len(dataset.train))
+    if config.eval.validation_fraction > 0 and (len(held_out) == 0 or len(train_index) < config.agents.count):
+        raise UserError("eval.validation_fraction", f"{config.eval.validation_fraction} of {len(dataset.train)} "
+                                                    f"training samples leaves {len(held_out)} for validation and "
+                                                    f"{len(train_index)} for training")
+    labels = dataset.train.y.numpy()[train_index]  # the agents never see the held-out part
     params = {"alpha": spec.partition.alpha, "shards_per_agent": spec.partition.shards_per_agent}
     if spec.partition.samples_per_agent is not None:
         params["samples_per_agent"] = spec.partition.samples_per_agent
     params = {key: value for key, value in params.items() if key in _partition_params(spec.partition.kind)}
-    shards = partition(spec.partition.kind, labels, config.agents.count, config.seed, params)
+    shards = [train_index[shard] for shard in partition(spec.partition.kind, labels, config.agents.count,
+                                                         config.seed, params)]
     smallest = min(len(shard) for shard in shards)
     if smallest < config.train.batch_size:
         raise UserError(
@@ -67,7 +81,7 @@ def prepare(config: Config) -> RunSetup:
     if config.eval.test_samples is not None and config.eval.test_samples < len(test_y):
         keep = torch.randperm(len(test_y), generator=torch.Generator().manual_seed(0))[: config.eval.test_samples]
         test_x, test_y = test_x[keep], test_y[keep]
-    report = heterogeneity_report(labels, shards, dataset.num_classes)
+    report = heterogeneity_report(dataset.train.y.numpy(), shards, dataset.num_classes)
     preflight(config, dataset, shards, plan)
     return RunSetup(config, dataset, shards, topology, plan, test_x, test_y, report)
 
@@ -115,6 +129,8 @@ class MergedModel:
         self.device = torch.device(device)
         self.model = make_model(setup.config, setup.dataset).to(self.device)
         self.flat = FlatParameters(self.model)
+        self.train_index, held_out = validation_split(setup.config, len(setup.dataset.train))
+        self.validation = (setup.dataset.train.x[held_out], setup.dataset.train.y[held_out])
 
     def load(self, vector: torch.Tensor, buffers: dict[str, torch.Tensor]) -> None:
         self.flat.data.copy_(vector.to(self.device))
@@ -126,15 +142,24 @@ class MergedModel:
         cfg = self.setup.config.eval
         return evaluate(self.model, self.setup.test_x, self.setup.test_y, cfg.batch_size, self.device)
 
+    def validation_accuracy(self) -> float | None:
+        """Accuracy on the held-out validation part of the training set (None when eval.validation_fraction is 0)."""
+        x, y = self.validation
+        if len(y) == 0:
+            return None
+        return evaluate(self.model, x, y, self.setup.config.eval.batch_size, self.device)
+
     def reestimate_on_global_sample(self, batches: int, seed: int) -> None:
-        """Re-estimate batch-norm statistics on batches drawn uniformly from the whole training set."""
+        """Re-estimate batch-norm statistics on batches drawn uniformly from the whole training set (less the
+        held-out validation part)."""
         train = self.setup.dataset.train
         generator = torch.Generator().manual_seed(seed)
         size = self.setup.config.train.batch_size
+        pool = torch.from_numpy(self.train_index)
 
         def sample():
             for _ in range(batches):
-                index = torch.randint(len(train.y), (size,), generator=generator)
+                index = pool[torch.randint(len(pool), (size,), generator=generator)]
                 yield train.x[index].to(self.device), train.y[index]
 
         reestimate_batchnorm(self.model, sample())
@@ -150,6 +175,7 @@ def network_record(
     vectors: Sequence[torch.Tensor],
     local_accuracies: list[float] | None,
     merged_accuracy: float,
+    merged_validation_accuracy: float | None = None,
     traffic: Sequence,
     train_loss: float,
     rounds_done: int,
@@ -171,6 +197,7 @@ def network_record(
         "lr_multiplier": lr_multiplier(plan, step),
         "train_loss": train_loss,
         "merged_test_accuracy": merged_accuracy,
+        **({} if merged_validation_accuracy is None else {"merged_validation_accuracy": merged_validation_accuracy}),
         "consensus_distance": consensus_distance(vectors),
         "bytes_sent": int(sum(t.bytes_sent for t in traffic)),
         "messages_sent": int(sum(t.messages_sent for t in traffic)),
@@ -217,6 +244,8 @@ def summary_record(
         "communication_rounds": communication_rounds,
         "merged_test_accuracy": merged_after,
         "merged_test_accuracy_before_merge": last["merged_test_accuracy"],
+        **({"merged_validation_accuracy": last["merged_validation_accuracy"]}
+           if "merged_validation_accuracy" in last else {}),
         "final_merge": config.schedule.final_merge.enabled,
         "mean_local_test_accuracy": last.get("mean_local_test_accuracy"),
         "std_local_test_accuracy": last.get("std_local_test_accuracy"),

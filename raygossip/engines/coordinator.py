@@ -485,6 +485,7 @@ class Coordinator:
             step=step, plan=self.plan, vectors=vectors,
             local_accuracies=None if accuracies[0] is None else accuracies,
             merged_accuracy=self.merged.evaluate(), traffic=[traffic_of(reports[i][3]) for i in order],
+            merged_validation_accuracy=self.merged.validation_accuracy(),
             train_loss=float(np.mean([reports[i][2] for i in order])), rounds_done=rounds_done,
             communication_rounds=self.communication_rounds(rounds_done),
             wall_time_s=time.time() - self.started,

@@ -68,6 +68,7 @@ class ReferenceEngine:
         return network_record(
             step=step, plan=self.setup.plan, vectors=vectors, local_accuracies=local,
             merged_accuracy=self.merged.evaluate(), traffic=[a.traffic for a in self.agents],
+            merged_validation_accuracy=self.merged.validation_accuracy(),
             train_loss=sum(losses) / len(losses), rounds_done=self.rounds_done,
             communication_rounds=self.communication_rounds, wall_time_s=self.elapsed(),
         )
