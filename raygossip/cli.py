@@ -58,6 +58,26 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("run_dir", help="the run's output folder (holds config.yaml and checkpoint.json)")
     resume.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    sweep = sub.add_parser("sweep", help="a grid of configs x seeds on Ray Tune: one run folder per trial, "
+                                          "best.yaml and a table")
+    sweep.add_argument("config", nargs="?", help="YAML config file (no CONFIG: the embedded quickstart)")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=[v1,v2,...]",
+                       help="values of one config key to search, e.g. --grid gossip.gamma=[0.25,0.5,1] (repeatable)")
+    sweep.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="SEED",
+                       help="seeds of every config, averaged before configs are ranked (default: 0)")
+    sweep.add_argument("--metric", help="record key to rank on (default: merged_validation_accuracy, which needs "
+                                        "eval.validation_fraction > 0)")
+    sweep.add_argument("--mode", choices=["max", "min"], help="whether higher or lower is better (default: the "
+                                                              "metric's)")
+    sweep.add_argument("--scheduler", choices=["fifo", "asha"], default="fifo",
+                       help="asha stops poor trials early at rungs of --grace-epochs x 2^k epochs")
+    sweep.add_argument("--grace-epochs", type=int, default=1, help="ASHA's first rung, in epochs (default: 1)")
+    sweep.add_argument("--max-concurrent", type=int, help="at most this many trials at a time")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key of every trial (repeatable)")
+    sweep.add_argument("--out", help="output folder (default: runs/sweep-NAME-TIMESTAMP)")
+    sweep.add_argument("--no-progress", action="store_true", help="no line per finished trial")
+
     topo = sub.add_parser("topology", help="print a graph's mixing and spectral properties")
     topo.add_argument("name")
     topo.add_argument("--agents", type=int, required=True)
@@ -122,6 +142,28 @@ def print_summary(s: dict, out: Path) -> None:
     print(f"results in {out}")
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from raygossip.config import apply_overrides, read_yaml
+    from raygossip.presets import quickstart
+    from raygossip.sweep import parse_grid, sweep
+
+    data = apply_overrides(read_yaml(args.config) if args.config else quickstart(), list(args.overrides))
+    grid = parse_grid(args.grid)
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise UserError("--max-concurrent", f"must be >= 1, got {args.max_concurrent}")
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out) if args.out else Path("runs") / f"sweep-{data.get('name', 'run')}-{stamp}"
+    result = sweep(data, grid, out_dir=out, seeds=args.seeds, metric=args.metric, mode=args.mode,
+                   scheduler=args.scheduler, grace_epochs=args.grace_epochs, max_concurrent=args.max_concurrent,
+                   progress=not args.no_progress)
+    print((result.out_dir / "trials.md").read_text().split("\n## Trials")[0].rstrip())
+    best = result.best
+    print(f"best: {best['label']} ({best['mean']:.4f}); config in {out / 'best.yaml'}, trials in {out}")
+    return 0
+
+
 def cmd_topology(args: argparse.Namespace) -> int:
     from raygossip.algorithms.topology import build_topology, spectral_report
 
@@ -147,7 +189,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return compare.cmd_compare(args)
 
 
-COMMANDS = {"run": cmd_run, "resume": cmd_resume, "topology": cmd_topology, "compare": cmd_compare}
+COMMANDS = {"run": cmd_run, "resume": cmd_resume, "topology": cmd_topology, "compare": cmd_compare,
+            "sweep": cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:

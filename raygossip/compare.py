@@ -21,6 +21,9 @@ from raygossip.results import read_metrics, write_text_atomic
 # Keys that never separate groups: the seed is what a group averages over; the rest do not change results.
 IGNORED_KEYS = ("seed", "name", "runtime.progress", "data.root", "data.download")
 
+# What `raygossip sweep` writes beside its trials' run folders (.tune: Ray Tune's own records).
+SWEEP_FILES = ("best.yaml", "trials.md", "trials.json", ".tune")
+
 # (column, summary key, scale): the headline numbers a table row averages over seeds.
 METRICS: tuple[tuple[str, str, float], ...] = (
     ("merged_test_accuracy", "merged_test_accuracy", 1.0),
@@ -107,6 +110,8 @@ def find_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
+        if path.name in SWEEP_FILES and (path.parent / "trials.json").is_file():
+            continue  # `raygossip compare SWEEP/*` also names the sweep's own best.yaml and tables
         if not path.is_dir():
             what = "not a folder" if path.exists() else "no such folder"
             raise UserError("RUN_DIR", f"{what}: {str(path)!r}")

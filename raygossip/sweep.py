@@ -1,0 +1,391 @@
+"""`raygossip sweep`: a grid of configs x seeds as Ray Tune trials (one run folder each), ranked on seed means."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import os
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+from ray.tune import Callback
+
+from raygossip.compare import SWEEP_FILES
+from raygossip.config import Config, apply_overrides, dump_yaml, from_dict, parse_yaml, validate
+from raygossip.errors import UserError
+from raygossip.results import read_metrics, write_json_atomic, write_text_atomic
+
+# Record keys a sweep can rank on, and the direction each improves in.
+METRICS = {
+    "merged_validation_accuracy": "max", "merged_test_accuracy": "max", "mean_local_test_accuracy": "max",
+    "min_local_test_accuracy": "max", "train_loss": "min", "consensus_distance": "min", "bytes_sent": "min",
+}
+SCHEDULERS = ("fifo", "asha")
+TUNE_DIR = SWEEP_FILES[-1]  # Ray Tune's own experiment folder inside OUT (`raygossip compare OUT/*` skips it)
+
+
+@dataclass
+class SweepResult:
+    """What a finished sweep returns (and what it wrote under `out_dir`)."""
+
+    best: dict  # settings, score, std, seeds of the best point
+    best_config: Config
+    points: list[dict]  # every grid point, ranked best first
+    trials: list[dict]
+    out_dir: Path
+
+
+# ---------------------------------------------------------------- the grid
+
+
+def parse_grid(items: Sequence[str]) -> dict[str, list]:
+    """`--grid KEY=[v1,v2,...]` (YAML list) items into {KEY: values}, each a one-line error when malformed."""
+    grid: dict[str, list] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError("--grid", f"expected KEY=[v1,v2,...], got {item!r}")
+        try:
+            values = parse_yaml(raw)
+        except yaml.YAMLError:
+            raise UserError(f"--grid {key}", f"{raw!r} is not a YAML list") from None
+        if not isinstance(values, list) or not values:
+            raise UserError(f"--grid {key}", f"expected a non-empty list [v1,v2,...], got {raw!r}")
+        if key in grid:
+            raise UserError(f"--grid {key}", "given twice")
+        if key == "seed":
+            raise UserError("--grid seed", "seeds are averaged over, not searched: use --seeds")
+        grid[key] = values
+    return grid
+
+
+def grid_points(grid: dict[str, list]) -> list[dict[str, Any]]:
+    """Every combination of the grid's values, in the order given (the last key varies fastest)."""
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())] or [{}]
+
+
+def point_data(base: dict, settings: dict[str, Any], seed: int) -> dict:
+    """The raw config mapping of one trial: the base, the point's settings, the seed."""
+    data = copy.deepcopy(base)
+    for key, value in settings.items():
+        apply_overrides(data, [f"{key}={json.dumps(value)}"])  # JSON is YAML: the value goes in unchanged
+    data["seed"] = seed
+    return data
+
+
+def label(settings: dict[str, Any]) -> str:
+    return ",".join(f"{key}={_show(value)}" for key, value in settings.items()) or "base"
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _folder_name(index: int, settings: dict[str, Any], seed: int) -> str:
+    safe = "".join(c if c.isalnum() or c in "._=,+-" else "_" for c in label(settings))
+    return f"p{index:02d}-{safe[:80]}-s{seed}"
+
+
+# ---------------------------------------------------------------- checks before any Ray process
+
+
+def check_sweep(base: dict, grid: dict[str, list], seeds: Sequence[int], metric: str | None, mode: str | None,
+                scheduler: str) -> tuple[list[list[Config]], str, str]:
+    """Build and validate every trial's config; resolve the metric and mode. All errors are one-line UserErrors."""
+    if not seeds:
+        raise UserError("--seeds", "needs at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise UserError("--seeds", f"lists a seed twice: {list(seeds)}")
+    if scheduler not in SCHEDULERS:
+        raise UserError("--scheduler", f"must be one of {', '.join(SCHEDULERS)}; got {scheduler!r}")
+    configs = []
+    for settings in grid_points(grid):
+        row = []
+        for seed in seeds:
+            try:
+                config = from_dict(Config, point_data(base, settings, seed))
+                validate(config)
+            except UserError as error:
+                where = f" (at {label(settings)})" if settings else ""
+                raise UserError(error.field, f"{error.message}{where}") from None
+            row.append(config)
+        configs.append(row)
+    flat = [config for row in configs for config in row]
+    if metric is None:
+        if any(config.eval.validation_fraction == 0 for config in flat):
+            raise UserError("--metric", "not given, and eval.validation_fraction is 0, so there is no validation "
+                                        "accuracy to rank on: add --set eval.validation_fraction=0.1 (or name a "
+                                        "metric, e.g. --metric merged_test_accuracy, which ranks on the test set)")
+        metric = "merged_validation_accuracy"
+    if metric not in METRICS:
+        raise UserError("--metric", f"must be one of {', '.join(METRICS)}; got {metric!r}")
+    if metric == "merged_validation_accuracy" and any(c.eval.validation_fraction == 0 for c in flat):
+        raise UserError("--metric", "merged_validation_accuracy needs eval.validation_fraction > 0 in every trial")
+    if "local" in metric and not all(config.eval.local for config in flat):
+        raise UserError("--metric", f"{metric} needs eval.local: true in every trial")
+    if scheduler == "asha" and min(config.train.epochs for config in flat) < 2:
+        raise UserError("--scheduler", "asha stops trials between epochs, so it needs train.epochs >= 2")
+    mode = mode or METRICS[metric]
+    if mode not in ("max", "min"):
+        raise UserError("--mode", f"must be max or min; got {mode!r}")
+    return configs, metric, mode
+
+
+# ---------------------------------------------------------------- a trial
+
+
+def trial(params: dict) -> None:
+    """One Tune trial: one raygossip run into its own folder, every metrics record reported to Tune."""
+    from ray import tune
+
+    from raygossip.api import run
+
+    spec = params["trial"]
+    config = from_dict(Config, spec["config"])
+
+    def report(record: dict) -> None:
+        tune.report({key: value for key, value in record.items()
+                     if isinstance(value, (int, float)) and not isinstance(value, bool)})
+
+    run(config, out_dir=spec["run_dir"], observer=report, progress=False)
+
+
+def trial_resources(config: Config, cluster_cpus: float) -> tuple[dict, int | None]:
+    """(Tune resources of one trial, the most trials at a time). A reference trial takes the CPUs its torch threads
+    use; a Ray-engine trial's agents reserve their own placement group when the trial starts, so the trial itself
+    takes a sliver and as many run at a time as the agents' CPUs fit in the cluster."""
+    from raygossip.engines.common import agent_threads
+
+    runtime = config.runtime
+    if runtime.engine == "reference":
+        return {"cpu": min(float(agent_threads(runtime)), cluster_cpus)}, None
+    per_agent = runtime.num_cpus_per_agent or max(0.01, min(1.0, cluster_cpus / config.agents.count))
+    need = per_agent * config.agents.count
+    if need > cluster_cpus + 1e-9:
+        raise UserError("runtime.num_cpus_per_agent", f"{config.agents.count} agents x {per_agent:g} CPU = "
+                                                      f"{need:g} CPUs, but the cluster has {cluster_cpus:g}")
+    return {"cpu": 0.01}, max(1, math.floor((cluster_cpus - 0.01) / need + 1e-9))
+
+
+# ---------------------------------------------------------------- ranking
+
+
+def collect(out: Path, specs: list[dict], metric: str, statuses: dict[str, str]) -> list[dict]:
+    """One row per trial from its run folder; a trial stopped early gets a summary.json of its records so far."""
+    rows = []
+    for spec in specs:
+        folder = Path(spec["run_dir"])
+        records = read_metrics(folder / "metrics.jsonl") if (folder / "metrics.jsonl").exists() else []
+        summary_path = folder / "summary.json"
+        status = statuses.get(spec["name"], "error")
+        if summary_path.exists():
+            summary = json.loads(summary_path.read_text())
+            status = summary.get("status", "finished")
+        elif records:
+            status = "stopped" if status != "error" else "error"
+            summary = _stopped_summary(spec, records, status)
+            write_json_atomic(summary_path, summary)
+        else:
+            summary = {}
+        last = records[-1] if records else {}
+        rows.append({
+            "name": spec["name"], "point": spec["point"], "settings": spec["settings"], "seed": spec["seed"],
+            "status": status, "epochs_done": last.get("epoch", 0.0), "records": len(records),
+            metric: last.get(metric), "merged_test_accuracy": summary.get("merged_test_accuracy"),
+            "run_dir": str(folder),
+        })
+    return rows
+
+
+def _stopped_summary(spec: dict, records: list[dict], status: str) -> dict:
+    """summary.json of a trial that Tune stopped (or that failed): its last record's numbers, as compare reads."""
+    last = records[-1]
+    config = spec["config"]
+    keys = ("merged_test_accuracy", "merged_validation_accuracy", "mean_local_test_accuracy",
+            "std_local_test_accuracy", "local_test_accuracy", "consensus_distance", "bytes_sent", "messages_sent",
+            "communication_rounds", "wall_time_s")
+    return {"name": config.get("name", "run"), "engine": config.get("runtime", {}).get("engine", "ray"),
+            "status": status, "reason": f"stopped by the sweep's scheduler at epoch {last['epoch']:g}"
+            if status == "stopped" else "the trial failed", "records": len(records), "last": last,
+            **{key: last.get(key) for key in keys if key in last}}
+
+
+def rank(rows: list[dict], points: list[dict], metric: str, mode: str) -> list[dict]:
+    """Grid points with the mean and std over seeds of each trial's last `metric`, best first. A point with
+    trials that ran to the end ranks on those; points whose every trial was stopped early come after them."""
+    ranked = []
+    for index, settings in enumerate(points):
+        mine = [row for row in rows if row["point"] == index and row[metric] is not None]
+        whole = [row for row in mine if row["status"] == "finished"]
+        counted = whole or mine
+        values = [row[metric] for row in counted]
+        ranked.append({
+            "point": index, "settings": settings, "label": label(settings), "finished": bool(whole),
+            "mean": statistics.fmean(values) if values else None,
+            "std": statistics.stdev(values) if len(values) > 1 else None,
+            "seeds": [row["seed"] for row in counted],
+            "stopped": sum(row["status"] == "stopped" for row in rows if row["point"] == index),
+            "errors": sum(row["status"] not in ("finished", "stopped") for row in rows if row["point"] == index),
+            "merged_test_accuracy": _mean([row["merged_test_accuracy"] for row in counted]),
+        })
+    sign = -1.0 if mode == "max" else 1.0
+    return sorted(ranked, key=lambda p: (p["mean"] is None, not p["finished"], sign * (p["mean"] or 0.0),
+                                         p["point"]))
+
+
+def _mean(values: list) -> float | None:
+    present = [value for value in values if value is not None]
+    return statistics.fmean(present) if present else None
+
+
+def _fmt(value: float | None, spec: str = ".4f") -> str:
+    return "n/a" if value is None else f"{value:{spec}}"
+
+
+def trials_markdown(ranked: list[dict], rows: list[dict], metric: str, mode: str, scheduler: str) -> str:
+    lines = [f"# Sweep: {len(ranked)} configs x {len({r['seed'] for r in rows})} seeds, ranked on the mean over "
+             f"seeds of {metric} ({mode}), scheduler {scheduler}", "",
+             "Each trial counts with its last record; a config ranks on its trials that ran to the end (the "
+             "seeds column), one whose every trial was stopped early ranks below those.", "",
+             f"| rank | config | {metric} | seeds | stopped early | merged test acc. |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for place, point in enumerate(ranked, 1):
+        score = _fmt(point["mean"]) + (f" ± {point['std']:.4f}" if point["std"] is not None else "")
+        lines.append(f"| {place} | {point['label']} | {score} | {' '.join(map(str, point['seeds']))} | "
+                     f"{point['stopped']} | {_fmt(point['merged_test_accuracy'])} |")
+    lines += ["", "## Trials", "", f"| trial | seed | status | epochs | {metric} | merged test acc. |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        lines.append(f"| {row['name']} | {row['seed']} | {row['status']} | {row['epochs_done']:g} | "
+                     f"{_fmt(row[metric])} | {_fmt(row['merged_test_accuracy'])} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- the sweep
+
+
+def sweep(base: dict | Config, grid: dict[str, list], *, out_dir: str | Path, seeds: Sequence[int] = (0,),
+          metric: str | None = None, mode: str | None = None, scheduler: str = "fifo", grace_epochs: int = 1,
+          max_concurrent: int | None = None, progress: bool = True) -> SweepResult:
+    """Run every grid point with every seed as a Ray Tune trial; write best.yaml, trials.md and trials.json."""
+    from raygossip.config import to_dict
+
+    base = to_dict(base) if isinstance(base, Config) else copy.deepcopy(base)
+    base.setdefault("runtime", {})["progress"] = False
+    configs, metric, mode = check_sweep(base, grid, seeds, metric, mode, scheduler)
+    if grace_epochs < 1:
+        raise UserError("--grace-epochs", f"must be >= 1, got {grace_epochs}")
+    out = Path(out_dir).resolve()
+    if out.exists() and any(out.iterdir()):
+        raise UserError("--out", f"{out} exists and is not empty (a sweep writes a fresh folder)")
+    points = grid_points(grid)
+    specs = [{"name": _folder_name(p, settings, seed), "point": p, "settings": settings, "seed": seed,
+              "config": to_dict(configs[p][s]), "run_dir": str(out / _folder_name(p, settings, seed))}
+             for p, settings in enumerate(points) for s, seed in enumerate(seeds)]
+    _prepare_points(configs)
+    statuses = _run_tune(specs, points, configs[0][0], metric, mode, scheduler, grace_epochs, max_concurrent, out,
+                         progress)
+    rows = collect(out, specs, metric, statuses)
+    ranked = rank(rows, points, metric, mode)
+    best = ranked[0]
+    if best["mean"] is None:
+        raise UserError("sweep", f"no trial reported {metric}; see the run folders in {out}")
+    best_config = configs[best["point"]][0]
+    best_config = from_dict(Config, {**to_dict(best_config), "seed": base.get("seed", 0)})
+    header = (f"# raygossip sweep: best of {len(points)} configs on {metric} ({mode}), mean over seeds "
+              f"{' '.join(map(str, best['seeds']))}: {best['mean']:.4f}\n# {best['label']}\n")
+    write_text_atomic(out / "best.yaml", header + dump_yaml(best_config))
+    write_json_atomic(out / "trials.json", {"metric": metric, "mode": mode, "scheduler": scheduler,
+                                            "seeds": list(seeds), "grid": grid, "best": best, "points": ranked,
+                                            "trials": rows})
+    write_text_atomic(out / "trials.md", trials_markdown(ranked, rows, metric, mode, scheduler))
+    return SweepResult(best=best, best_config=best_config, points=ranked, trials=rows, out_dir=out)
+
+
+def _prepare_points(configs: list[list[Config]]) -> None:
+    """Load data and build one agent for each grid point (first seed): its errors surface before Ray starts."""
+    from raygossip.engines.common import prepare
+
+    for row in configs:
+        prepare(row[0])
+
+
+def _run_tune(specs: list[dict], points: list[dict], first: Config, metric: str, mode: str, scheduler: str,
+              grace_epochs: int, max_concurrent: int | None, out: Path, progress: bool) -> dict[str, str]:
+    """Run the trials on Ray Tune; {trial name: "finished" | "stopped" | "error"} as Tune saw them."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from raygossip.engines.cluster import ensure_ray
+
+    started = ensure_ray(first)
+    try:
+        resources, fits = trial_resources(first, ray.cluster_resources().get("CPU", 1.0))
+        chosen = FIFOScheduler()
+        if scheduler == "asha":  # rungs before the last epoch only: a trial that gets there ends as a whole run
+            last_rung = min(spec["config"]["train"]["epochs"] for spec in specs) - 1
+            chosen = ASHAScheduler(time_attr="epoch", max_t=last_rung, grace_period=min(grace_epochs, last_rung),
+                                   reduction_factor=2, stop_last_trials=False)
+        watcher = Progress(len(specs), points, metric, mode, progress)
+        tuner = tune.Tuner(
+            tune.with_resources(trial, resources),
+            param_space={"trial": tune.grid_search(specs)},
+            tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=chosen,
+                                        max_concurrent_trials=max_concurrent or fits,
+                                        trial_dirname_creator=lambda t: t.config["trial"]["name"]),
+            run_config=tune.RunConfig(name="tune", storage_path=str(out / TUNE_DIR), verbose=0,
+                                      callbacks=[watcher], failure_config=tune.FailureConfig(max_failures=0)),
+        )
+        tuner.fit()
+        return watcher.statuses
+    finally:
+        if started:
+            ray.shutdown()
+
+
+class Progress(Callback):
+    """A Tune callback that prints, as each trial ends, how many are done and the best config so far."""
+
+    def __init__(self, total: int, points: list[dict], metric: str, mode: str, show: bool) -> None:
+        self.total, self.points, self.metric, self.mode, self.show = total, points, metric, mode, show
+        self.statuses: dict[str, str] = {}
+        self.rows: list[dict] = []
+
+    def _ended(self, trial, status: str) -> None:
+        spec = trial.config["trial"]
+        result = trial.last_result or {}
+        if status == "finished" and result.get("epoch", 0) < spec["config"]["train"]["epochs"]:
+            status = "stopped"
+        self.statuses[spec["name"]] = status
+        self.rows.append({"point": spec["point"], "seed": spec["seed"], "status": status,
+                          self.metric: result.get(self.metric), "merged_test_accuracy": None})
+        if self.show:
+            print(self.line(), file=sys.stderr, flush=True)
+
+    def line(self) -> str:
+        counts = [list(self.statuses.values()).count(s) for s in ("stopped", "error")]
+        extras = [f"{n} {what}" for n, what in zip(counts, ("stopped early", "failed")) if n]
+        text = f"sweep: {len(self.statuses)}/{self.total} trials done" + (f" ({', '.join(extras)})" if extras else "")
+        best = rank(self.rows, self.points, self.metric, self.mode)[0]
+        if best["mean"] is not None:
+            seeds = len(best["seeds"])
+            text += f"; best so far {best['label']}: {self.metric} {best['mean']:.4f} ({seeds} seed{'s' * (seeds > 1)})"
+        return text
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._ended(trial, "finished")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._ended(trial, "error")

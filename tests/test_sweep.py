@@ -1,0 +1,114 @@
+"""`raygossip sweep` on Ray Tune: a grid x seeds of reference-engine trials, FIFO and ASHA, best.yaml and tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from raygossip.cli import main
+from raygossip.compare import group_runs, load_runs
+from raygossip.config import load_config
+from raygossip.errors import UserError
+from raygossip.results import read_metrics
+from raygossip.sweep import check_sweep, parse_grid, sweep
+from test_ray_engine import small
+
+SETS = ["--set", "runtime.engine=reference", "--set", "agents.count=4", "--set", "eval.every=1",
+        "--set", "eval.validation_fraction=0.2", "--set", "train.epochs=2", "--no-progress"]
+
+
+def tiny(**overrides) -> dict:
+    data = small(runtime__engine="reference", eval__validation_fraction=0.2, **overrides)
+    data["train"]["steps_per_epoch"] = 8
+    return data
+
+
+@pytest.mark.parametrize("items, needle", [
+    (["gossip.gamma"], "--grid: expected KEY=[v1,v2,...]"),
+    (["gossip.gamma=0.5"], "--grid gossip.gamma: expected a non-empty list"),
+    (["gossip.gamma=[]"], "--grid gossip.gamma: expected a non-empty list"),
+    (["gossip.gamma=[0.5", ], "--grid gossip.gamma: '[0.5' is not a YAML list"),
+    (["seed=[0,1]"], "--grid seed: seeds are averaged over, not searched: use --seeds"),
+    (["train.lr=[0.1]", "train.lr=[0.2]"], "--grid train.lr: given twice"),
+])
+def test_a_bad_grid_is_a_one_line_error(items, needle):
+    with pytest.raises(UserError) as error:
+        parse_grid(items)
+    assert str(error.value).startswith(needle), str(error.value)
+
+
+def test_a_grid_value_out_of_range_names_the_field_and_the_point():
+    with pytest.raises(UserError, match=r"^gossip.gamma: must be in \(0, 1\], got 2.0 \(at gossip.gamma=2\)$"):
+        check_sweep(tiny(), {"gossip.gamma": [0.5, 2.0]}, [0], None, None, "fifo")
+    with pytest.raises(UserError, match=r"^gossip.gama: unknown key"):
+        check_sweep(tiny(), {"gossip.gama": [0.5]}, [0], None, None, "fifo")
+
+
+def test_no_metric_without_validation_says_how_to_get_one():
+    data = tiny()
+    data["eval"]["validation_fraction"] = 0.0
+    with pytest.raises(UserError, match=r"^--metric: not given, and eval.validation_fraction is 0.*"
+                                        r"--set eval.validation_fraction=0.1"):
+        check_sweep(data, {"train.lr": [0.1]}, [0], None, None, "fifo")
+    configs, metric, mode = check_sweep(data, {"train.lr": [0.1]}, [0], "train_loss", None, "fifo")
+    assert (metric, mode) == ("train_loss", "min")
+
+
+def test_a_bad_sweep_flag_writes_nothing(capsys, tmp_path):
+    out = tmp_path / "sweep"
+    code = main(["sweep", "configs/quickstart.yaml", "--grid", "train.lr=[0.1,-1]", *SETS, "--out", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "train.lr: must be > 0, got -1.0 (at train.lr=-1)" in err
+    assert not out.exists()
+
+
+def _last(run_dir: str, key: str) -> float:
+    return read_metrics(Path(run_dir) / "metrics.jsonl")[-1][key]
+
+
+def test_a_fifo_sweep_ranks_on_seed_means_and_writes_best_yaml(ray_cluster, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    code = main(["sweep", "configs/quickstart.yaml", "--grid", "train.lr=[0.02,0.1]", "--seeds", "0", "1",
+                 *SETS, "--set", "train.steps_per_epoch=8", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    table = json.loads((out / "trials.json").read_text())
+    assert table["metric"] == "merged_validation_accuracy" and len(table["trials"]) == 4
+    assert all(t["status"] == "finished" and t["epochs_done"] == 2 for t in table["trials"])
+    # the seed means, recomputed from the run folders, pick the same best config as the table and best.yaml
+    means = {}
+    for lr in (0.02, 0.1):
+        folders = [t["run_dir"] for t in table["trials"] if t["settings"] == {"train.lr": lr}]
+        assert len(folders) == 2
+        means[lr] = sum(_last(f, "merged_validation_accuracy") for f in folders) / 2
+    best_lr = max(means, key=means.get)
+    assert table["best"]["settings"] == {"train.lr": best_lr}
+    assert table["best"]["mean"] == pytest.approx(means[best_lr], abs=1e-12)
+    assert table["points"][0]["settings"] == {"train.lr": best_lr}
+    first_row = next(line for line in (out / "trials.md").read_text().splitlines() if line.startswith("| 1 |"))
+    assert first_row.startswith(f"| 1 | train.lr={best_lr:g} | {means[best_lr]:.4f}")
+    best = load_config(out / "best.yaml")
+    assert best.train.lr == best_lr and best.seed == 0 and best.eval.validation_fraction == 0.2
+    # `raygossip compare OUT/*` reads the trial folders (and passes over best.yaml and the tables)
+    groups = group_runs(load_runs(sorted(out.glob("*"))))
+    assert [(g.label, len(g.runs)) for g in groups] == [("train.lr=0.02", 2), ("train.lr=0.1", 2)]
+    assert main(["compare", *map(str, sorted(out.glob("*"))), "--out", str(tmp_path / "cmp")]) == 0
+    assert (tmp_path / "cmp" / "compare.md").is_file()
+
+
+def test_asha_stops_the_trials_of_an_obviously_bad_learning_rate(ray_cluster, tmp_path):
+    data = tiny()
+    data["train"]["epochs"] = 3
+    result = sweep(data, {"train.lr": [0.05, 1e-6]}, out_dir=tmp_path / "asha", seeds=[0, 1], scheduler="asha",
+                   max_concurrent=2, progress=False)
+    bad = [t for t in result.trials if t["settings"] == {"train.lr": 1e-6}]
+    assert [t["status"] for t in bad] == ["stopped", "stopped"]
+    assert all(t["epochs_done"] < 3 and t["records"] < 3 for t in bad)
+    assert result.best["settings"] == {"train.lr": 0.05} and result.best["finished"]
+    for t in bad:  # a stopped trial's folder still reads as a run (its summary is its last record)
+        summary = json.loads((Path(t["run_dir"]) / "summary.json").read_text())
+        assert summary["status"] == "stopped"
+        assert summary["merged_validation_accuracy"] == _last(t["run_dir"], "merged_validation_accuracy")
+    assert len(load_runs([result.out_dir])) == 4
