@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import secrets
@@ -102,6 +103,8 @@ def token_head():
                                             "--metrics-export-port",
                                             "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
                                             "--runtime-env-agent-port")}
+    if importlib.util.find_spec("grpc") is not None:  # then Ray starts a Ray Client server, on 10001 unless told
+        ports["--ray-client-server-port"] = free_port()
     command = [str(RAY), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
                "--include-dashboard=false", "--disable-usage-stats", "--object-store-memory=200000000",
                *(f"{flag}={value}" for flag, value in ports.items())]
