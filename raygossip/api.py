@@ -80,6 +80,8 @@ def resume(run_dir: str | Path, observer: Observer | None = None, progress: bool
 def _check_checkpointing(config: Config, out: Path | None) -> None:
     if config.runtime.checkpoint_every and out is None:
         raise UserError("runtime.checkpoint_every", "needs an output folder (--out) to write checkpoints into")
+    if config.eval.tensorboard and out is None:
+        raise UserError("eval.tensorboard", "needs an output folder (--out) to write event files into")
 
 
 def _check_cluster(config: Config) -> None:
@@ -107,15 +109,28 @@ def _write_aborted(config: Config, engine, outcome: dict, out: Path | None, wall
     raise RunAborted(aborted.get("field", "runtime.on_failure"), f"run aborted: {aborted['reason']}{where}")
 
 
+def _tensorboard(config: Config, out: Path | None, resume: tuple | None):
+    """The run's TensorBoard log (eval.tensorboard), or None; a resumed run drops events past its checkpoint."""
+    if not config.eval.tensorboard or out is None:
+        return None
+    from raygossip.tracking import TensorBoardLog  # imports tensorboard: only when asked for
+
+    previous = resume[2] if resume is not None else None
+    return TensorBoardLog(out, config, purge_step=previous[-1]["step"] + 1 if previous else None)
+
+
 def _execute(config: Config, out: Path | None, observer: Observer | None, progress: bool | None,
              resume: tuple | None, setup=None) -> RunResult:
     log = MetricsLog(out / "metrics.jsonl") if out is not None else None
     started = time.perf_counter()
     engine = make_engine(config, setup)
+    board = _tensorboard(config, out, resume)
 
     def observe(record: dict) -> None:
         if log is not None:
             log.append(record)
+        if board is not None:
+            board.record(record)
         if observer is not None:
             observer(record)
 
@@ -137,7 +152,11 @@ def _execute(config: Config, out: Path | None, observer: Observer | None, progre
         if out is not None:
             save_tensors_atomic(out / "model.safetensors", engine.merged_state_dict(), {"name": config.name})
             write_json_atomic(out / "summary.json", summary)
+        if board is not None:
+            board.summary(summary)
     finally:
+        if board is not None:
+            board.close()
         close = getattr(engine, "close", None)
         if close is not None:
             close()

@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write a resumable checkpoint into --out every N communication rounds")
     run.add_argument("--on-failure", choices=["restart", "drop", "abort"],
                      help="runtime.on_failure: what the Ray engine does when an agent dies")
+    run.add_argument("--tensorboard", action="store_true",
+                     help="eval.tensorboard: TensorBoard event files in the run folder (tensorboard --logdir runs/)")
 
     resume = sub.add_parser("resume", help="continue a run from its latest checkpoint")
     resume.add_argument("run_dir", help="the run's output folder (holds config.yaml and checkpoint.json)")
@@ -110,6 +112,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"runtime.checkpoint_every={args.checkpoint_every}")
     if args.on_failure:
         overrides.append(f"runtime.on_failure={args.on_failure}")
+    if args.tensorboard:
+        overrides.append("eval.tensorboard=true")
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address:
         overrides.append(f"runtime.address={address}")

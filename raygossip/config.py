@@ -188,6 +188,7 @@ class EvalConfig:
     local: bool = True
     batch_size: int = 1000
     validation_fraction: float = 0.0
+    tensorboard: bool = False
 
 
 @dataclass(kw_only=True)
