@@ -163,8 +163,8 @@ def trial(params: dict) -> None:
 
 def trial_resources(config: Config, cluster_cpus: float) -> tuple[dict, int | None]:
     """(Tune resources of one trial, the most trials at a time). A reference trial takes the CPUs its torch threads
-    use; a Ray-engine trial's agents reserve their own placement group when the trial starts, so the trial itself
-    takes a sliver and as many run at a time as the agents' CPUs fit in the cluster."""
+    use; a Ray-engine trial's agents reserve their own placement group when the trial starts (RayEngine makes it), so
+    the trial itself takes no CPU and as many run at a time as the agents' CPUs fit in the cluster."""
     from raygossip.engines.common import agent_threads
 
     runtime = config.runtime
@@ -175,7 +175,7 @@ def trial_resources(config: Config, cluster_cpus: float) -> tuple[dict, int | No
     if need > cluster_cpus + 1e-9:
         raise UserError("runtime.num_cpus_per_agent", f"{config.agents.count} agents x {per_agent:g} CPU = "
                                                       f"{need:g} CPUs, but the cluster has {cluster_cpus:g}")
-    return {"cpu": 0.01}, max(1, math.floor((cluster_cpus - 0.01) / need + 1e-9))
+    return {"cpu": 0, "memory": 1}, max(1, math.floor(cluster_cpus / need + 1e-9))  # Ray wants a non-zero bundle
 
 
 # ---------------------------------------------------------------- ranking
@@ -291,7 +291,7 @@ def sweep(base: dict | Config, grid: dict[str, list], *, out_dir: str | Path, se
         raise UserError("--out", f"{out} exists and is not empty (a sweep writes a fresh folder)")
     points = grid_points(grid)
     specs = [{"name": _folder_name(p, settings, seed), "point": p, "settings": settings, "seed": seed,
-              "config": to_dict(configs[p][s]), "run_dir": str(out / _folder_name(p, settings, seed))}
+              "config": _portable(configs[p][s]), "run_dir": str(out / _folder_name(p, settings, seed))}
              for p, settings in enumerate(points) for s, seed in enumerate(seeds)]
     _prepare_points(configs)
     statuses = _run_tune(specs, points, configs[0][0], metric, mode, scheduler, grace_epochs, max_concurrent, out,
@@ -311,6 +311,15 @@ def sweep(base: dict | Config, grid: dict[str, list], *, out_dir: str | Path, se
                                             "trials": rows})
     write_text_atomic(out / "trials.md", trials_markdown(ranked, rows, metric, mode, scheduler))
     return SweepResult(best=best, best_config=best_config, points=ranked, trials=rows, out_dir=out)
+
+
+def _portable(config: Config) -> dict:
+    """The trial's config mapping with data.root absolute: Tune runs each trial in a folder of its own."""
+    from raygossip.config import to_dict
+
+    data = to_dict(config)
+    data["data"]["root"] = str(Path(data["data"]["root"]).expanduser().resolve())
+    return data
 
 
 def _prepare_points(configs: list[list[Config]]) -> None:

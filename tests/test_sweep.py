@@ -112,3 +112,22 @@ def test_asha_stops_the_trials_of_an_obviously_bad_learning_rate(ray_cluster, tm
         assert summary["status"] == "stopped"
         assert summary["merged_validation_accuracy"] == _last(t["run_dir"], "merged_validation_accuracy")
     assert len(load_runs([result.out_dir])) == 4
+
+
+def test_ray_engine_trials_reproduce_the_reference_engine(ray_cluster, tmp_path):
+    from raygossip.engines.reference import ReferenceEngine
+
+    data = tiny()
+    data["runtime"].update(engine="ray", num_cpus_per_agent=0.5)
+    data["schedule"]["averaging_rate"] = {"kind": "constant"}  # gossip.gamma is then the averaging rate
+    result = sweep(data, {"gossip.gamma": [0.5, 1.0]}, out_dir=tmp_path / "ray", seeds=[0], progress=False)
+    assert [t["status"] for t in result.trials] == ["finished", "finished"]
+    for t in result.trials:
+        summary = json.loads((Path(t["run_dir"]) / "summary.json").read_text())
+        assert summary["engine"] == "ray"
+        config = load_config(Path(t["run_dir"]) / "config.yaml")
+        assert config.runtime.progress is False and Path(config.data.root).is_absolute()
+        expected = ReferenceEngine(config).run(progress=False)["records"]
+        got = read_metrics(Path(t["run_dir"]) / "metrics.jsonl")
+        assert [r["merged_validation_accuracy"] for r in got] == pytest.approx(
+            [r["merged_validation_accuracy"] for r in expected], abs=1e-6)
