@@ -6,7 +6,6 @@ import copy
 import itertools
 import json
 import math
-import os
 import statistics
 import sys
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ import yaml
 from ray.tune import Callback
 
 from raygossip.compare import SWEEP_FILES
-from raygossip.config import Config, apply_overrides, dump_yaml, from_dict, parse_yaml, validate
+from raygossip.config import Config, apply_overrides, dump_yaml, from_dict, parse_yaml, to_dict, validate
 from raygossip.errors import UserError
 from raygossip.results import read_metrics, write_json_atomic, write_text_atomic
 
@@ -279,8 +278,6 @@ def sweep(base: dict | Config, grid: dict[str, list], *, out_dir: str | Path, se
           metric: str | None = None, mode: str | None = None, scheduler: str = "fifo", grace_epochs: int = 1,
           max_concurrent: int | None = None, progress: bool = True) -> SweepResult:
     """Run every grid point with every seed as a Ray Tune trial; write best.yaml, trials.md and trials.json."""
-    from raygossip.config import to_dict
-
     base = to_dict(base) if isinstance(base, Config) else copy.deepcopy(base)
     base.setdefault("runtime", {})["progress"] = False
     configs, metric, mode = check_sweep(base, grid, seeds, metric, mode, scheduler)
@@ -315,8 +312,6 @@ def sweep(base: dict | Config, grid: dict[str, list], *, out_dir: str | Path, se
 
 def _portable(config: Config) -> dict:
     """The trial's config mapping with data.root absolute: Tune runs each trial in a folder of its own."""
-    from raygossip.config import to_dict
-
     data = to_dict(config)
     data["data"]["root"] = str(Path(data["data"]["root"]).expanduser().resolve())
     return data
