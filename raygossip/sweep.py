@@ -6,6 +6,7 @@ import copy
 import itertools
 import json
 import math
+import random
 import statistics
 import sys
 from dataclasses import dataclass
@@ -343,9 +344,12 @@ def _run_tune(specs: list[dict], points: list[dict], first: Config, metric: str,
             chosen = ASHAScheduler(time_attr="epoch", max_t=last_rung, grace_period=min(grace_epochs, last_rung),
                                    reduction_factor=2, stop_last_trials=False)
         watcher = Progress(len(specs), points, metric, mode, progress)
+        order = list(specs)
+        if scheduler == "asha":  # ASHA judges a trial against those that reached its rung before it: in grid order
+            random.Random(first.seed).shuffle(order)  # the first values of one key would all pass unjudged
         tuner = tune.Tuner(
             tune.with_resources(trial, resources),
-            param_space={"trial": tune.grid_search(specs)},
+            param_space={"trial": tune.grid_search(order)},
             tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=chosen,
                                         max_concurrent_trials=max_concurrent or fits,
                                         trial_dirname_creator=lambda t: t.config["trial"]["name"]),
