@@ -156,6 +156,7 @@ class RuntimeConfig:
     wait_timeout_s: float = 120.0
     inline_bytes: int = 1048576
     transport: str = "auto"
+    agents_per_actor: int = 1
     finish_quorum: float = 0.5
     checkpoint_every: int = 0
     on_failure: str = "restart"
@@ -449,6 +450,8 @@ def validate(config: Config) -> None:
     _check(m.sparse_every >= 0, "schedule.communication.sparse_every", "must be >= 0 (0: no rounds outside)")
     _check(s.final_merge.bn_batches >= 1, "schedule.final_merge.bn_batches", "must be >= 1")
     _check(r.staleness >= 0, "runtime.staleness", f"must be >= 0, got {r.staleness}")
+    _check(r.agents_per_actor >= 1, "runtime.agents_per_actor",
+           f"must be >= 1 (agents one actor process hosts), got {r.agents_per_actor}")
     _check(r.num_cpus_per_agent is None or r.num_cpus_per_agent > 0, "runtime.num_cpus_per_agent",
            "must be > 0 (or unset: an even share of the CPUs, at most 1)")
     _check(0 <= r.num_gpus_per_agent <= 1, "runtime.num_gpus_per_agent", "must be in [0, 1]")

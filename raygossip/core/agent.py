@@ -93,7 +93,7 @@ class AgentCore:
         # absorbed from j), so that a link can be resynchronised or dropped after a failure; s stays the
         # weighted sum of these. Costs one parameter vector per neighbour, so only engines that survive
         # failures ask for it.
-        self.link_copies: dict[int, torch.Tensor] | None = {} if track_links and self.state.x_hat is not None else None
+        self.link_copies: dict[int, torch.Tensor] | None = {} if track_links and self.rule.public_copies else None
 
     # ------------------------------------------------------------ local training
 
@@ -143,6 +143,8 @@ class AgentCore:
         return message
 
     def absorb(self, message: Compressed, weight: float, sender: int | None = None) -> None:
+        """Feed one neighbour's message, with mixing weight W_ij, to the rule (and to the copy of that neighbour's
+        public copy when links are tracked)."""
         dense = self.rule.compressor.decompress(message).to(self.flat.data.dtype)
         self.state = self.rule.absorb(self.state, dense, weight)
         if self.link_copies is not None and sender is not None:
@@ -156,23 +158,24 @@ class AgentCore:
 
     def public_copy(self) -> torch.Tensor:
         """This agent's full public copy x_hat (what a neighbour that lost track of it needs)."""
-        return self.state.x_hat.detach().clone()
+        return self.rule.public_copy(self.state)
 
     def resync_link(self, sender: int, public_copy: torch.Tensor, weight: float) -> None:
         """Replace neighbour `sender`'s contribution to s by its full public copy: s += W_ij (x_hat_j - known)."""
         public_copy = public_copy.to(self.flat.data.device, self.flat.data.dtype)
         known = self.link_copies.get(sender)
         delta = public_copy if known is None else public_copy - known
-        self.state.s.add_(delta, alpha=weight)
+        self.state = self.rule.resync(self.state, delta, weight)
         self.link_copies[sender] = public_copy.clone()
 
     def drop_link(self, sender: int, weight: float) -> None:
         """Forget neighbour `sender` for good: remove its contribution W_ij x_hat_j from s."""
         known = self.link_copies.pop(sender, None)
         if known is not None:
-            self.state.s.sub_(known, alpha=weight)
+            self.state = self.rule.drop(self.state, known, weight)
 
     def mix(self, self_weight: float, gamma: float) -> None:
+        """The consensus step of this round, with self weight W_ii and averaging rate gamma."""
         with torch.no_grad():
             _, self.state = self.rule.mix(self.flat.data, self.state, self_weight, gamma)
 
@@ -194,7 +197,7 @@ class AgentCore:
                 scalars[key] = float(value)
         meta = {
             "agent": self.agent_id, "step": self.step, "cursor": self.cursor, "optim_scalars": scalars,
-            "rule_rounds": self.state.rounds, "rule_acc_weight": self.state.acc_weight,
+            "rule_rounds": self.state.rounds, "rule_acc_weight": getattr(self.state, "acc_weight", 0.0),
             "traffic": {"bytes_sent": self.traffic.bytes_sent, "messages_sent": self.traffic.messages_sent,
                         "per_link": {str(k): v for k, v in self.traffic.per_link.items()},
                         "per_link_messages": {str(k): v for k, v in self.traffic.per_link_messages.items()}},
@@ -210,7 +213,8 @@ class AgentCore:
         for name in self.state.tensors():
             getattr(self.state, name).copy_(tensors[f"rule.{name}"].to(self.device))
         self.state.rounds = int(meta["rule_rounds"])
-        self.state.acc_weight = float(meta["rule_acc_weight"])
+        if hasattr(self.state, "acc_weight"):
+            self.state.acc_weight = float(meta["rule_acc_weight"])
         if self.link_copies is not None:
             self.link_copies = {int(k[len("link."):]): v.to(self.device).clone()
                                 for k, v in tensors.items() if k.startswith("link.")}

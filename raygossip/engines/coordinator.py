@@ -12,12 +12,13 @@ import numpy as np
 import ray
 import torch
 
-from raygossip.algorithms.merge import consensus_distance, global_average
+from raygossip.algorithms.merge import global_average
 from raygossip.algorithms.topology import build_topology
 from raygossip.config import Config, from_dict
 from raygossip.core.agent import Traffic
 from raygossip.core.plan import RunPlan
-from raygossip.engines.agent_actor import dataset_from_numpy, pin_threads, spawn_agent
+from raygossip.engines.agent_actor import spawn_host
+from raygossip.engines.ray_setup import dataset_from_numpy, pin_threads
 from raygossip.engines.common import MergedModel, RunSetup, average_buffers, network_record
 from raygossip.engines.snapshots import make_snapshot_dir, read_snapshot
 
@@ -54,7 +55,8 @@ class Coordinator:
         setup = RunSetup(self.config, dataset, [], topology, self.plan, test_x, test_y, {})
         self.merged = MergedModel(setup)
         n = self.config.agents.count
-        self.agents: list[Any] = []
+        self.agents: list[Any] = []  # agent -> the actor that hosts it (runtime.agents_per_actor agents share one)
+        self.group_of: dict[int, int] = {}
         self.recipe: dict = {}
         self.runs: dict[int, Any] = {}
         self.incarnations = [0] * n
@@ -108,6 +110,7 @@ class Coordinator:
         resumed: the checkpoint's run state (records, events, wall time, dropped agents) when resuming."""
         self.agents = list(agents)
         self.recipe = recipe
+        self.group_of = {i: g for g, members in enumerate(recipe["groups"]) for i in members}
         self.checkpoint_dir = checkpoint_dir
         self.started = time.time()
         if resumed is not None:
@@ -117,11 +120,13 @@ class Coordinator:
             self.event("resumed", step=self.resumed_from)
             for i in resumed.get("dropped", []):
                 self.dropped.add(i)
-                ray.kill(self.agents[i])
-                self.gather([self.agents[j].peer_dropped.remote(i) for j in self.live()])
+                self.gather([host.peer_dropped.remote(i) for host in self.hosts(self.live())])
+            for g, members in enumerate(recipe["groups"]):  # an actor that hosts dropped agents only
+                if all(i in self.dropped for i in members):
+                    ray.kill(self.agents[members[0]])
         resync = resumed is not None and self.config.runtime.mode != "sync"  # in-flight messages were not saved
         checkpoints = checkpoint_dir is not None
-        self.runs = {i: self.agents[i].run.remote(checkpoints, resync) for i in self.live()}
+        self.runs = {i: self.agents[i].run.remote(i, checkpoints, resync) for i in self.live()}
         self.event("run_started", agents=len(self.runs))
 
     def gather(self, refs: list[Any]) -> list[Any]:
@@ -138,6 +143,14 @@ class Coordinator:
 
     def live(self, exclude: set[int] | list[int] = ()) -> list[int]:
         return [i for i in range(len(self.agents)) if i not in self.dropped and i not in exclude]
+
+    def hosts(self, agents: list[int]) -> list[Any]:
+        """The actors that host these agents, each once."""
+        return list({self.group_of[i]: self.agents[i] for i in agents}.values())
+
+    def actor_mates(self, agent: int) -> list[int]:
+        """The agents that share `agent`'s actor (itself included): they live and die together."""
+        return list(self.recipe["groups"][self.group_of[agent]])
 
     @ray.method(concurrency_group="control")
     def wait_finished(self, stall_s: float) -> dict:
@@ -169,7 +182,7 @@ class Coordinator:
                 if restarting or time.time() < deadline:
                     continue
                 ids = sorted(waiting.values())
-                now = dict(zip(ids, self.gather([self.agents[i].position.remote() for i in ids])))
+                now = dict(zip(ids, self.gather([self.agents[i].position.remote(i) for i in ids])))
                 if now != positions:  # some agent moved (or this is the first look): not a stall
                     positions, deadline = now, time.time() + stall_s
                     continue
@@ -185,12 +198,13 @@ class Coordinator:
                     stats[waiting[ref]] = ray.get(ref)
                 except ray.exceptions.RayActorError as error:
                     failed.append((waiting[ref], error))
+            failed = self.with_actor_mates(failed, stats)
             if failed:
                 self.handle_failures(failed)
             if not self.stopping and self.aborted is None and len(stats) >= quorum and len(stats) < len(self.live()):
                 self.stopping = True
                 stopped = [i for i in self.live() if i not in stats]
-                steps = self.gather([self.agents[i].stop.remote() for i in stopped])
+                steps = self.gather([self.agents[i].stop.remote(i) for i in stopped])
                 self.event("quorum_finished", finished=len(stats), stopped=stopped, stopped_at_steps=steps)
         if self.aborted is not None:
             stats.update(self.stop_all(exclude=set(stats)))
@@ -207,7 +221,7 @@ class Coordinator:
         """Abort: stop every live agent and collect the stats of those whose loop ends in time."""
         alive = self.live(set(exclude) | set(self.aborted["agents"]))
         for i in alive:
-            self.agents[i].stop.remote()
+            self.agents[i].stop.remote(i)
         out = {}
         for i in alive:
             try:
@@ -217,6 +231,17 @@ class Coordinator:
         return out
 
     # ------------------------------------------------------------ failures
+
+    def with_actor_mates(self, failed: list[tuple[int, Exception]], finished: dict) -> list[tuple[int, Exception]]:
+        """The failed agents and every agent of their actors not handled yet (one process: they died with it)."""
+        seen = {i for i, _ in failed}
+        out = list(failed)
+        for i, error in failed:
+            for j in self.actor_mates(i):
+                if j not in seen and j not in finished and j not in self.dropped and j not in self.restarting:
+                    seen.add(j)
+                    out.append((j, error))
+        return sorted(out, key=lambda pair: pair[0])
 
     def handle_failures(self, failed: list[tuple[int, Exception]]) -> None:
         """Agents whose actor died: record it, tell the others, then restart, drop or abort (runtime.on_failure)."""
@@ -237,7 +262,7 @@ class Coordinator:
             self.event("run_aborted", agents=ids)
             return
         others = self.live(exclude=ids)
-        self.gather([self.agents[j].peers_down.remote(ids) for j in others])
+        self.gather([host.peers_down.remote(ids) for host in self.hosts(others)])
         restart = [i for i in ids if policy == "restart" and self.restarts[i] < self.config.runtime.max_restarts]
         for i in ids:
             if i not in restart:
@@ -257,7 +282,7 @@ class Coordinator:
             self.dropped.add(agent)
             self.runs.pop(agent, None)
         others = self.live()
-        self.gather([self.agents[j].peer_dropped.remote(agent) for j in others])
+        self.gather([host.peer_dropped.remote(agent) for host in self.hosts(others)])
         self.event("agent_dropped", agent=agent, reason=reason, agents_left=len(others))
         for record in self.failures:
             if record["agent"] == agent and "action" not in record:
@@ -287,44 +312,55 @@ class Coordinator:
                     self.condition.notify_all()
 
     def restart(self, ids: list[int], detected: float) -> None:
-        """New actors for `ids`, from their latest snapshots; every live peer resends its public copy to them."""
+        """New actors for `ids` (one per agent group), from their latest snapshots; every live peer resends its
+        public copy to them."""
         others = self.live(exclude=ids)
-        frontier = [p for p in self.gather([self.agents[j].position.remote() for j in others]) if p is not None] or [0]
-        new = {}
+        frontier = [p for p in self.gather([self.agents[j].position.remote(j) for j in others]) if p is not None] or [0]
+        groups: dict[int, list[int]] = {}
         for i in ids:
+            groups.setdefault(self.group_of[i], []).append(i)
             self.incarnations[i] += 1
             self.restarts[i] += 1
-            new[i] = self.agents[i] = spawn_agent(self.recipe, i, self.incarnations[i])
+        new = {g: spawn_host(self.recipe, g, dict(enumerate(self.incarnations)), members)
+               for g, members in groups.items()}
+        for g, members in groups.items():
+            for i in members:
+                self.agents[i] = new[g]
         peers = {j: self.agents[j] for j in self.live()}
         me = ray.get_runtime_context().current_actor
         with self.condition:  # peers that are dead and not yet back: the new agents must not wait for them
             down = sorted((self.restarting | {j for j, _ in self.restart_queue}) - set(ids))
         deadline = time.time() + self.config.runtime.wait_timeout_s
-        connected = {i: new[i].connect.remote(peers, me, self.snapshot_dir, dict(enumerate(self.incarnations)),
-                                              sorted(self.dropped), down)
-                     for i in ids}
+        connected = {g: host.connect.remote(peers, me, self.snapshot_dir, dict(enumerate(self.incarnations)),
+                                            sorted(self.dropped), down)
+                     for g, host in new.items()}
         placed, restored, sources = {}, {}, {}
-        for i in ids:  # one new agent that fails to start is dropped; the others of its batch go on
+        for g, members in groups.items():  # a new actor that fails to start is dropped; the others go on
             try:
-                placed[i] = ray.get(connected[i], timeout=max(0.1, deadline - time.time()))
-                snapshot, sources[i] = self.latest_snapshot(i)
-                restored[i] = ray.get(new[i].restore_snapshot.remote(snapshot),
-                                      timeout=max(0.1, deadline - time.time())) if snapshot is not None else 0
+                for info in ray.get(connected[g], timeout=max(0.1, deadline - time.time())):
+                    placed[info["agent"]] = info
+                for i in members:
+                    snapshot, sources[i] = self.latest_snapshot(i)
+                    restored[i] = ray.get(new[g].restore_snapshot.remote(i, snapshot),
+                                          timeout=max(0.1, deadline - time.time())) if snapshot is not None else 0
             except (ray.exceptions.RayError, TimeoutError) as error:
-                ray.kill(new[i])
-                self.event("restart_failed", agent=i, error=type(error).__name__)
-                self.drop(i, reason=f"restart failed ({type(error).__name__})")
+                ray.kill(new[g])
+                for i in members:
+                    restored.pop(i, None)
+                    self.event("restart_failed", agent=i, error=type(error).__name__)
+                    self.drop(i, reason=f"restart failed ({type(error).__name__})")
         ids = [i for i in ids if i in restored]
         if not ids:
             return
-        self.gather([self.agents[j].peer_restarted.remote(i, new[i], self.incarnations[i]) for j in others for i in ids])
+        self.gather([host.peer_restarted.remote(i, self.agents[i], self.incarnations[i])
+                     for host in self.hosts(others) for i in ids])
         with self.condition:
             for i in ids:
-                self.runs[i] = new[i].run.remote(self.checkpoint_dir is not None)
+                self.runs[i] = self.agents[i].run.remote(i, self.checkpoint_dir is not None)
         if self.stopping:  # a bounded/async run's quorum already finished
-            self.gather([new[i].stop.remote() for i in ids])
+            self.gather([self.agents[i].stop.remote(i) for i in ids])
         recovered = time.time()
-        rejoined_at = [p for p in self.gather([self.agents[j].position.remote() for j in others]) if p is not None] or frontier
+        rejoined_at = [p for p in self.gather([self.agents[j].position.remote(j) for j in others]) if p is not None] or frontier
         local = self.plan.local_steps
         failed_at = {r["agent"]: r["injected_round"] for r in self.failures if "injected_round" in r and "action" not in r}
         for i in ids:
@@ -397,8 +433,8 @@ class Coordinator:
             "dropped": sorted(self.dropped),
         }
         save_checkpoint(self.checkpoint_dir, self.config, run_state, agents)
-        for i in self.live():
-            self.agents[i].release.remote(step)
+        for host in self.hosts(self.live()):
+            host.release.remote(step)
 
     @ray.method(concurrency_group="control")
     def live_agents(self) -> dict[int, Any]:
@@ -417,7 +453,7 @@ class Coordinator:
         if not steps:
             return
         live = self.live()
-        late = {i: r for i, r in zip(live, self.gather([self.agents[i].late_report.remote() for i in live])) if r is not None}
+        late = {i: r for i, r in zip(live, self.gather([self.agents[i].late_report.remote(i) for i in live])) if r is not None}
         for step in steps:
             for agent, report in late.items():
                 with self.condition:
@@ -519,7 +555,7 @@ class Coordinator:
     # ------------------------------------------------------------ the end
 
     def gather_states(self) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-        return [split_state(s) for s in ray.get([self.agents[i].get_state.remote() for i in self.live()])]
+        return [split_state(s) for s in ray.get([self.agents[i].get_state.remote(i) for i in self.live()])]
 
     @ray.method(concurrency_group="control")
     def merged_state(self) -> dict[str, np.ndarray]:
@@ -532,23 +568,24 @@ class Coordinator:
     def final_merge(self) -> dict:
         """Gather every live agent's parameters, average exactly, send the average back, re-estimate batch norm."""
         spec = self.config.schedule.final_merge
-        live = [self.agents[i] for i in self.live()]
+        live = self.live()
+        hosts = self.hosts(live)
         states = self.gather_states()
         average = global_average([params for params, _ in states])
         buffers = average_buffers([b for _, b in states])
         arrays = {"params": average.numpy(), **{f"buffer.{k}": v.numpy() for k, v in buffers.items()}}
         ref = ray.put(arrays)
-        ray.get([agent.load_state.remote([ref]) for agent in live])
+        ray.get([host.load_state.remote([ref]) for host in hosts])
         self.merged.load(average, buffers)
         if spec.bn == "local":
-            estimates = ray.get([agent.reestimate_batchnorm.remote(spec.bn_batches) for agent in live])
+            estimates = ray.get([self.agents[i].reestimate_batchnorm.remote(i, spec.bn_batches) for i in live])
             merged_buffers = average_buffers([split_state({"params": arrays["params"], **e})[1] for e in estimates])
             self.merged.load(average, merged_buffers)
         elif spec.bn == "global":  # the global sample comes from the full train set
             self.merged.reestimate_on_global_sample(spec.bn_batches, self.config.seed)
             new = {f"buffer.{k}": v.detach().cpu().numpy() for k, v in self.merged.model.named_buffers()}
             ref = ray.put({"params": arrays["params"], **new})
-            ray.get([agent.load_state.remote([ref]) for agent in live])
+            ray.get([host.load_state.remote([ref]) for host in hosts])
         accuracy = self.merged.evaluate()
         self.event("merge_done", merged_test_accuracy=accuracy, bn=spec.bn, agents=len(live))
         return {"merged_accuracy": accuracy, "state_dict": {k: v.numpy() for k, v in self.merged.state_dict().items()}}
@@ -557,7 +594,3 @@ class Coordinator:
     def get_events(self) -> list[dict]:
         with self.condition:
             return self.before["events"] + sorted(self.events, key=lambda e: e["time_s"])
-
-    @ray.method(concurrency_group="control")
-    def consensus(self) -> float:
-        return consensus_distance([p for p, _ in self.gather_states()])

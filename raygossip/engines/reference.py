@@ -1,4 +1,4 @@
-"""The in-process reference engine: N agent cores stepped one after another, synchronous and deterministic."""
+"""The in-process reference engine: N gossip nodes stepped one after another, synchronous and deterministic."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import torch
 from tqdm import tqdm
 
 from raygossip.core.agent import AgentCore
+from raygossip.core.node import GossipNode, NodeOptions
+from raygossip.core.transports import InProcessTransport
 from raygossip.engines.common import (
     MergedModel, Observer, RunSetup, agent_threads, average_buffers, network_record, prepare,
 )
@@ -16,7 +18,9 @@ from raygossip.config import Config
 
 
 class ReferenceEngine:
-    """The oracle: the Ray engine in sync mode must reproduce these numbers."""
+    """The oracle: the same GossipNode code as the Ray engine's agents, over an in-process transport, stepped in a
+    fixed order (every agent's local step, then every agent's send, then every agent's receive and mix), so the
+    Ray engine in sync mode reproduces these numbers exactly."""
 
     name = "reference"
 
@@ -31,6 +35,11 @@ class ReferenceEngine:
             AgentCore(i, config, self.setup.dataset, self.setup.shards[i], plan.total_steps, self.device)
             for i in range(config.agents.count)
         ]
+        nodes: dict[int, GossipNode] = {}
+        options = NodeOptions(mode="sync", wait_timeout_s=config.runtime.wait_timeout_s)
+        transport = InProcessTransport(nodes)
+        nodes.update({agent.agent_id: GossipNode(agent, plan, transport, options) for agent in self.agents})
+        self.nodes = [nodes[i] for i in range(config.agents.count)]
         self.merged = MergedModel(self.setup, self.device)
         self.events: list[dict] = []
         self.rounds_done = 0
@@ -40,20 +49,14 @@ class ReferenceEngine:
     # ------------------------------------------------------------ one round
 
     def gossip_round(self, round_index: int) -> None:
-        plan = self.setup.plan.round_plan(round_index)
         self.rounds_done = round_index + 1
-        if plan is None:
+        if self.setup.plan.round_plan(round_index) is None:
             return
         self.communication_rounds += 1
-        gamma = self.setup.plan.gamma(round_index)
-        senders = sorted({src for src, _ in plan.edges})
-        messages = {j: self.agents[j].emit(plan.receivers_of(j)) for j in senders}
-        for receiver in sorted(plan.mixers | {dst for _, dst in plan.edges}):
-            self_weight, row = plan.weights[receiver]
-            for sender in plan.senders_to(receiver):
-                self.agents[receiver].absorb(messages[sender], row[sender])
-        for receiver in sorted(plan.mixers):
-            self.agents[receiver].mix(plan.weights[receiver][0], gamma)
+        for node in self.nodes:
+            node.send_round(round_index)
+        for node in self.nodes:
+            node.finish_round(round_index)
 
     # ------------------------------------------------------------ evaluation and merge
 
@@ -130,8 +133,8 @@ class ReferenceEngine:
         bar = tqdm(total=plan.total_steps, initial=start_step, desc="raygossip", unit="step",
                    disable=True if not show else None, leave=False)
         for step in range(start_step, plan.total_steps):
-            for agent in self.agents:
-                agent.train_step()
+            for node in self.nodes:
+                node.local_step()
             round_index = plan.round_after_step(step)
             if round_index is not None:
                 self.gossip_round(round_index)
