@@ -3,8 +3,10 @@
     python bench/scale.py [--agents 16 64 128 256] [--per-actor 1 8 32] [--model lenet5] [--data mnist]
                           [--steps 20] [--reference]
 
-Each point runs in a fresh process (its own local Ray); this process samples the machine's used memory
-(MemTotal - MemAvailable) every 0.1 s, and reports the peak above what was used before it started. Sync
+Each point runs in a fresh process with its own local Ray; this process samples, every 0.2 s, the
+proportional set size (PSS: shared pages split among the processes that map them) summed over that
+process and all its descendants (Ray's GCS, raylet, workers, the agent actors), and reports the peak.
+Other work on the machine does not count in it. Sync
 mode, D-PSGD every step on a ring, evaluation only at the end, final merge off. --reference also runs the
 reference engine on the same config, for the train time per round. Points that need more memory than the
 machine has are skipped and said so (k = 1 costs about 330 MB an agent).
@@ -25,12 +27,29 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def used_memory_bytes() -> int:
-    fields = {}
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        key, value = line.split(":", 1)
-        fields[key] = int(value.split()[0]) * 1024
-    return fields["MemTotal"] - fields["MemAvailable"]
+def tree_pss_bytes(root: int) -> int:
+    """PSS of process `root` and all its descendants (Linux /proc)."""
+    parent: dict[int, int] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            parent[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    tree, frontier = {root}, [root]
+    while frontier:
+        children = [pid for pid, ppid in parent.items() if ppid in frontier and pid not in tree]
+        tree.update(children)
+        frontier = children
+    total = 0
+    for pid in tree:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except OSError:
+            continue
+    return total
 
 
 def total_memory_bytes() -> int:
@@ -91,27 +110,29 @@ def one_point(spec: dict) -> dict:
 
 
 def measure(spec: dict, timeout_s: float) -> dict:
-    """One point in a child process, with the peak of the machine's used memory above its start."""
-    baseline = used_memory_bytes()
-    peak = [baseline]
+    """One point in a child process, with the peak PSS of its process tree."""
+    began = time.perf_counter()
+    child = subprocess.Popen([sys.executable, __file__, "--one", json.dumps(spec)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    peak = [0]
     done = threading.Event()
 
     def sample() -> None:
-        while not done.wait(0.1):
-            peak[0] = max(peak[0], used_memory_bytes())
+        while not done.wait(0.2):
+            peak[0] = max(peak[0], tree_pss_bytes(child.pid))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    began = time.perf_counter()
-    child = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
-                           timeout=timeout_s)
+    try:
+        out, err = child.communicate(timeout=timeout_s)
+    finally:
+        done.set()
+        sampler.join()
     wall = time.perf_counter() - began
-    done.set()
-    sampler.join()
     if child.returncode != 0:
-        return {"error": child.stderr.strip().splitlines()[-1] if child.stderr.strip() else f"exit {child.returncode}"}
-    result = json.loads(child.stdout.strip().splitlines()[-1])
-    result.update(memory_gb=(peak[0] - baseline) / 1e9, wall_s=wall)
+        return {"error": err.strip().splitlines()[-1] if err.strip() else f"exit {child.returncode}"}
+    result = json.loads(out.strip().splitlines()[-1])
+    result.update(memory_gb=peak[0] / 1e9, wall_s=wall)
     return result
 
 

@@ -449,10 +449,16 @@ class GossipNode:
     def checkpoint_barrier(self, step: int) -> None:
         """Give the supervisor this agent's state after `step`, then wait until it wrote the run's checkpoint
         (nobody sends the next round's messages before every agent's state is in: a consistent cut)."""
+        self.offer_checkpoint(step)
+        self.await_release(step)
+
+    def offer_checkpoint(self, step: int) -> None:
         tensors, meta = self.snapshot()
         self.barrier.clear()
         self.barrier_step = step
         self.supervisor.keep_checkpoint(self.agent_id, self.incarnation, step, tensors, meta)
+
+    def await_release(self, step: int) -> None:
         deadline = time.time() + self.options.wait_timeout_s
         while not self.barrier.wait(0.2):
             if self.stop_requested.is_set():
@@ -512,3 +518,46 @@ class GossipNode:
                 "phase_s": dict(self.phases.wall),
                 "cpu_s": {**self.phases.cpu, "loop": self.phases.loop_cpu, "process": self.phases.process_cpu},
                 **self.traffic_counts()}
+
+
+def run_together(nodes: list[GossipNode], checkpoints: bool = False, resync: bool = False) -> list[dict]:
+    """The loops of several nodes of one process in sync mode, in lockstep on one thread: every node's local step,
+    then every node's send, then every node's receive and mix (the reference engine's order), so no node waits on
+    a thread switch to another. Every node must be at the same step. Returns each node's stats."""
+    plan = nodes[0].plan
+    cpu_began, process_began = time.thread_time(), time.process_time()
+    every = nodes[0].options.checkpoint_every if checkpoints else 0
+    for node in nodes:
+        if node.incarnation > 0 or resync:
+            node.announce()
+    for step in range(nodes[0].core.step, plan.total_steps):
+        live = [node for node in nodes if not node.stop_requested.is_set()]
+        if not live:
+            break
+        for node in live:
+            node.local_step()
+        round_index = plan.round_after_step(step)
+        if round_index is not None:
+            for node in live:
+                node.send_round(round_index)
+            for node in live:
+                node.finish_round(round_index)
+        if plan.is_eval_step(step):
+            for node in live:
+                with node.phases("report"):
+                    node.report_evaluation(step)
+        if every and round_index is not None and (round_index + 1) % every == 0 and step + 1 < plan.total_steps:
+            for node in live:
+                node.offer_checkpoint(step)
+            for node in live:
+                with node.phases("wait"):
+                    node.await_release(step)
+    for node in nodes:
+        node.finish()
+    if nodes[0].supervisor is not None:
+        nodes[0].supervisor.flush()
+    share = 1.0 / len(nodes)  # of the one thread's CPU
+    for node in nodes:
+        node.phases.loop_cpu += (time.thread_time() - cpu_began) * share
+        node.phases.process_cpu += (time.process_time() - process_began) * share
+    return [node.stats() for node in nodes]

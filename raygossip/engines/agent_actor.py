@@ -16,7 +16,7 @@ from raygossip.algorithms.topology import build_topology
 from raygossip.config import Config, from_dict
 from raygossip.core.agent import AgentCore
 from raygossip.core.faults import MessageFate, kill_schedule
-from raygossip.core.node import GossipNode, NodeOptions
+from raygossip.core.node import GossipNode, NodeOptions, run_together
 from raygossip.core.plan import RunPlan
 from raygossip.core.timing import StepClock
 from raygossip.core.wire import Letter
@@ -130,6 +130,14 @@ class AgentActor:
     def run(self, agent: int, checkpoints: bool = False, resync: bool = False) -> dict:
         stats = self.nodes[agent].run(checkpoints, resync)
         return {**stats, "sent_by_reference": self.transports[agent].by_reference}
+
+    @ray.method(concurrency_group="train")
+    def run_together(self, agents: list[int], checkpoints: bool = False, resync: bool = False) -> dict | list[dict]:
+        """Sync mode: the loops of these hosted agents in lockstep on one thread (core.node.run_together); one
+        return value per agent (call it with num_returns=len(agents))."""
+        stats = run_together([self.nodes[i] for i in agents], checkpoints, resync)
+        out = [{**s, "sent_by_reference": self.transports[i].by_reference} for i, s in zip(agents, stats)]
+        return out if len(out) > 1 else out[0]
 
     @ray.method(concurrency_group="control")
     def stop(self, agent: int) -> int:

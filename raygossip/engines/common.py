@@ -143,6 +143,28 @@ class MergedModel:
         return {name: tensor.detach().cpu().clone() for name, tensor in self.model.state_dict().items()}
 
 
+def merge_all(merged: MergedModel, states: Sequence[tuple[torch.Tensor, dict[str, torch.Tensor]]],
+              broadcast: Callable[[torch.Tensor, dict[str, torch.Tensor]], None],
+              reestimate_local: Callable[[int], list[dict[str, torch.Tensor]]]) -> float:
+    """The final global merge, for either engine: the exact average of the agents' (parameters, buffers) goes to
+    every agent (`broadcast`), then batch-norm statistics are re-estimated as schedule.final_merge.bn says (local:
+    each agent on its own shard, `reestimate_local(batches)` returns their buffers, averaged into the merged
+    model; global: the merged model on a sample of the whole training set, sent to every agent). Returns the
+    merged model's test accuracy."""
+    config = merged.setup.config
+    spec = config.schedule.final_merge
+    average = global_average([params for params, _ in states])
+    buffers = average_buffers([b for _, b in states])
+    broadcast(average, buffers)
+    merged.load(average, buffers)
+    if spec.bn == "local":
+        merged.load(average, average_buffers(reestimate_local(spec.bn_batches)))
+    elif spec.bn == "global":
+        merged.reestimate_on_global_sample(spec.bn_batches, config.seed)
+        broadcast(average, {k: v.detach() for k, v in merged.model.named_buffers()})
+    return merged.evaluate()
+
+
 def network_record(
     *,
     step: int,

@@ -19,7 +19,8 @@ from raygossip.core.agent import Traffic
 from raygossip.core.plan import RunPlan
 from raygossip.engines.agent_actor import spawn_host
 from raygossip.engines.ray_setup import dataset_from_numpy, pin_threads
-from raygossip.engines.common import MergedModel, RunSetup, average_buffers, network_record
+from raygossip.engines.common import MergedModel, RunSetup, average_buffers, merge_all, network_record
+from raygossip.engines.records import RecordBook, Report
 from raygossip.engines.snapshots import make_snapshot_dir, read_snapshot
 
 
@@ -74,10 +75,7 @@ class Coordinator:
         self.restart_worker: threading.Thread | None = None
         self.stopping = False
         self.comm_counted = (0, 0)  # (rounds, how many of them communicate)
-        self.pending: dict[int, dict[int, tuple]] = {}
-        self.recorded: set[int] = set()
-        self.records: list[dict] = []  # by step
-        self.delivered: list[dict] = []  # the same, in the order they were completed
+        self.book = RecordBook()
         self.record_lock = threading.Lock()
         self.events: list[dict] = []
         self.condition = threading.Condition()
@@ -116,6 +114,7 @@ class Coordinator:
         if resumed is not None:
             self.before = {"records": list(resumed.get("record_list", [])), "events": list(resumed["events"])}
             self.resumed_from = int(resumed["step"])
+            self.book.resumed_from = self.resumed_from
             self.started = time.time() - float(resumed["wall_time_s"])  # the run's clock goes on
             self.event("resumed", step=self.resumed_from)
             for i in resumed.get("dropped", []):
@@ -126,7 +125,9 @@ class Coordinator:
                     ray.kill(self.agents[members[0]])
         resync = resumed is not None and self.config.runtime.mode != "sync"  # in-flight messages were not saved
         checkpoints = checkpoint_dir is not None
-        self.runs = {i: self.agents[i].run.remote(i, checkpoints, resync) for i in self.live()}
+        self.runs = {}
+        for members in recipe["groups"]:
+            self.runs.update(self.launch([i for i in members if i not in self.dropped], checkpoints, resync))
         self.event("run_started", agents=len(self.runs))
 
     def gather(self, refs: list[Any]) -> list[Any]:
@@ -143,6 +144,17 @@ class Coordinator:
 
     def live(self, exclude: set[int] | list[int] = ()) -> list[int]:
         return [i for i in range(len(self.agents)) if i not in self.dropped and i not in exclude]
+
+    def launch(self, members: list[int], checkpoints: bool, resync: bool = False, together: bool = True) -> dict[int, Any]:
+        """Start the loops of these agents of one actor: in sync mode in lockstep on one thread (together), else a
+        thread each; one result reference per agent."""
+        if not members:
+            return {}
+        host = self.agents[members[0]]
+        if together and self.config.runtime.mode == "sync" and len(members) > 1:
+            refs = host.run_together.options(num_returns=len(members)).remote(members, checkpoints, resync)
+            return dict(zip(members, refs))
+        return {i: host.run.remote(i, checkpoints, resync) for i in members}
 
     def hosts(self, agents: list[int]) -> list[Any]:
         """The actors that host these agents, each once."""
@@ -288,7 +300,7 @@ class Coordinator:
             if record["agent"] == agent and "action" not in record:
                 record["action"] = "dropped"
         with self.condition:
-            complete = [step for step, reports in self.pending.items() if set(reports) >= set(others)]
+            complete = self.book.complete(others)
             barriers = [step for step, arrived in self.arrivals.items() if set(arrived) >= set(others)]
         for step in complete:
             self.finish_record(step)
@@ -355,8 +367,10 @@ class Coordinator:
         self.gather([host.peer_restarted.remote(i, self.agents[i], self.incarnations[i])
                      for host in self.hosts(others) for i in ids])
         with self.condition:
-            for i in ids:
-                self.runs[i] = self.agents[i].run.remote(i, self.checkpoint_dir is not None)
+            for g, members in groups.items():
+                started = [i for i in members if i in restored]
+                same_step = len({restored[i] for i in started}) == 1  # lockstep needs one step (snapshots may differ)
+                self.runs.update(self.launch(started, self.checkpoint_dir is not None, together=same_step))
         if self.stopping:  # a bounded/async run's quorum already finished
             self.gather([self.agents[i].stop.remote(i) for i in ids])
         recovered = time.time()
@@ -418,9 +432,9 @@ class Coordinator:
             if arrived is None:
                 return
             done_before = {r["step"] - 1 for r in self.before["records"]}
-            self.condition.wait_for(lambda: all(s in self.recorded or s in done_before for s in evaluated),
+            self.condition.wait_for(lambda: self.book.done([s for s in evaluated if s not in done_before]),
                                     timeout=self.config.runtime.wait_timeout_s)
-            records = self.before["records"] + [r for r in self.records if r["step"] <= step + 1]
+            records = self.before["records"] + [r for r in self.book.records if r["step"] <= step + 1]
             self.events.append({"kind": "checkpoint_written", "time_s": time.time() - self.started, "step": step + 1})
             events = self.before["events"] + sorted(self.events, key=lambda e: e["time_s"])
         agents = [({k: torch.from_numpy(v) for k, v in arrived[i][0].items()}, arrived[i][1]) if i in arrived
@@ -449,17 +463,15 @@ class Coordinator:
     def complete_pending(self) -> None:
         """Records of steps some agents never reached (they were stopped): fill in their final state."""
         with self.condition:
-            steps = sorted(self.pending)
-        if not steps:
-            return
+            if not self.book.pending:
+                return
         live = self.live()
         late = {i: r for i, r in zip(live, self.gather([self.agents[i].late_report.remote(i) for i in live])) if r is not None}
-        for step in steps:
-            for agent, report in late.items():
-                with self.condition:
-                    missing = agent not in self.pending.get(step, {agent: None})
-                if missing:
-                    self.report(agent, step, *report)
+        for agent, report in late.items():
+            with self.condition:
+                missing = self.book.missing(agent)
+            for step in missing:
+                self.report(agent, step, *report)
 
     def event(self, kind: str, **fields) -> None:
         with self.condition:
@@ -486,51 +498,44 @@ class Coordinator:
         A restarted agent reports steps again: those already recorded are ignored, and a dead life's late report
         never replaces a newer life's."""
         with self.condition:
-            if step in self.recorded or agent in self.dropped or step < self.resumed_from:
+            if not self.book.wants(step) or agent in self.dropped:
                 return
         try:  # copied now: the object dies with its owner, the agent, which may die before the record is complete
             arrays = {k: np.array(v, copy=True) for k, v in ray.get(state[0]).items()}
         except ray.exceptions.RayError:
             return  # the agent died; a restarted one reports this step again
         with self.condition:
-            earlier = self.pending.get(step, {}).get(agent)
-            if earlier is not None and earlier[4] > incarnation:
-                return
-            self.pending.setdefault(step, {})[agent] = (accuracy, arrays, loss, traffic, incarnation)
-            complete = set(self.pending[step]) >= set(self.live())
+            complete = self.book.add(agent, step, Report(accuracy, arrays, loss, traffic, incarnation), self.live())
         if complete:
             self.finish_record(step)
 
     def finish_record(self, step: int) -> None:
         with self.condition:
-            if step in self.recorded or step not in self.pending:
-                return
-            self.recorded.add(step)
-            reports = self.pending.pop(step)
+            reports = self.book.take(step)
+        if reports is None:
+            return
         with self.record_lock:  # the report thread, the supervision loop and the restart thread all get here
             self._finish_record(step, reports)
 
-    def _finish_record(self, step: int, reports: dict[int, tuple]) -> None:
+    def _finish_record(self, step: int, reports: dict[int, Report]) -> None:
         order = [i for i in sorted(reports) if i not in self.dropped]
-        states = [split_state(reports[i][1]) for i in order]
+        states = [split_state(reports[i].state) for i in order]
         vectors = [params for params, _ in states]
         self.merged.load(global_average(vectors), average_buffers([buffers for _, buffers in states]))
-        accuracies = [reports[i][0] for i in order]
+        accuracies = [reports[i].accuracy for i in order]
         rounds_done = (step + 1) // self.plan.local_steps
         record = network_record(
             step=step, plan=self.plan, vectors=vectors,
             local_accuracies=None if accuracies[0] is None else accuracies,
-            merged_accuracy=self.merged.evaluate(), traffic=[traffic_of(reports[i][3]) for i in order],
-            train_loss=float(np.mean([reports[i][2] for i in order])), rounds_done=rounds_done,
+            merged_accuracy=self.merged.evaluate(), traffic=[traffic_of(reports[i].traffic) for i in order],
+            train_loss=float(np.mean([reports[i].loss for i in order])), rounds_done=rounds_done,
             communication_rounds=self.communication_rounds(rounds_done),
             wall_time_s=time.time() - self.started,
         )
         if self.dropped:
             record["agents"] = order
         with self.condition:
-            self.delivered.append(record)  # in the order they were made: poll hands them out by position
-            self.records.append(record)
-            self.records.sort(key=lambda r: r["step"])
+            self.book.publish(record)
             self.condition.notify_all()
 
     def communication_rounds(self, rounds_done: int) -> int:
@@ -548,9 +553,9 @@ class Coordinator:
     def poll(self, seen: int, timeout_s: float) -> tuple[list[dict], bool]:
         """(records after the first `seen`, whether the agents finished), waiting up to timeout_s for either."""
         with self.condition:
-            if len(self.delivered) <= seen and self.finished is None:
+            if len(self.book.delivered) <= seen and self.finished is None:
                 self.condition.wait(timeout=timeout_s)
-            return list(self.delivered[seen:]), self.finished is not None
+            return list(self.book.delivered[seen:]), self.finished is not None
 
     # ------------------------------------------------------------ the end
 
@@ -569,24 +574,16 @@ class Coordinator:
         """Gather every live agent's parameters, average exactly, send the average back, re-estimate batch norm."""
         spec = self.config.schedule.final_merge
         live = self.live()
-        hosts = self.hosts(live)
-        states = self.gather_states()
-        average = global_average([params for params, _ in states])
-        buffers = average_buffers([b for _, b in states])
-        arrays = {"params": average.numpy(), **{f"buffer.{k}": v.numpy() for k, v in buffers.items()}}
-        ref = ray.put(arrays)
-        ray.get([host.load_state.remote([ref]) for host in hosts])
-        self.merged.load(average, buffers)
-        if spec.bn == "local":
-            estimates = ray.get([self.agents[i].reestimate_batchnorm.remote(i, spec.bn_batches) for i in live])
-            merged_buffers = average_buffers([split_state({"params": arrays["params"], **e})[1] for e in estimates])
-            self.merged.load(average, merged_buffers)
-        elif spec.bn == "global":  # the global sample comes from the full train set
-            self.merged.reestimate_on_global_sample(spec.bn_batches, self.config.seed)
-            new = {f"buffer.{k}": v.detach().cpu().numpy() for k, v in self.merged.model.named_buffers()}
-            ref = ray.put({"params": arrays["params"], **new})
-            ray.get([host.load_state.remote([ref]) for host in hosts])
-        accuracy = self.merged.evaluate()
+
+        def broadcast(params: torch.Tensor, buffers: dict[str, torch.Tensor]) -> None:
+            ref = ray.put({"params": params.numpy(), **{f"buffer.{k}": v.cpu().numpy() for k, v in buffers.items()}})
+            ray.get([host.load_state.remote([ref]) for host in self.hosts(live)])
+
+        def reestimate_local(batches: int) -> list[dict[str, torch.Tensor]]:
+            estimates = ray.get([self.agents[i].reestimate_batchnorm.remote(i, batches) for i in live])
+            return [{k[len("buffer."):]: torch.from_numpy(np.array(v)) for k, v in e.items()} for e in estimates]
+
+        accuracy = merge_all(self.merged, self.gather_states(), broadcast, reestimate_local)
         self.event("merge_done", merged_test_accuracy=accuracy, bn=spec.bn, agents=len(live))
         return {"merged_accuracy": accuracy, "state_dict": {k: v.numpy() for k, v in self.merged.state_dict().items()}}
 

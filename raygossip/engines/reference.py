@@ -11,7 +11,7 @@ from raygossip.core.agent import AgentCore
 from raygossip.core.node import GossipNode, NodeOptions
 from raygossip.core.transports import InProcessTransport
 from raygossip.engines.common import (
-    MergedModel, Observer, RunSetup, agent_threads, average_buffers, network_record, prepare,
+    MergedModel, Observer, RunSetup, agent_threads, average_buffers, merge_all, network_record, prepare,
 )
 from raygossip.algorithms.merge import global_average
 from raygossip.config import Config
@@ -78,21 +78,19 @@ class ReferenceEngine:
     def final_merge(self) -> float:
         """Exact global average to every agent, batch-norm re-estimation, merged accuracy."""
         spec = self.config.schedule.final_merge
-        average = global_average([agent.parameters_vector() for agent in self.agents])
-        buffers = average_buffers([agent.buffers() for agent in self.agents])
-        for agent in self.agents:
-            agent.load_parameters_vector(average)
-            agent.load_buffers(buffers)
-        self.merged.load(average, buffers)
-        if spec.bn == "local":
+
+        def broadcast(params: torch.Tensor, buffers: dict[str, torch.Tensor]) -> None:
             for agent in self.agents:
-                agent.reestimate_batchnorm(spec.bn_batches)
-            self.merged.load(average, average_buffers([agent.buffers() for agent in self.agents]))
-        elif spec.bn == "global":
-            self.merged.reestimate_on_global_sample(spec.bn_batches, self.config.seed)
+                agent.load_parameters_vector(params)
+                agent.load_buffers(buffers)
+
+        def reestimate_local(batches: int) -> list[dict[str, torch.Tensor]]:
             for agent in self.agents:
-                agent.load_buffers(dict(self.merged.model.named_buffers()))
-        accuracy = self.merged.evaluate()
+                agent.reestimate_batchnorm(batches)
+            return [agent.buffers() for agent in self.agents]
+
+        states = [(agent.parameters_vector(), agent.buffers()) for agent in self.agents]
+        accuracy = merge_all(self.merged, states, broadcast, reestimate_local)
         self.events.append({"time_s": self.elapsed(), "kind": "merge_done",
                             "merged_test_accuracy": accuracy, "bn": spec.bn})
         return accuracy
