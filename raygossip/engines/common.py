@@ -49,10 +49,12 @@ def prepare(config: Config) -> RunSetup:
     spec = config.data
     dataset = load_dataset(spec.name, spec.root, spec.download, image_size=spec.image_size)
     labels = dataset.train.y.numpy()
-    params = {"alpha": spec.partition.alpha, "shards_per_agent": spec.partition.shards_per_agent}
-    if spec.partition.samples_per_agent is not None:
-        params["samples_per_agent"] = spec.partition.samples_per_agent
-    params = {key: value for key, value in params.items() if key in _partition_params(spec.partition.kind)}
+    part = spec.partition
+    params = {"alpha": part.alpha, "shards_per_agent": part.shards_per_agent, "balance": part.balance,
+              "resample": part.resample, "min_samples": config.train.batch_size if part.min_samples is None else part.min_samples}
+    if part.samples_per_agent is not None:
+        params["samples_per_agent"] = part.samples_per_agent
+    params = {key: value for key, value in params.items() if key in _partition_params(part.kind)}
     shards = partition(spec.partition.kind, labels, config.agents.count, config.seed, params)
     smallest = min(len(shard) for shard in shards)
     if smallest < config.train.batch_size:
@@ -88,9 +90,9 @@ def preflight(config: Config, dataset: Dataset, shards: list[np.ndarray], plan: 
 def _partition_params(kind: str) -> tuple[str, ...]:
     return {
         "iid": (),
-        "dirichlet": ("alpha",),
+        "dirichlet": ("alpha", "balance", "min_samples"),  # min_samples unset: one minibatch per agent
         "dirichlet_lin": ("alpha",),
-        "preference": ("alpha", "samples_per_agent"),
+        "preference": ("alpha", "samples_per_agent", "resample"),
         "shards": ("shards_per_agent",),
     }.get(kind, ())
 
