@@ -264,8 +264,8 @@ def _dyck(n: int) -> nx.Graph:
 def _lcf(n: int, *, shifts: list[int] | None = None, repeats: int | None = None) -> nx.Graph:
     """A cubic graph in LCF notation: a Hamiltonian cycle plus chords `shifts`, repeated `repeats` times.
 
-    LCF [13,-13]^16 on 32 nodes has |lambda_2| = 0.854 with uniform weights, the value DESIGN.md and
-    the AdaGossip experiments quote for their "Dyck" graph; LCF [5,-5]^16 gives 0.913.
+    LCF [13,-13]^16 on 32 nodes has |lambda_2| = 0.854 with uniform weights, the value of the AdaGossip code's
+    "Dyck" graph (`adagossip_dyck`, another graph with the same lambda_2); LCF [5,-5]^16 gives 0.913.
     """
     where = _param("shifts")
     if not isinstance(shifts, (list, tuple)) or not shifts or not all(
@@ -492,21 +492,29 @@ def spectral_report(topo: Topology) -> dict:
     time-varying topology, lambda2 = |lambda_2(W(p-1) ... W(0))| ** (1/p) over one period p (the
     per-round contraction; 0 for one-peer exponential, whose period product is the exact average),
     degrees are per-round in-degrees, edges counts distinct undirected pairs used in a period, and
-    diameter is null.
+    diameter is null. For a random topology (period 0), lambda2 is that of the expected W, degrees are the
+    pulls per round, edges the candidate pairs, and the stochasticity flags hold for each of its first
+    _REPORT_SAMPLES rounds' W(t) (seed 0); pulls_per_round is r.
     """
     if topo.pulls is not None:
-        return _random_report(topo)
-    ws = [topo.mixing(t) for t in range(topo.period())]
+        ws = [topo.pulls.sample(t, 0) for t in range(_REPORT_SAMPLES)]
+        lam = _second_magnitude(topo.pulls.expected())
+        whole = int(topo.pulls.r)
+        degrees = [whole, whole + int(topo.pulls.r > whole)]
+        edges = len({(min(i, j), max(i, j)) for i, row in enumerate(topo.pulls.candidates) for j in row})
+    else:
+        ws = [topo.mixing(t) for t in range(topo.period())]
+        if topo.time_varying:
+            lam = _second_magnitude(_period_product(topo)) ** (1.0 / topo.period())
+            degrees = [len(topo.in_neighbors(i, t)) for t in range(topo.period()) for i in range(topo.n)]
+        else:
+            lam = _second_magnitude(ws[0])
+            degrees = [d for _, d in topo.graph.degree()]
+        edges = topo.graph.number_of_edges() if topo.graph is not None else len(_pairs(topo))
     ones = np.ones(topo.n)
     rows = all(np.allclose(w.sum(axis=1), ones, atol=_TOL) and (w >= 0).all() for w in ws)
     cols = all(np.allclose(w.sum(axis=0), ones, atol=_TOL) for w in ws)
-    if topo.time_varying:
-        lam = _second_magnitude(_period_product(topo)) ** (1.0 / topo.period())
-        degrees = [len(topo.in_neighbors(i, t)) for t in range(topo.period()) for i in range(topo.n)]
-    else:
-        lam = _second_magnitude(ws[0])
-        degrees = [d for _, d in topo.graph.degree()]
-    return {
+    report = {
         "name": topo.name,
         "agents": topo.n,
         "weights": topo.weights,
@@ -519,37 +527,12 @@ def spectral_report(topo: Topology) -> dict:
         "row_stochastic": bool(rows),
         "time_varying": topo.time_varying,
         "period": topo.period(),
-        "edges": topo.graph.number_of_edges() if topo.graph is not None else len(_pairs(topo)),
+        "edges": edges,
         "diameter": None if topo.time_varying else int(nx.diameter(topo.graph)),
     }
+    if topo.pulls is not None:
+        report["pulls_per_round"] = topo.pulls.r
+    return report
 
 
 _REPORT_SAMPLES = 8  # rounds (seed 0) whose W(t) a random topology's stochasticity flags are read from
-
-
-def _random_report(topo: Topology) -> dict:
-    """spectral_report of a random topology: lambda2 of the expected W, degrees as pulls per round, edges the
-    candidate pairs; the stochasticity flags hold for every one of the first rounds' W(t) (seed 0)."""
-    pulls = topo.pulls
-    lam = _second_magnitude(pulls.expected())
-    ws = [pulls.sample(t, 0) for t in range(_REPORT_SAMPLES)]
-    ones = np.ones(topo.n)
-    pairs = {(min(i, j), max(i, j)) for i, row in enumerate(pulls.candidates) for j in row}
-    whole = int(pulls.r)
-    return {
-        "name": topo.name,
-        "agents": topo.n,
-        "weights": topo.weights,
-        "lambda2": lam,
-        "spectral_gap": 1.0 - lam,
-        "min_degree": whole,
-        "max_degree": whole + int(pulls.r > whole),
-        "doubly_stochastic": bool(all(np.allclose(w.sum(axis=0), ones, atol=_TOL) for w in ws)),
-        "symmetric": bool(all(np.allclose(w, w.T, atol=_TOL) for w in ws)),
-        "row_stochastic": True,
-        "time_varying": True,
-        "period": 0,
-        "edges": len(pairs),
-        "diameter": None,
-        "pulls_per_round": pulls.r,
-    }
