@@ -37,6 +37,7 @@ class DataConfig:
     root: str = "data"
     download: bool = False
     image_size: int | None = None
+    augment: bool | None = None
     partition: PartitionConfig = field(default_factory=PartitionConfig)
 
 

@@ -102,3 +102,32 @@ def test_without_resample_the_shard_is_walked_as_before(digits):
     held = np.bincount(digits.train.y[core.shard].numpy(), minlength=10)
     assert seen.sum() == batches * 16 and (seen <= held).all()  # one pass over the fixed shard, no fresh draws
     assert held.sum() - seen.sum() < 16
+
+
+def test_data_augment_overrides_the_datasets_default(digits):
+    from dataclasses import replace
+
+    import torch as t
+
+    images = replace(digits, augment=False, train=replace(digits.train, x=digits.train.x.reshape(-1, 1, 8, 8)))
+    plain = agent(images)
+    forced = AgentCore(1, load_config(base={"seed": 2, "agents": {"count": 4}, "train": {"batch_size": 16},
+                                            "data": {"partition": {"kind": "iid"}, "augment": True}}),
+                       images, plain.shard.numpy(), total_steps=50)
+    x_plain, _ = plain.next_batch()
+    x_forced, _ = forced.next_batch()
+    assert x_plain.shape == x_forced.shape == (16, 1, 8, 8) and not t.equal(x_plain, x_forced)
+    off = replace(images, augment=True)
+    same = AgentCore(1, load_config(base={"seed": 2, "agents": {"count": 4}, "train": {"batch_size": 16},
+                                          "data": {"partition": {"kind": "iid"}, "augment": False}}),
+                     off, plain.shard.numpy(), total_steps=50)
+    assert t.equal(same.next_batch()[0], agent(images).next_batch()[0])  # augment false: the plain batch
+
+
+def test_augment_true_on_flat_inputs_is_a_one_line_error():
+    from raygossip.engines.common import prepare
+    from raygossip.errors import UserError
+
+    with pytest.raises(UserError) as caught:
+        prepare(load_config(base={"data": {"name": "digits", "augment": True}}))
+    assert caught.value.field == "data.augment" and "\n" not in str(caught.value)

@@ -36,7 +36,7 @@ SINGLE_MERGE = {  # github.com/Raiden-Zhu/ICLR-2026-Grokking-in-Decentralized-Le
     "data.partition.kind": "preference", "data.partition.alpha": 0.1, "data.partition.resample": True,
     "topology.name": "complete", "gossip.rule": "dpsgd", "gossip.gamma": 1.0,
     "schedule.averaging_rate.kind": "constant", "schedule.final_merge.enabled": True,
-    "schedule.final_merge.bn": "global", "schedule.final_merge.bn_batches": 32,
+    "schedule.final_merge.bn": "global", "schedule.final_merge.bn_batches": 32, "data.augment": False,
 }
 EXPECTED: dict[str, dict[str, Any]] = {
     "ars_cifar10_resnet20.yaml": {**ARS, "model.name": "resnet20"},

@@ -123,7 +123,8 @@ class AgentCore:
             self.cursor += size
         x = self.dataset.train.x[index].to(self.device, non_blocking=True)
         y = self.dataset.train.y[index].to(self.device, non_blocking=True)
-        if self.dataset.augment:
+        augment = self.config.data.augment
+        if self.dataset.augment if augment is None else augment:
             x = augment_batch(x, self.data_generator)
         return x, y
 

@@ -48,6 +48,8 @@ def prepare(config: Config) -> RunSetup:
     """Load the data, partition it, build the graph and the plan (raises UserError on bad input)."""
     spec = config.data
     dataset = load_dataset(spec.name, spec.root, spec.download, image_size=spec.image_size)
+    if spec.augment and len(dataset.input_shape) != 3:
+        raise UserError("data.augment", f"{spec.name} has flat inputs {dataset.input_shape}; crop and flip need images")
     labels = dataset.train.y.numpy()
     part = spec.partition
     params = {"alpha": part.alpha, "shards_per_agent": part.shards_per_agent, "balance": part.balance,
