@@ -405,3 +405,20 @@ def test_preference_resample_shard_is_one_draw_from_the_same_preferences(mnist_l
         assert len(part) == len(mnist_labels) // 8
         share = np.bincount(mnist_labels[part], minlength=10) / len(part)
         np.testing.assert_allclose(share, w[k], atol=0.03)
+
+
+def test_prepare_redraws_dirichlet_until_every_agent_holds_a_minibatch():
+    from raygossip.config import load_config
+    from raygossip.engines.common import prepare
+
+    setup = prepare(load_config(base={"agents": {"count": 12}, "train": {"batch_size": 16},
+                                      "data": {"partition": {"kind": "dirichlet", "alpha": 0.1}}}))
+    assert min(len(s) for s in setup.shards) >= 16
+    with pytest.raises(UserError) as err:  # 1437 digits over 40 agents at alpha 0.001: never a minibatch each
+        prepare(load_config(base={"agents": {"count": 40}, "train": {"batch_size": 16},
+                                  "data": {"partition": {"kind": "dirichlet", "alpha": 0.001}}}))
+    assert_user_error(err, "data.partition.min_samples")
+    assert "train.batch_size 16" in err.value.message
+    with pytest.raises(UserError) as err:  # no split can give 8 agents 500 samples each: the batch size is named
+        prepare(load_config(base={"train": {"batch_size": 500}}))
+    assert_user_error(err, "train.batch_size")
