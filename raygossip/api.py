@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -11,7 +10,7 @@ from pathlib import Path
 from raygossip.config import Config, dump_yaml, validate
 from raygossip.engines.common import Observer, prepare, summary_record
 from raygossip.errors import UserError
-from raygossip.results import MetricsLog, read_metrics, save_tensors_atomic, write_json_atomic, write_text_atomic
+from raygossip.results import MetricsLog, read_metrics, save_tensors_atomic, strict_json, write_json_atomic, write_text_atomic
 
 
 @dataclass
@@ -72,7 +71,7 @@ def resume(run_dir: str | Path, observer: Observer | None = None, progress: bool
     else:
         previous = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
         previous = previous[: run_state["records"]]
-    write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in previous))
+    write_text_atomic(out / "metrics.jsonl", "".join(strict_json(r) + "\n" for r in previous))
     return _execute(config, out, observer, progress, resume=(run_state, agents, previous))
 
 

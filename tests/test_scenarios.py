@@ -60,7 +60,7 @@ def test_paper_and_cpu_configs_cover_the_papers():
     merge = load_config(REPO / "configs" / "papers" / "single_merge_cifar100_resnet18.yaml")
     comm = merge.schedule.communication
     assert (comm.kind, comm.p, comm.pull, merge.train.local_steps, merge.train.optimizer) == (
-        "probability", 0.2, "random_peer", 100, "adamw")
+        "probability", 0.2, "random_peer", 100, "sgd")
     assert merge.schedule.final_merge.enabled
     for path in sorted((REPO / "configs" / "cpu").glob("*.yaml")):
         config = load_config(path)

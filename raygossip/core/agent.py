@@ -98,16 +98,33 @@ class AgentCore:
     # ------------------------------------------------------------ local training
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next minibatch of this agent's shard, reshuffled every pass."""
+        """The next minibatch of this agent's shard, reshuffled every pass.
+
+        With data.partition.resample (kind preference) every minibatch is drawn afresh from the agent's class
+        preference over the whole training set instead: batch number `cursor`, a pure function of (seed, agent,
+        cursor), so a restored snapshot continues the same stream.
+        """
         size = self.config.train.batch_size
-        if self.cursor + size > len(self.order):
-            self.order = self.shard[torch.randperm(len(self.shard), generator=self.data_generator)]
-            self.cursor = 0
-        index = self.order[self.cursor : self.cursor + size]
-        self.cursor += size
+        spec = self.config.data.partition
+        if spec.kind == "preference" and spec.resample:
+            from ..data.partition import agent_preference, resample_batch
+
+            if getattr(self, "_preference", None) is None:  # derived once from the labels and the seed
+                labels, n = self.dataset.train.y.numpy(), self.config.agents.count
+                self._preference = agent_preference(labels, n, self.config.seed, spec.alpha, self.agent_id)
+            pools, preference = self._preference
+            index = torch.from_numpy(resample_batch(pools, preference, size, self.config.seed, self.agent_id, self.cursor))
+            self.cursor += 1
+        else:
+            if self.cursor + size > len(self.order):
+                self.order = self.shard[torch.randperm(len(self.shard), generator=self.data_generator)]
+                self.cursor = 0
+            index = self.order[self.cursor : self.cursor + size]
+            self.cursor += size
         x = self.dataset.train.x[index].to(self.device, non_blocking=True)
         y = self.dataset.train.y[index].to(self.device, non_blocking=True)
-        if self.dataset.augment:
+        augment = self.config.data.augment
+        if self.dataset.augment if augment is None else augment:
             x = augment_batch(x, self.data_generator)
         return x, y
 
@@ -118,9 +135,12 @@ class AgentCore:
         x, y = self.next_batch()
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.train.lr * self.lr_multiplier(self.step)
-        loss = F.cross_entropy(self.model(x), y)
+        train = self.config.train
+        loss = F.cross_entropy(self.model(x), y, label_smoothing=train.label_smoothing)
         self.flat.zero_grad()
         loss.backward()
+        if train.grad_clip_value is not None:  # per element, as the single-merge code's clamp_(-v, v)
+            self.flat.param.grad.clamp_(-train.grad_clip_value, train.grad_clip_value)
         self.optimizer.step()
         self.step += 1
         value = float(loss.detach())

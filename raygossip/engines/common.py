@@ -48,12 +48,16 @@ def prepare(config: Config) -> RunSetup:
     """Load the data, partition it, build the graph and the plan (raises UserError on bad input)."""
     spec = config.data
     dataset = load_dataset(spec.name, spec.root, spec.download, image_size=spec.image_size)
+    if spec.augment and len(dataset.input_shape) != 3:
+        raise UserError("data.augment", f"{spec.name} has flat inputs {dataset.input_shape}; crop and flip need images")
     labels = dataset.train.y.numpy()
-    params = {"alpha": spec.partition.alpha, "shards_per_agent": spec.partition.shards_per_agent}
-    if spec.partition.samples_per_agent is not None:
-        params["samples_per_agent"] = spec.partition.samples_per_agent
-    params = {key: value for key, value in params.items() if key in _partition_params(spec.partition.kind)}
-    shards = partition(spec.partition.kind, labels, config.agents.count, config.seed, params)
+    try:
+        shards = partition(spec.partition.kind, labels, config.agents.count, config.seed, _partition_params(config, labels.size))
+    except UserError as error:
+        if error.field != "data.partition.min_samples" or spec.partition.min_samples is not None:
+            raise
+        raise UserError(error.field, f"{error.message} (unset, min_samples is one minibatch: "
+                                     f"train.batch_size {config.train.batch_size})") from None
     smallest = min(len(shard) for shard in shards)
     if smallest < config.train.batch_size:
         raise UserError(
@@ -85,14 +89,25 @@ def preflight(config: Config, dataset: Dataset, shards: list[np.ndarray], plan: 
                                              f"got {config.faults.kill_round}")
 
 
-def _partition_params(kind: str) -> tuple[str, ...]:
-    return {
+def _partition_params(config: Config, n_samples: int) -> dict:
+    """The data.partition keys the partitioner of data.partition.kind takes. dirichlet's min_samples defaults to one
+    minibatch per agent (train.batch_size), or 1 where no split can give every agent a minibatch (the batch-size
+    check then names train.batch_size)."""
+    part = config.data.partition
+    batch = config.train.batch_size
+    default_min = batch if batch * config.agents.count <= n_samples else 1
+    params = {"alpha": part.alpha, "shards_per_agent": part.shards_per_agent, "balance": part.balance,
+              "resample": part.resample, "min_samples": default_min if part.min_samples is None else part.min_samples}
+    if part.samples_per_agent is not None:
+        params["samples_per_agent"] = part.samples_per_agent
+    takes = {
         "iid": (),
-        "dirichlet": ("alpha",),
+        "dirichlet": ("alpha", "balance", "min_samples"),
         "dirichlet_lin": ("alpha",),
-        "preference": ("alpha", "samples_per_agent"),
+        "preference": ("alpha", "samples_per_agent", "resample"),
         "shards": ("shards_per_agent",),
-    }.get(kind, ())
+    }.get(part.kind, ())
+    return {key: value for key, value in params.items() if key in takes}
 
 
 def average_buffers(buffer_sets: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
