@@ -86,6 +86,7 @@ class CompressorConfig:
     bits: int | None = None
     scope: str = "tensor"
     scaled: bool = False
+    index_coding: str = "plain"
 
 
 @dataclass(kw_only=True)
@@ -376,6 +377,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "gossip.rule": ("dpsgd", "choco", "adagossip"),
     "gossip.compressor.name": ("identity", "top_k", "random_k", "qsgd", "sign"),
     "gossip.compressor.scope": ("tensor", "global"),
+    "gossip.compressor.index_coding": ("plain", "entropy"),
     "schedule.averaging_rate.kind": ("constant", "ars", "linear", "cosine", "step"),
     "schedule.communication.kind": ("every", "probability", "late", "window", "none"),
     "schedule.communication.pull": ("neighbours", "random_peer"),
@@ -432,6 +434,8 @@ def validate(config: Config) -> None:
     if c.name in ("top_k", "random_k"):
         _check(c.ratio is not None, "gossip.compressor.ratio", f"{c.name} needs a ratio (fraction kept) in (0, 1]")
         _check(0 < c.ratio <= 1, "gossip.compressor.ratio", f"must be in (0, 1], got {c.ratio}")
+    _check(c.index_coding == "plain" or c.name in ("top_k", "random_k"), "gossip.compressor.index_coding",
+           f"{c.index_coding} codes index sets, which only top_k and random_k send; got compressor {c.name!r}")
     if c.name == "qsgd":
         _check(c.bits is not None, "gossip.compressor.bits", "qsgd needs bits in 1..8")
         _check(1 <= c.bits <= 8, "gossip.compressor.bits", f"must be in 1..8, got {c.bits}")

@@ -158,6 +158,10 @@ RANGE_ROWS: list[tuple[dict, str]] = [
     ({"gossip": {"rule": "choco", "compressor": {"name": "qsgd"}}}, "gossip.compressor.bits"),
     ({"gossip": {"rule": "adagossip", "compressor": {"name": "qsgd", "bits": 0}}}, "gossip.compressor.bits"),
     ({"gossip": {"rule": "adagossip", "compressor": {"name": "qsgd", "bits": 9}}}, "gossip.compressor.bits"),
+    ({"gossip": {"rule": "choco", "compressor": {"name": "top_k", "ratio": 0.1, "index_coding": "rice"}}},
+     "gossip.compressor.index_coding"),
+    ({"gossip": {"rule": "choco", "compressor": {"name": "qsgd", "bits": 2, "index_coding": "entropy"}}},
+     "gossip.compressor.index_coding"),
     # cross-field: dpsgd sends full models
     ({"gossip": {"rule": "dpsgd", "compressor": {"name": "top_k", "ratio": 0.1}}}, "gossip.compressor.name"),
     ({"gossip": {"compressor": {"name": "sign"}}}, "gossip.compressor.name"),

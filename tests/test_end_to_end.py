@@ -145,7 +145,7 @@ def _expected_factor(name: str) -> float:
     """Wire bytes relative to a dense float32 model, from the payload layouts in DESIGN.md."""
     segments = _segments()
     dense = 4 * sum(segments)
-    if name == "choco_top_k":  # float32 values + int16 indices (segments up to 4096 entries)
+    if name == "choco_top_k":  # float32 values + uint16 indices (segments up to 4096 entries)
         return sum(math.ceil(0.1 * s) * (4 + 2) for s in segments) / dense
     if name == "adagossip_qsgd":  # 1 sign bit + 4 level bits per entry + one float32 norm per tensor
         d = sum(segments)
