@@ -361,10 +361,27 @@ def read_yaml(path: str | Path) -> dict:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
     """Config from a YAML file (or `base` mapping, or defaults) plus overrides, validated."""
     data = read_yaml(path) if path is not None else copy.deepcopy(dict(base or {}))
+    data = graph_topology(data)
     data = apply_overrides(data, list(overrides or []))
     config = from_dict(Config, data)
     validate(config)
     return config
+
+
+def graph_topology(data: dict) -> dict:
+    """A mapping whose `topology` is a networkx graph, with it as the `edges` topology and agents.count its size."""
+    import networkx as nx
+
+    if not isinstance(data.get("topology"), nx.Graph):
+        return data
+    from raygossip.algorithms.topology import edges_from_graph
+
+    count, data["topology"] = edges_from_graph(data["topology"])
+    agents = data.setdefault("agents", {})
+    if isinstance(agents, dict):
+        _check(agents.setdefault("count", count) == count, "agents.count",
+               f"must equal the topology graph's {count} nodes, got {agents['count']!r} (or leave it out)")
+    return data
 
 
 def dump_yaml(config: Config) -> str:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import networkx as nx
 import pytest
 import torch
 
-from raygossip.api import run
+from raygossip.algorithms.topology import spectral_report, topology_from_graph
+from raygossip.api import run, with_graph
 from raygossip.config import Config, load_config
 from raygossip.engines.reference import ReferenceEngine
 from raygossip.models import build_model
@@ -175,3 +177,17 @@ def test_compressed_gossip_still_learns(compressed_runs, name):
     assert summary["merged_test_accuracy"] > 0.8, summary["merged_test_accuracy"]
     assert summary["mean_local_test_accuracy"] > 0.8, summary["mean_local_test_accuracy"]
     assert math.isfinite(summary["consensus_distance"])
+
+
+def test_a_run_takes_a_networkx_graph_and_records_it_as_an_edge_list(tmp_path):
+    graph = nx.relabel_nodes(nx.circulant_graph(6, [1, 2]), {k: f"agent-{k}" for k in range(6)})
+    config = quick("train.epochs=1", "eval.every=1", "train.steps_per_epoch=3", "topology.weights=metropolis")
+    result = run(config, out_dir=tmp_path, graph=graph)
+    recorded = load_config(tmp_path / "config.yaml")
+    assert recorded.agents.count == 6 and recorded.topology.name == "edges"
+    assert recorded.topology.weights == "metropolis"
+    assert recorded == with_graph(config, graph)
+    expected = spectral_report(topology_from_graph(graph, "metropolis"))
+    assert result.summary["topology"]["lambda2"] == pytest.approx(expected["lambda2"], abs=1e-12)
+    again = run(recorded)  # the recorded config alone reruns the same run
+    assert again.summary["merged_test_accuracy"] == result.summary["merged_test_accuracy"]
