@@ -193,6 +193,7 @@ class EvalConfig:
 @dataclass(kw_only=True)
 class Config:
     name: str = "run"
+    label: str | None = None
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -497,6 +498,8 @@ def validate(config: Config) -> None:
     _check(tm.step_time_s >= 0, "runtime.timing.step_time_s", "must be >= 0")
     _check(tm.latency_s >= 0, "runtime.timing.latency_s", "must be >= 0")
     _check(tm.bandwidth_mbps is None or tm.bandwidth_mbps > 0, "runtime.timing.bandwidth_mbps", "must be > 0")
+    _check(config.label is None or config.label.strip() != "", "label",
+           "must be a non-empty text naming the run in plots and tables, or null (then the differing keys name it)")
     e = config.eval
     _check(e.every >= 0, "eval.every", f"must be >= 0 (epochs between evaluations; 0: only at the end), got {e.every}")
     _check(e.test_samples is None or e.test_samples >= 1, "eval.test_samples", "must be >= 1")

@@ -162,6 +162,8 @@ RANGE_ROWS: list[tuple[dict, str]] = [
      "gossip.compressor.index_coding"),
     ({"gossip": {"rule": "choco", "compressor": {"name": "qsgd", "bits": 2, "index_coding": "entropy"}}},
      "gossip.compressor.index_coding"),
+    ({"label": ""}, "label"),
+    ({"label": "  "}, "label"),
     # cross-field: dpsgd sends full models
     ({"gossip": {"rule": "dpsgd", "compressor": {"name": "top_k", "ratio": 0.1}}}, "gossip.compressor.name"),
     ({"gossip": {"compressor": {"name": "sign"}}}, "gossip.compressor.name"),
