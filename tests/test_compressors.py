@@ -137,12 +137,13 @@ def test_several_segments_share_one_stream_unary_parts_first():
 @pytest.mark.parametrize("ratio", [0.001, 0.01, 0.1, 0.3, 0.7, 1.0])
 @pytest.mark.parametrize("sizes", [SEGMENTS, (3, 0, 48_000, 10, 70_000), (1,)])
 @pytest.mark.parametrize("scope", ["tensor", "global"])
-def test_entropy_coding_decodes_to_exactly_the_plain_dense_vector(name, ratio, sizes, scope):
-    x = vec(12, sum(sizes))
+@pytest.mark.parametrize("device", DEVICES)
+def test_entropy_coding_decodes_to_exactly_the_plain_dense_vector(name, ratio, sizes, scope, device):
+    x = vec(12, sum(sizes)).to(device)
     x[: sum(sizes) // 3] = 0.0  # ties among zeros: top_k must still pick the same entries in both codings
     plain, entropy = (make_compressor(name, sizes, ratio=ratio, scope=scope, index_coding=c)
                       for c in ("plain", "entropy"))
-    a, b = plain.compress(x, gen(4)), entropy.compress(x, gen(4))
+    a, b = plain.compress(x, gen(4, device)), entropy.compress(x, gen(4, device))
     assert set(b.arrays) == {"values", "coding", "bits"}
     assert torch.equal(entropy.decompress(b), plain.decompress(a))
     assert b.nbytes <= a.nbytes + len(sizes)  # never more than the coding bytes worse than plain indices
