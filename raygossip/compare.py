@@ -610,7 +610,9 @@ def write_report(groups: Sequence[Group], out_dir: str | Path) -> dict[str, Path
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("compare", help="table and plots over finished runs, averaged over seeds",
                                    description="Group runs by the config keys that differ between them (the seed "
-                                               "aside), average over seeds, write compare.md, compare.csv and PNGs.")
+                                               "aside), name each group by its runs' label (else by the fewest "
+                                               "differing keys that tell it apart), average over seeds, write "
+                                               "compare.md, compare.csv and PNGs (at most 8 groups to a panel).")
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                         help="a run folder, or a folder with run folders below it (repeatable)")
     parser.add_argument("--out", default="compare", help="output folder (default: compare/)")
