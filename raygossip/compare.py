@@ -448,7 +448,7 @@ def _maybe_log_x(ax, curves: Sequence[Curve]) -> bool:
     if not len(positive) or positive.max() / positive.min() <= 100:
         return False
     if (values <= 0).any():
-        ax.set_xscale("symlog", linthresh=float(positive.min()))
+        ax.set_xscale("symlog", linthresh=10.0 ** math.floor(math.log10(positive.min())))  # 0 a decade from it
     else:
         ax.set_xscale("log")
     return True
