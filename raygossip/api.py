@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from raygossip.config import Config, dump_yaml, validate
+import networkx as nx
+
+from raygossip.algorithms.topology import edges_from_graph
+from raygossip.config import Config, TopologyConfig, dump_yaml, validate
 from raygossip.engines.common import Observer, prepare, summary_record
 from raygossip.errors import UserError
 from raygossip.results import MetricsLog, read_metrics, save_tensors_atomic, strict_json, write_json_atomic, write_text_atomic
@@ -42,9 +46,22 @@ def default_out_dir(config: Config) -> Path:
     return Path("runs") / f"{config.name}-{stamp}"
 
 
+def with_graph(config: Config, graph: nx.Graph) -> Config:
+    """`config` on any undirected networkx graph: the `edges` topology of it (keeping topology.weights) and
+    agents.count its number of nodes, so config.yaml stays a complete record of the run."""
+    count, section = edges_from_graph(graph, config.topology.weights)
+    topology = TopologyConfig(**section)
+    return dataclasses.replace(config, agents=dataclasses.replace(config.agents, count=count), topology=topology)
+
+
 def run(config: Config, out_dir: str | Path | None = None, observer: Observer | None = None,
-        progress: bool | None = None) -> RunResult:
-    """Validate, build the engine, train to the end; write config.yaml, metrics.jsonl, summary.json, model.safetensors."""
+        progress: bool | None = None, graph: nx.Graph | None = None) -> RunResult:
+    """Validate, build the engine, train to the end; write config.yaml, metrics.jsonl, summary.json, model.safetensors.
+
+    graph: any undirected networkx graph to run on instead of config.topology (see with_graph).
+    """
+    if graph is not None:
+        config = with_graph(config, graph)
     validate(config)
     _check_checkpointing(config, Path(out_dir) if out_dir is not None else None)
     setup = prepare(config)  # every data, model and schedule error surfaces here, before any folder or Ray process

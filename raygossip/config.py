@@ -93,6 +93,7 @@ class CompressorConfig:
     bits: int | None = None
     scope: str = "tensor"
     scaled: bool = False
+    index_coding: str = "plain"
 
 
 @dataclass(kw_only=True)
@@ -212,6 +213,7 @@ class EvalConfig:
 @dataclass(kw_only=True)
 class Config:
     name: str = "run"
+    label: str | None = None
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -380,10 +382,27 @@ def read_yaml(path: str | Path) -> dict:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
     """Config from a YAML file (or `base` mapping, or defaults) plus overrides, validated."""
     data = read_yaml(path) if path is not None else copy.deepcopy(dict(base or {}))
+    data = graph_topology(data)
     data = apply_overrides(data, list(overrides or []))
     config = from_dict(Config, data)
     validate(config)
     return config
+
+
+def graph_topology(data: dict) -> dict:
+    """A mapping whose `topology` is a networkx graph, with it as the `edges` topology and agents.count its size."""
+    import networkx as nx
+
+    if not isinstance(data.get("topology"), nx.Graph):
+        return data
+    from raygossip.algorithms.topology import edges_from_graph
+
+    count, data["topology"] = edges_from_graph(data["topology"])
+    agents = data.setdefault("agents", {})
+    if isinstance(agents, dict):
+        _check(agents.setdefault("count", count) == count, "agents.count",
+               f"must equal the topology graph's {count} nodes, got {agents['count']!r} (or leave it out)")
+    return data
 
 
 def dump_yaml(config: Config) -> str:
@@ -396,6 +415,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "gossip.rule": ("dpsgd", "choco", "adagossip"),
     "gossip.compressor.name": ("identity", "top_k", "random_k", "qsgd", "sign"),
     "gossip.compressor.scope": ("tensor", "global"),
+    "gossip.compressor.index_coding": ("plain", "entropy"),
     "schedule.averaging_rate.kind": ("constant", "ars", "linear", "cosine", "step"),
     "schedule.communication.kind": COMMUNICATION_KINDS,
     "schedule.communication.pull": PULLS,
@@ -455,6 +475,8 @@ def validate(config: Config) -> None:
     if c.name in ("top_k", "random_k"):
         _check(c.ratio is not None, "gossip.compressor.ratio", f"{c.name} needs a ratio (fraction kept) in (0, 1]")
         _check(0 < c.ratio <= 1, "gossip.compressor.ratio", f"must be in (0, 1], got {c.ratio}")
+    _check(c.index_coding == "plain" or c.name in ("top_k", "random_k"), "gossip.compressor.index_coding",
+           f"{c.index_coding} codes index sets, which only top_k and random_k send; got compressor {c.name!r}")
     if c.name == "qsgd":
         _check(c.bits is not None, "gossip.compressor.bits", "qsgd needs bits in 1..8")
         _check(1 <= c.bits <= 8, "gossip.compressor.bits", f"must be in 1..8, got {c.bits}")
@@ -497,6 +519,8 @@ def validate(config: Config) -> None:
     _check(tm.step_time_s >= 0, "runtime.timing.step_time_s", "must be >= 0")
     _check(tm.latency_s >= 0, "runtime.timing.latency_s", "must be >= 0")
     _check(tm.bandwidth_mbps is None or tm.bandwidth_mbps > 0, "runtime.timing.bandwidth_mbps", "must be > 0")
+    _check(config.label is None or config.label.strip() != "", "label",
+           "must be a non-empty text naming the run in plots and tables, or null (then the differing keys name it)")
     e = config.eval
     _check(e.every >= 0, "eval.every", f"must be >= 0 (epochs between evaluations; 0: only at the end), got {e.every}")
     _check(e.test_samples is None or e.test_samples >= 1, "eval.test_samples", "must be >= 1")

@@ -162,6 +162,12 @@ RANGE_ROWS: list[tuple[dict, str]] = [
     ({"gossip": {"rule": "choco", "compressor": {"name": "qsgd"}}}, "gossip.compressor.bits"),
     ({"gossip": {"rule": "adagossip", "compressor": {"name": "qsgd", "bits": 0}}}, "gossip.compressor.bits"),
     ({"gossip": {"rule": "adagossip", "compressor": {"name": "qsgd", "bits": 9}}}, "gossip.compressor.bits"),
+    ({"gossip": {"rule": "choco", "compressor": {"name": "top_k", "ratio": 0.1, "index_coding": "rice"}}},
+     "gossip.compressor.index_coding"),
+    ({"gossip": {"rule": "choco", "compressor": {"name": "qsgd", "bits": 2, "index_coding": "entropy"}}},
+     "gossip.compressor.index_coding"),
+    ({"label": ""}, "label"),
+    ({"label": "  "}, "label"),
     # cross-field: dpsgd sends full models
     ({"gossip": {"rule": "dpsgd", "compressor": {"name": "top_k", "ratio": 0.1}}}, "gossip.compressor.name"),
     ({"gossip": {"compressor": {"name": "sign"}}}, "gossip.compressor.name"),
@@ -214,6 +220,7 @@ RANGE_ROWS: list[tuple[dict, str]] = [
     ({"gossip": {"rule": "adagossip"}, "topology": {"name": "random", "params": {"r": 1}}}, "topology.name"),
     # runtime
     ({"runtime": {"engine": "ray", "staleness": -1}}, "runtime.staleness"),
+    ({"runtime": {"engine": "ray", "agents_per_actor": 0}}, "runtime.agents_per_actor"),
     (nested("runtime.num_cpus_per_agent", 0), "runtime.num_cpus_per_agent"),
     (nested("runtime.num_gpus_per_agent", 1.5), "runtime.num_gpus_per_agent"),
     (nested("runtime.num_gpus_per_agent", -0.5), "runtime.num_gpus_per_agent"),

@@ -75,6 +75,7 @@ def test_scenario_variants_build_at_every_scale(module, scale):
     assert len(labels) == len(set(labels)) and len(labels) >= 3
     names = {config.name for _, config in variants}
     assert len(names) == len(labels)  # one config name (and run folder) per variant
+    assert [config.label for _, config in variants] == labels  # what `raygossip compare` names its groups by
 
 
 def test_ars_variants_scale_the_ramp_to_training_length():

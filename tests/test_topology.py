@@ -11,10 +11,12 @@ from raygossip.algorithms.topology import (
     TOPOLOGIES,
     Topology,
     build_topology,
+    edges_from_graph,
     mixing_matrix,
     spectral_report,
     topology_from_graph,
 )
+from raygossip.config import dump_yaml, load_config
 from raygossip.errors import UserError
 
 WEIGHTS = ["uniform", "metropolis"]
@@ -404,3 +406,43 @@ def test_from_graph_bad_weights() -> None:
     with pytest.raises(UserError) as excinfo:
         topology_from_graph(nx.path_graph(3), "max")
     assert_user_error(excinfo, "topology.weights")
+
+
+# ---------------------------------------------------------------- a networkx graph as the config's topology
+
+
+def test_a_graph_becomes_the_edges_topology_over_sorted_relabelled_nodes():
+    graph = nx.Graph([("c", "a"), ("a", "b"), ("b", "c"), ("c", "d")])
+    count, section = edges_from_graph(graph, "metropolis")
+    assert count == 4
+    assert section == {"name": "edges", "weights": "metropolis", "params": {"edges": [[0, 1], [0, 2], [1, 2], [2, 3]]}}
+    built = build_topology(section["name"], count, section["weights"], section["params"])
+    np.testing.assert_array_equal(built.mixing(), topology_from_graph(graph, "metropolis").mixing())
+
+
+def test_load_config_takes_a_graph_for_the_topology_and_its_yaml_loads_back(tmp_path):
+    graph = nx.petersen_graph()
+    config = load_config(base={"topology": graph}, overrides=["topology.weights=metropolis"])
+    assert config.agents.count == 10 and config.topology.name == "edges"
+    assert config.topology.weights == "metropolis" and len(config.topology.params["edges"]) == 15
+    (tmp_path / "config.yaml").write_text(dump_yaml(config))
+    assert load_config(tmp_path / "config.yaml") == config
+    assert load_config(base={"topology": graph, "agents": {"count": 10}}).agents.count == 10
+
+
+@pytest.mark.parametrize("base, field, words", [
+    ({"topology": nx.petersen_graph(), "agents": {"count": 8}}, "agents.count", "10 nodes"),
+    ({"topology": nx.Graph([(0, 1), (2, 3)])}, "topology", "disconnected"),
+    ({"topology": nx.DiGraph([(0, 1), (1, 0)])}, "topology", "undirected"),
+    ({"topology": nx.Graph([(0, 0), (0, 1)])}, "topology", "self-loops"),
+])
+def test_a_graph_that_cannot_be_the_topology_is_a_one_line_error(base, field, words):
+    with pytest.raises(UserError) as caught:
+        load_config(base=base)
+    assert caught.value.field == field and words in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_edges_from_graph_refuses_what_is_not_a_graph():
+    with pytest.raises(UserError) as caught:
+        edges_from_graph([[0, 1], [1, 2]])
+    assert caught.value.field == "topology" and "networkx graph" in str(caught.value)

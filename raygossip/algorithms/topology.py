@@ -196,6 +196,18 @@ def topology_from_graph(graph: nx.Graph, weights: str = "uniform", name: str = "
     return _from_graph(graph, weights, name, "topology.graph")
 
 
+def edges_from_graph(graph: nx.Graph, weights: str = "uniform") -> tuple[int, dict[str, Any]]:
+    """(agents.count, topology section) for any undirected networkx graph: the `edges` topology over its
+    nodes relabelled 0..n-1 as topology_from_graph does, edges sorted, so a config.yaml records it whole."""
+    if not isinstance(graph, nx.Graph):
+        raise UserError("topology", f"expected a networkx graph or a mapping, got {type(graph).__name__}")
+    _check_weights(weights)
+    _check_graph(graph, "topology")
+    index = {node: k for k, node in enumerate(_node_order(graph))}
+    edges = sorted({tuple(sorted((index[u], index[v]))) for u, v in graph.edges()})
+    return len(index), {"name": "edges", "weights": weights, "params": {"edges": [[u, v] for u, v in edges]}}
+
+
 # ---------------------------------------------------------------- factories (n, **params)
 
 

@@ -76,7 +76,8 @@ class AgentCore:
         self.lr_multiplier = run_lr_schedule(train, total_steps)
         spec = config.gossip.compressor
         compressor = make_compressor(
-            spec.name, self.flat.segments, ratio=spec.ratio, bits=spec.bits, scope=spec.scope, scaled=spec.scaled
+            spec.name, self.flat.segments, ratio=spec.ratio, bits=spec.bits, scope=spec.scope, scaled=spec.scaled,
+            index_coding=spec.index_coding,
         )
         self.rule: GossipRule = make_rule(config.gossip.rule, compressor, beta=config.gossip.beta)
         self.state: RuleState = self.rule.init(self.flat.data)
