@@ -102,17 +102,24 @@ class RunAborted(UserError):
     abort, every agent was dropped, or no agent took a step within runtime.wait_timeout_s."""
 
 
+class RunDiverged(RunAborted):
+    """The run stopped because an agent's loss or parameters became non-finite (train.on_divergence: abort); its
+    outputs so far are kept, and summary.json says status: diverged."""
+
+
 def _write_aborted(config: Config, engine, outcome: dict, out: Path | None, wall_time_s: float) -> None:
     """Write summary.json of an aborted run (metrics.jsonl already holds every record so far), then raise."""
     aborted = outcome["aborted"]
-    summary = {"name": config.name, "engine": engine.name, "status": "aborted", "reason": aborted["reason"],
+    status = aborted.get("status", "aborted")
+    summary = {"name": config.name, "engine": engine.name, "status": status, "reason": aborted["reason"],
                "records": len(outcome["records"]), "last": outcome["last"], "wall_time_s": wall_time_s,
                "events": outcome["events"], **outcome.get("extra", {})}
     where = ""
     if out is not None:
         write_json_atomic(out / "summary.json", summary)
         where = f"; what was done so far is in {out}"
-    raise RunAborted(aborted.get("field", "runtime.on_failure"), f"run aborted: {aborted['reason']}{where}")
+    error = RunDiverged if status == "diverged" else RunAborted
+    raise error(aborted.get("field", "runtime.on_failure"), f"run {status}: {aborted['reason']}{where}")
 
 
 def _execute(config: Config, out: Path | None, observer: Observer | None, progress: bool | None,

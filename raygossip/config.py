@@ -83,6 +83,7 @@ class TrainConfig:
     steps_per_epoch: int | None = None
     label_smoothing: float = 0.0
     grad_clip_value: float | None = None
+    on_divergence: str = "abort"
     lr_schedule: LrScheduleConfig = field(default_factory=LrScheduleConfig)
 
 
@@ -193,8 +194,15 @@ class KillConfig:
 
 
 @dataclass(kw_only=True)
+class CorruptConfig:
+    agent: int
+    round: int
+
+
+@dataclass(kw_only=True)
 class FaultsConfig:
     kill: list[KillConfig] = field(default_factory=list)
+    corrupt: list[CorruptConfig] = field(default_factory=list)
     kill_fraction: float = 0.0
     kill_round: int | None = None
     drop_messages: float = 0.0
@@ -426,6 +434,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "runtime.placement": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
     "runtime.transport": ("auto", "calls"),
     "train.optimizer": ("sgd", "adamw"),
+    "train.on_divergence": ("abort", "drop"),
     "train.lr_schedule.kind": ("constant", "step", "cosine"),
     "topology.weights": ("uniform", "metropolis"),
 }
@@ -592,6 +601,10 @@ def _validate_faults(config: Config) -> None:
         _check(kill.round >= 0, f"faults.kill[{k}].round", f"must be >= 0, got {kill.round}")
     agents = [kill.agent for kill in f.kill]
     _check(len(set(agents)) == len(agents), "faults.kill", f"lists an agent twice: {agents}")
+    for k, corrupt in enumerate(f.corrupt):
+        _check(0 <= corrupt.agent < n, f"faults.corrupt[{k}].agent",
+               f"must be an agent index in 0..{n - 1}, got {corrupt.agent}")
+        _check(corrupt.round >= 0, f"faults.corrupt[{k}].round", f"must be >= 0, got {corrupt.round}")
     _check(0 <= f.kill_fraction < 1, "faults.kill_fraction", f"must be in [0, 1), got {f.kill_fraction}")
     _check(f.kill_fraction == 0 or round(f.kill_fraction * n) >= 1, "faults.kill_fraction",
            f"{f.kill_fraction} of {n} agents rounds to no agent at all; raise it to at least {0.5 / n:.3g}")

@@ -221,6 +221,7 @@ RANGE_ROWS: list[tuple[dict, str]] = [
     # runtime
     ({"runtime": {"engine": "ray", "staleness": -1}}, "runtime.staleness"),
     ({"runtime": {"engine": "ray", "agents_per_actor": 0}}, "runtime.agents_per_actor"),
+    ({"train": {"on_divergence": "explode"}}, "train.on_divergence"),
     (nested("runtime.num_cpus_per_agent", 0), "runtime.num_cpus_per_agent"),
     (nested("runtime.num_gpus_per_agent", 1.5), "runtime.num_gpus_per_agent"),
     (nested("runtime.num_gpus_per_agent", -0.5), "runtime.num_gpus_per_agent"),

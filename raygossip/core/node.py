@@ -7,6 +7,7 @@ Ray calls or shared-memory channels. So the two share every line that decides wh
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -58,6 +59,8 @@ class Supervisor(Protocol):
 
     def crash(self, agent: int, round_index: int, step: int) -> None: ...
 
+    def diverged(self, agent: int, incarnation: int, step: int, what: str) -> None: ...
+
     def flush(self) -> None: ...
 
 
@@ -107,8 +110,11 @@ class GossipNode:
         self.stop_requested = threading.Event()
         self.phases = PhaseClock()
         self.link_delays: dict[int, list[float]] = {}
-        self.counters = dict.fromkeys(("timeouts", "stale_messages", "lost_messages", "resyncs", "reused_models"), 0)
+        self.counters = dict.fromkeys(("timeouts", "stale_messages", "lost_messages", "resyncs", "reused_models",
+                                       "nonfinite_messages"), 0)
         self.waited_s = 0.0
+        self.corrupt_rounds = {c.round for c in core.config.faults.corrupt if c.agent == core.agent_id}
+        self.divergence: dict | None = None  # {"step", "what"} once this agent's loss or parameters went non-finite
         self._round_plan: tuple[int, RoundPlan | None] = (-1, None)
 
     # ------------------------------------------------------------ the loop
@@ -126,9 +132,13 @@ class GossipNode:
             if self.stop_requested.is_set():
                 break
             self.local_step()
+            if self.divergence is not None:
+                break
             round_index = plan.round_after_step(step)
             if round_index is not None:
                 self.send_round(round_index)
+                if self.divergence is not None:
+                    break
                 self.finish_round(round_index)
             if plan.is_eval_step(step):
                 with self.phases("report"):
@@ -147,7 +157,10 @@ class GossipNode:
         """One local optimizer step, stretched to its simulated duration when timing is simulated."""
         started = time.perf_counter()
         with self.phases("train"):
-            self.core.train_step()
+            loss = self.core.train_step()
+        if not math.isfinite(loss):
+            self.diverge("loss")
+            return
         if self.clock is not None and self.clock.active:
             with self.phases("sleep"):
                 time.sleep(self.clock.extra_delay(time.perf_counter() - started))
@@ -162,9 +175,14 @@ class GossipNode:
         self.round_reached = round_index
         if round_index == self.kill_round and self.supervisor is not None:
             self.supervisor.crash(self.agent_id, round_index, self.core.step)
+        if round_index in self.corrupt_rounds:  # fault injection: this agent's parameters become NaN
+            self.core.flat.data[0] = float("nan")
         round_plan = self.round_plan(round_index)
         if round_plan is not None:
             receivers = round_plan.receivers_of(self.agent_id)
+            if receivers and not bool(torch.isfinite(self.core.flat.data).all()):
+                self.diverge("parameters")
+                return
             if receivers:  # filtered for dead peers inside send(), under link_lock (a peer may come back meanwhile)
                 with self.phases("send"):
                     self.send(round_index, receivers)
@@ -190,6 +208,14 @@ class GossipNode:
             self.finished_loop = True
             for receiver in self.peers.live(self.peers.others):
                 self.post(receiver, Kind.FIN, self.plan.total_rounds, None, time.time(), 0.0)
+
+    def diverge(self, what: str) -> None:
+        """This agent's loss or parameters are no longer finite: it stops at once, sends nothing more, and tells
+        the supervisor (which aborts the run or drops the agent, as train.on_divergence says)."""
+        self.divergence = {"step": self.core.step, "what": what}
+        self.stop_requested.set()
+        if self.supervisor is not None:
+            self.supervisor.diverged(self.agent_id, self.incarnation, self.core.step, what)
 
     def stop(self) -> int:
         """Ask the training loop to stop after its current step (a bounded/async run's quorum finished)."""
@@ -334,6 +360,9 @@ class GossipNode:
             weight = 0.0 if letter.sender in self.peers.dropped else weights.get(letter.sender, 0.0)
             if message is None:  # its object-store copy died with its sender
                 self.counters["lost_messages"] += 1
+                continue
+            if not all(bool(torch.isfinite(a).all()) for a in message.arrays.values() if a.is_floating_point()):
+                self.counters["nonfinite_messages"] += 1  # a diverged sender's: never absorbed
                 continue
             if letter.kind is Kind.FULL:
                 if self.core.link_copies is not None and weight > 0.0:
@@ -536,10 +565,12 @@ def run_together(nodes: list[GossipNode], checkpoints: bool = False, resync: boo
             break
         for node in live:
             node.local_step()
+        live = [node for node in live if node.divergence is None]
         round_index = plan.round_after_step(step)
         if round_index is not None:
             for node in live:
                 node.send_round(round_index)
+            live = [node for node in live if node.divergence is None]
             for node in live:
                 node.finish_round(round_index)
         if plan.is_eval_step(step):

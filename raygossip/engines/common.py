@@ -81,9 +81,11 @@ def preflight(config: Config, dataset: Dataset, shards: list[np.ndarray], plan: 
     from raygossip.core.agent import AgentCore
 
     AgentCore(0, config, dataset, shards[0], plan.total_steps, "cpu")
-    for k, kill in enumerate(config.faults.kill):
-        if kill.round >= plan.total_rounds:
-            raise UserError(f"faults.kill[{k}].round", f"must be below the run's {plan.total_rounds} rounds, got {kill.round}")
+    for name in ("kill", "corrupt"):
+        for k, fault in enumerate(getattr(config.faults, name)):
+            if fault.round >= plan.total_rounds:
+                raise UserError(f"faults.{name}[{k}].round",
+                                f"must be below the run's {plan.total_rounds} rounds, got {fault.round}")
     if config.faults.kill_round is not None and config.faults.kill_round >= plan.total_rounds:
         raise UserError("faults.kill_round", f"must be below the run's {plan.total_rounds} rounds, "
                                              f"got {config.faults.kill_round}")

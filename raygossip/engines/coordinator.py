@@ -213,6 +213,8 @@ class Coordinator:
             failed = self.with_actor_mates(failed, stats)
             if failed:
                 self.handle_failures(failed)
+            for i in [i for i in stats if i in self.dropped]:  # a diverged agent that was dropped
+                stats.pop(i)
             if not self.stopping and self.aborted is None and len(stats) >= quorum and len(stats) < len(self.live()):
                 self.stopping = True
                 stopped = [i for i in self.live() if i not in stats]
@@ -222,7 +224,7 @@ class Coordinator:
             stats.update(self.stop_all(exclude=set(stats)))
         else:
             self.complete_pending()
-        ordered = [stats[i] for i in sorted(stats)]
+        ordered = [stats[i] for i in sorted(stats) if i not in self.dropped]  # (a dropped diverged agent returned)
         self.event("agents_finished", steps=[s["steps"] for s in ordered])
         with self.condition:
             self.finished = ordered
@@ -288,6 +290,22 @@ class Coordinator:
                     self.restart_worker.start()
         if not self.live():
             self.aborted = {"agents": ids, "reason": "every agent was dropped"}
+
+    @ray.method(concurrency_group="control")
+    def agent_diverged(self, agent: int, incarnation: int, step: int, what: str) -> None:
+        """An agent's loss or parameters went non-finite (it stopped): drop it or abort, as train.on_divergence says."""
+        if incarnation != self.incarnations[agent] or agent in self.dropped:
+            return
+        self.event("diverged", agent=agent, step=step, what=what)
+        reason = f"agent {agent}'s {what} became non-finite at step {step}"
+        if self.config.train.on_divergence == "drop":
+            self.drop(agent, reason=f"diverged ({reason})")
+            if not self.live():
+                self.aborted = {"agents": [agent], "field": "train.on_divergence", "status": "diverged",
+                                "reason": f"{reason}, the last agent left"}
+            return
+        self.aborted = {"agents": [agent], "field": "train.on_divergence", "status": "diverged",
+                        "reason": f"{reason} (train.on_divergence is abort)"}
 
     def drop(self, agent: int, reason: str) -> None:
         with self.condition:

@@ -157,6 +157,11 @@ class RaySupervisor:
         finally:
             os._exit(1)
 
+    def diverged(self, agent: int, incarnation: int, step: int, what: str) -> None:
+        """Tell the coordinator and wait until it acted (dropped the agent everywhere, or began the abort), so that
+        every neighbour knows before this agent's final letter reaches it."""
+        ray.get(self.coordinator.agent_diverged.remote(agent, incarnation, step, what), timeout=self.wait_timeout_s)
+
     def flush(self) -> None:
         with self.lock:
             pending, self.outstanding = self.outstanding, []
