@@ -7,7 +7,6 @@ import torch
 from raygossip.config import load_config
 from raygossip.core.agent import AgentCore
 from raygossip.core.node import GossipNode, NodeOptions
-from raygossip.core.plan import RunPlan, steps_per_epoch
 from raygossip.core.transports import InProcessTransport
 from raygossip.core.wire import Kind
 from raygossip.engines.common import prepare

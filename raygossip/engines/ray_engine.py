@@ -22,7 +22,8 @@ from raygossip.core.agent import Traffic
 from raygossip.core.placement import agent_groups, edges_inside
 from raygossip.engines.agent_actor import spawn_host
 from raygossip.engines.ray_setup import INLINE_LIMIT, actor_env, dataset_to_numpy
-from raygossip.engines.coordinator import Coordinator, split_state, traffic_of
+from raygossip.engines.agent_states import split_state, traffic_of
+from raygossip.engines.coordinator import Coordinator
 from raygossip.errors import UserError
 
 
