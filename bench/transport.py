@@ -6,7 +6,7 @@ Two threaded actors shaped like the agent actor (concurrency groups train/mail/c
 `--messages` messages to the other, which takes them from its inbox on its training thread (and, by
 reference, fetches them with one ray.get per batch). Prints the CPU seconds per message of the sending
 process, the receiving process and the raylet + GCS, medians over the repeats. The size where the two
-ways cost the same sets INLINE_BYTES in raygossip/engines/agent_actor.py.
+ways cost the same sets INLINE_BYTES in raygossip/engines/ray_setup.py.
 """
 
 from __future__ import annotations

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from raygossip.config import Config, dump_yaml, validate
+import networkx as nx
+
+from raygossip.algorithms.topology import edges_from_graph
+from raygossip.config import Config, TopologyConfig, dump_yaml, validate
 from raygossip.engines.common import Observer, prepare, summary_record
 from raygossip.errors import UserError
-from raygossip.results import MetricsLog, read_metrics, save_tensors_atomic, write_json_atomic, write_text_atomic
+from raygossip.results import MetricsLog, read_metrics, save_tensors_atomic, strict_json, write_json_atomic, write_text_atomic
 
 
 @dataclass
@@ -43,9 +46,22 @@ def default_out_dir(config: Config) -> Path:
     return Path("runs") / f"{config.name}-{stamp}"
 
 
+def with_graph(config: Config, graph: nx.Graph) -> Config:
+    """`config` on any undirected networkx graph: the `edges` topology of it (keeping topology.weights) and
+    agents.count its number of nodes, so config.yaml stays a complete record of the run."""
+    count, section = edges_from_graph(graph, config.topology.weights)
+    topology = TopologyConfig(**section)
+    return dataclasses.replace(config, agents=dataclasses.replace(config.agents, count=count), topology=topology)
+
+
 def run(config: Config, out_dir: str | Path | None = None, observer: Observer | None = None,
-        progress: bool | None = None) -> RunResult:
-    """Validate, build the engine, train to the end; write config.yaml, metrics.jsonl, summary.json, model.safetensors."""
+        progress: bool | None = None, graph: nx.Graph | None = None) -> RunResult:
+    """Validate, build the engine, train to the end; write config.yaml, metrics.jsonl, summary.json, model.safetensors.
+
+    graph: any undirected networkx graph to run on instead of config.topology (see with_graph).
+    """
+    if graph is not None:
+        config = with_graph(config, graph)
     validate(config)
     _check_checkpointing(config, Path(out_dir) if out_dir is not None else None)
     _check_cluster(config)
@@ -73,7 +89,7 @@ def resume(run_dir: str | Path, observer: Observer | None = None, progress: bool
     else:
         previous = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
         previous = previous[: run_state["records"]]
-    write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in previous))
+    write_text_atomic(out / "metrics.jsonl", "".join(strict_json(r) + "\n" for r in previous))
     return _execute(config, out, observer, progress, resume=(run_state, agents, previous))
 
 
@@ -96,17 +112,24 @@ class RunAborted(UserError):
     abort, every agent was dropped, or no agent took a step within runtime.wait_timeout_s."""
 
 
+class RunDiverged(RunAborted):
+    """The run stopped because an agent's loss or parameters became non-finite (train.on_divergence: abort); its
+    outputs so far are kept, and summary.json says status: diverged."""
+
+
 def _write_aborted(config: Config, engine, outcome: dict, out: Path | None, wall_time_s: float) -> None:
     """Write summary.json of an aborted run (metrics.jsonl already holds every record so far), then raise."""
     aborted = outcome["aborted"]
-    summary = {"name": config.name, "engine": engine.name, "status": "aborted", "reason": aborted["reason"],
+    status = aborted.get("status", "aborted")
+    summary = {"name": config.name, "engine": engine.name, "status": status, "reason": aborted["reason"],
                "records": len(outcome["records"]), "last": outcome["last"], "wall_time_s": wall_time_s,
                "events": outcome["events"], **outcome.get("extra", {})}
     where = ""
     if out is not None:
         write_json_atomic(out / "summary.json", summary)
         where = f"; what was done so far is in {out}"
-    raise RunAborted(aborted.get("field", "runtime.on_failure"), f"run aborted: {aborted['reason']}{where}")
+    error = RunDiverged if status == "diverged" else RunAborted
+    raise error(aborted.get("field", "runtime.on_failure"), f"run {status}: {aborted['reason']}{where}")
 
 
 def _tensorboard(config: Config, out: Path | None, resume: tuple | None):

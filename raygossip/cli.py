@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from raygossip.config import parse_yaml
-from raygossip.api import RunAborted
+from raygossip.api import RunAborted, RunDiverged
 from raygossip.errors import UserError
 
 
@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
+    except RunDiverged as error:
+        print(f"raygossip {args.command}: {error}", file=sys.stderr)
+        return 4
     except RunAborted as error:
         print(f"raygossip {args.command}: {error}", file=sys.stderr)
         return 3

@@ -7,7 +7,9 @@ import csv
 import io
 import json
 import os
+import math
 import statistics
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -18,8 +20,9 @@ from raygossip.config import Config, load_config, to_dict
 from raygossip.errors import UserError
 from raygossip.results import read_metrics, write_text_atomic
 
-# Keys that never separate groups: the seed is what a group averages over; the rest do not change results.
-IGNORED_KEYS = ("seed", "name", "runtime.progress", "data.root", "data.download")
+# Keys that never separate groups: the seed is what a group averages over; the rest do not change results
+# (a run's label names its group instead).
+IGNORED_KEYS = ("seed", "name", "label", "runtime.progress", "data.root", "data.download")
 
 # What `raygossip sweep` writes beside its trials' run folders (.tune: Ray Tune's own records).
 SWEEP_FILES = ("best.yaml", "trials.md", "trials.json", ".tune")
@@ -63,7 +66,11 @@ class Run:
 
 @dataclass
 class Group:
-    """Runs equal on every differing config key but the seed; `settings` holds those keys' values."""
+    """Runs equal on every differing config key but the seed; `settings` holds those keys' values.
+
+    `label` is the runs' own config label when they share one that no other group has, else the fewest
+    `key=value` pairs of `settings` that tell this group from every other.
+    """
 
     label: str
     settings: dict[str, Any]
@@ -195,17 +202,40 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
     if not runs:
         return []
     keys = differing_keys(runs)
-    short = short_keys(keys)
     buckets: dict[tuple, list[Run]] = {}
     for run in runs:
         buckets.setdefault(tuple(_value_key(run.flat.get(key, _MISSING)) for key in keys), []).append(run)
-    groups = []
-    for members in buckets.values():
-        settings = {key: members[0].flat.get(key, _MISSING) for key in keys}
-        label = ", ".join(f"{short[key]}={format_value(value)}" for key, value in settings.items())
-        groups.append(Group(label=label or _common_name(runs), settings=settings,
-                            runs=sorted(members, key=lambda run: (run.seed, str(run.path)))))
+    settings = [{key: members[0].flat.get(key, _MISSING) for key in keys} for members in buckets.values()]
+    labels = group_labels(settings, [{run.config.label for run in members} for members in buckets.values()])
+    groups = [Group(label=label or _common_name(runs), settings=setting,
+                    runs=sorted(members, key=lambda run: (run.seed, str(run.path))))
+              for label, setting, members in zip(labels, settings, buckets.values())]
     return sorted(groups, key=lambda group: [_sort_key(value) for value in group.settings.values()])
+
+
+def group_labels(settings: Sequence[dict[str, Any]], own: Sequence[set[str | None]]) -> list[str]:
+    """Each group's own label where its runs share one no other group uses, else distinguishing_pairs."""
+    shared = [next(iter(labels)) if len(labels) == 1 else None for labels in own]
+    counts = {label: shared.count(label) for label in shared}
+    pairs = distinguishing_pairs(settings)
+    return [label if label is not None and counts[label] == 1 else pair for label, pair in zip(shared, pairs)]
+
+
+def distinguishing_pairs(settings: Sequence[dict[str, Any]]) -> list[str]:
+    """Per group, the fewest `key=value` pairs (short keys, greedy) whose values no other group shares all of."""
+    keys = list(settings[0]) if settings else []
+    short = short_keys(keys)
+    values = [[_value_key(setting[key]) for key in keys] for setting in settings]
+    labels = []
+    for g, mine in enumerate(values):
+        others = [other for h, other in enumerate(values) if h != g]
+        chosen: list[int] = []
+        while others:  # the key that tells this group from the most remaining others (the first on ties)
+            best = max(range(len(keys)), key=lambda k: sum(other[k] != mine[k] for other in others))
+            chosen.append(best)
+            others = [other for other in others if other[best] == mine[best]]
+        labels.append(", ".join(f"{short[keys[k]]}={format_value(settings[g][keys[k]])}" for k in sorted(chosen)))
+    return labels
 
 
 def _common_name(runs: Sequence[Run]) -> str:
@@ -326,6 +356,17 @@ def group_curve(group: Group, x_key: str, y_key: str, x_scale: float = 1.0) -> C
 # ---------------------------------------------------------------- plots
 
 
+# At most this many groups (colours) share one panel; more lines than that cannot be told apart.
+PANEL_GROUPS = 8
+
+
+def panels(count: int, limit: int = PANEL_GROUPS) -> list[range]:
+    """Split `count` groups, in order, into the fewest panels of at most `limit`, as even as possible."""
+    parts = max(1, math.ceil(count / limit))
+    bounds = [round(k * count / parts) for k in range(parts + 1)]
+    return [range(bounds[k], bounds[k + 1]) for k in range(parts)]
+
+
 def _colors(count: int) -> list:
     from matplotlib import colormaps
 
@@ -333,19 +374,31 @@ def _colors(count: int) -> list:
     return [cmap(k % cmap.N) for k in range(count)]
 
 
-def _figure(width: float = 9.0, height: float = 5.0):
+def _figure(width: float = 9.0, heights: Sequence[float] = (4.2,)):
+    """A figure of panels stacked top to bottom (each `heights[k]` inches tall), sharing both axes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(width, height), layout="constrained")
+    figure = Figure(figsize=(width, 0.8 + sum(heights)), layout="constrained")
     FigureCanvasAgg(figure)
-    return figure, figure.add_subplot()
+    axes = figure.subplots(len(heights), 1, sharex=True, sharey=True, squeeze=False,
+                           gridspec_kw={"height_ratios": list(heights)})[:, 0]
+    return figure, list(axes)
+
+
+def _legend_height(labels: Sequence[str], extra: int) -> float:
+    """Inches a legend of these (wrapped) labels plus `extra` one-line entries takes at font size 8."""
+    lines = sum(label.count("\n") + 1 for label in labels) + extra
+    return 0.14 * lines + 0.06 * (len(labels) + extra) + 0.3
 
 
 def _save(figure, path: Path) -> Path:
-    """Render to a temporary file beside `path`, then rename over it (no half-written PNG)."""
+    """Render to a temporary file beside `path`, then rename over it (no half-written PNG).
+
+    The saved image is grown to hold every artist, so a long legend is never cut off at its edge.
+    """
     partial = path.with_name(f".{path.name}.partial")
-    figure.savefig(partial, format="png", dpi=120)
+    figure.savefig(partial, format="png", dpi=120, bbox_inches="tight", pad_inches=0.15)
     os.replace(partial, path)
     return path
 
@@ -371,13 +424,13 @@ def _draw(ax, curve: Curve, color, label: str | None, dashed: bool = False, band
 
 
 def wrap_label(label: str, width: int = 40) -> str:
-    """Break a group label between its key=value pairs so no line is much longer than `width`."""
+    """Break a group label between its comma-separated parts (inside a part at spaces) into lines of <= `width`."""
     lines: list[str] = []
     for part in label.split(", "):
         if lines and len(lines[-1]) + 2 + len(part) <= width:
             lines[-1] += ", " + part
         else:
-            lines.append(part)
+            lines.extend(textwrap.wrap(part, width, break_long_words=False) or [part])
     return "\n".join(lines)
 
 
@@ -400,53 +453,72 @@ def _maybe_log_x(ax, curves: Sequence[Curve]) -> bool:
     if not len(positive) or positive.max() / positive.min() <= 100:
         return False
     if (values <= 0).any():
-        ax.set_xscale("symlog", linthresh=float(positive.min()))
+        ax.set_xscale("symlog", linthresh=10.0 ** math.floor(math.log10(positive.min())))  # 0 a decade from it
     else:
         ax.set_xscale("log")
     return True
 
 
+def _panel_axes(groups: Sequence[Group], extra: int = 0):
+    """(figure, [(axes, that panel's groups, their colours)]): one panel per PANEL_GROUPS groups, each as tall as
+    its legend (its groups' labels and `extra` more entries) needs."""
+    chunks = panels(len(groups))
+    least = 4.2 if len(chunks) == 1 else 3.2
+    figure, axes = _figure(heights=[max(least, _legend_height([wrap_label(groups[k].label) for k in chunk], extra))
+                                    for chunk in chunks])
+    laid_out = []
+    for ax, chunk in zip(axes, chunks):
+        if len(chunks) > 1:
+            ax.set_title(f"groups {chunk.start + 1}-{chunk.stop} of {len(groups)}", fontsize=9, loc="left")
+        laid_out.append((ax, [groups[k] for k in chunk], _colors(len(chunk))))
+    return figure, laid_out
+
+
 def plot_accuracy(groups: Sequence[Group], x_key: str, x_label: str, title: str, path: Path,
                   x_scale: float = 1.0) -> Path:
     """Merged test accuracy (solid, band) and mean local test accuracy (dashed) against `x_key`."""
-    figure, ax = _figure()
+    figure, laid_out = _panel_axes(groups, extra=2)
     curves = []
-    for group, color in zip(groups, _colors(len(groups))):
-        merged = group_curve(group, x_key, "merged_test_accuracy", x_scale)
-        local = group_curve(group, x_key, "mean_local_test_accuracy", x_scale)
-        if merged is not None:
-            _draw(ax, merged, color, wrap_label(group.label))
-            curves.append(merged)
-        if local is not None:
-            _draw(ax, local, color, None if merged is not None else wrap_label(group.label), dashed=True, band=False)
-            curves.append(local)
-    log_x = _maybe_log_x(ax, curves)
-    ax.set_xlabel(x_label + (" (log scale)" if log_x else ""))
-    ax.set_ylabel("test accuracy (fraction correct)")
+    for ax, members, colors in laid_out:
+        for group, color in zip(members, colors):
+            merged = group_curve(group, x_key, "merged_test_accuracy", x_scale)
+            local = group_curve(group, x_key, "mean_local_test_accuracy", x_scale)
+            if merged is not None:
+                _draw(ax, merged, color, wrap_label(group.label))
+                curves.append(merged)
+            if local is not None:
+                label = None if merged is not None else wrap_label(group.label)
+                _draw(ax, local, color, label, dashed=True, band=False)
+                curves.append(local)
+    for ax, _, _ in laid_out:
+        log_x = _maybe_log_x(ax, curves)
+        ax.set_ylabel("test accuracy (fraction correct)")
+        ax.grid(alpha=0.3)
+        _legend(ax, [("-", "merged model (average of agents)"), ("--", "mean of local models")])
+    laid_out[-1][0].set_xlabel(x_label + (" (log scale)" if log_x else ""))
     _title(figure, title, _seeds_note(groups))
-    ax.grid(alpha=0.3)
-    _legend(ax, [("-", "merged model (average of agents)"), ("--", "mean of local models")])
     return _save(figure, path)
 
 
 def plot_consensus(groups: Sequence[Group], path: Path) -> Path:
-    figure, ax = _figure()
-    for group, color in zip(groups, _colors(len(groups))):
-        curve = group_curve(group, "round", "consensus_distance")
-        if curve is not None:
-            _draw(ax, curve, color, wrap_label(group.label))
-    ax.set_yscale("log", nonpositive="mask")
-    ax.set_xlabel("gossip round")
-    ax.set_ylabel("consensus distance (log scale)")
+    figure, laid_out = _panel_axes(groups)
+    for ax, members, colors in laid_out:
+        for group, color in zip(members, colors):
+            curve = group_curve(group, "round", "consensus_distance")
+            if curve is not None:
+                _draw(ax, curve, color, wrap_label(group.label))
+        ax.set_yscale("log", nonpositive="mask")
+        ax.set_ylabel("consensus distance (log scale)")
+        ax.grid(alpha=0.3, which="both")
+        _legend(ax)
+    laid_out[-1][0].set_xlabel("gossip round")
     _title(figure, "Consensus distance (how far the agents' models are from their average)", _seeds_note(groups))
-    ax.grid(alpha=0.3, which="both")
-    _legend(ax)
     return _save(figure, path)
 
 
 def plot_local_spread(groups: Sequence[Group], path: Path) -> Path:
     """Per group (one row each): every agent's last local test accuracy over all seeds, and the merged model."""
-    figure, ax = _figure(10.0, max(3.0, 0.75 * len(groups) + 1.8))
+    figure, (ax,) = _figure(10.0, [max(2.2, 0.75 * len(groups) + 1.0)])
     rng = np.random.default_rng(0)
     seeds = sorted({run.seed for group in groups for run in group.runs})
     drawn = False
@@ -543,7 +615,9 @@ def write_report(groups: Sequence[Group], out_dir: str | Path) -> dict[str, Path
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("compare", help="table and plots over finished runs, averaged over seeds",
                                    description="Group runs by the config keys that differ between them (the seed "
-                                               "aside), average over seeds, write compare.md, compare.csv and PNGs.")
+                                               "aside), name each group by its runs' label (else by the fewest "
+                                               "differing keys that tell it apart), average over seeds, write "
+                                               "compare.md, compare.csv and PNGs (at most 8 groups to a panel).")
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                         help="a run folder, or a folder with run folders below it (repeatable)")
     parser.add_argument("--out", default="compare", help="output folder (default: compare/)")

@@ -14,6 +14,7 @@ from typing import Any, Union
 
 import yaml
 
+from raygossip.algorithms.schedules import COMMUNICATION_KINDS, PULLS
 from raygossip.errors import UserError
 
 # ---------------------------------------------------------------- the tree
@@ -25,6 +26,9 @@ class PartitionConfig:
     alpha: float = 1.0
     shards_per_agent: int = 2
     samples_per_agent: int | None = None
+    min_samples: int | None = None
+    balance: bool = False
+    resample: bool = False
 
 
 @dataclass(kw_only=True)
@@ -33,6 +37,7 @@ class DataConfig:
     root: str = "data"
     download: bool = False
     image_size: int | None = None
+    augment: bool | None = None
     partition: PartitionConfig = field(default_factory=PartitionConfig)
 
 
@@ -76,6 +81,9 @@ class TrainConfig:
     optimizer: str = "sgd"
     local_steps: int = 1
     steps_per_epoch: int | None = None
+    label_smoothing: float = 0.0
+    grad_clip_value: float | None = None
+    on_divergence: str = "abort"
     lr_schedule: LrScheduleConfig = field(default_factory=LrScheduleConfig)
 
 
@@ -86,6 +94,7 @@ class CompressorConfig:
     bits: int | None = None
     scope: str = "tensor"
     scaled: bool = False
+    index_coding: str = "plain"
 
 
 @dataclass(kw_only=True)
@@ -107,13 +116,25 @@ class AveragingRateConfig:
 
 
 @dataclass(kw_only=True)
-class CommunicationConfig:
+class CommunicationKindConfig:
+    """One communication kind and its keys (the whole run's, or one phase's)."""
+
     kind: str = "every"
     p: float = 1.0
     pull: str = "neighbours"
     start: float = 0.5
     width: float = 0.25
     sparse_every: int = 0
+
+
+@dataclass(kw_only=True)
+class PhaseConfig(CommunicationKindConfig):
+    until: float
+
+
+@dataclass(kw_only=True)
+class CommunicationConfig(CommunicationKindConfig):
+    phases: list[PhaseConfig] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)
@@ -156,6 +177,7 @@ class RuntimeConfig:
     wait_timeout_s: float = 120.0
     inline_bytes: int = 1048576
     transport: str = "auto"
+    agents_per_actor: int = 1
     finish_quorum: float = 0.5
     checkpoint_every: int = 0
     on_failure: str = "restart"
@@ -172,8 +194,15 @@ class KillConfig:
 
 
 @dataclass(kw_only=True)
+class CorruptConfig:
+    agent: int
+    round: int
+
+
+@dataclass(kw_only=True)
 class FaultsConfig:
     kill: list[KillConfig] = field(default_factory=list)
+    corrupt: list[CorruptConfig] = field(default_factory=list)
     kill_fraction: float = 0.0
     kill_round: int | None = None
     drop_messages: float = 0.0
@@ -194,6 +223,7 @@ class EvalConfig:
 @dataclass(kw_only=True)
 class Config:
     name: str = "run"
+    label: str | None = None
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -362,10 +392,27 @@ def read_yaml(path: str | Path) -> dict:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
     """Config from a YAML file (or `base` mapping, or defaults) plus overrides, validated."""
     data = read_yaml(path) if path is not None else copy.deepcopy(dict(base or {}))
+    data = graph_topology(data)
     data = apply_overrides(data, list(overrides or []))
     config = from_dict(Config, data)
     validate(config)
     return config
+
+
+def graph_topology(data: dict) -> dict:
+    """A mapping whose `topology` is a networkx graph, with it as the `edges` topology and agents.count its size."""
+    import networkx as nx
+
+    if not isinstance(data.get("topology"), nx.Graph):
+        return data
+    from raygossip.algorithms.topology import edges_from_graph
+
+    count, data["topology"] = edges_from_graph(data["topology"])
+    agents = data.setdefault("agents", {})
+    if isinstance(agents, dict):
+        _check(agents.setdefault("count", count) == count, "agents.count",
+               f"must equal the topology graph's {count} nodes, got {agents['count']!r} (or leave it out)")
+    return data
 
 
 def dump_yaml(config: Config) -> str:
@@ -378,9 +425,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "gossip.rule": ("dpsgd", "choco", "adagossip"),
     "gossip.compressor.name": ("identity", "top_k", "random_k", "qsgd", "sign"),
     "gossip.compressor.scope": ("tensor", "global"),
+    "gossip.compressor.index_coding": ("plain", "entropy"),
     "schedule.averaging_rate.kind": ("constant", "ars", "linear", "cosine", "step"),
-    "schedule.communication.kind": ("every", "probability", "late", "window", "none"),
-    "schedule.communication.pull": ("neighbours", "random_peer"),
+    "schedule.communication.kind": COMMUNICATION_KINDS,
+    "schedule.communication.pull": PULLS,
     "schedule.final_merge.bn": ("local", "global", "none"),
     "runtime.engine": ("reference", "ray"),
     "runtime.mode": ("sync", "bounded", "async"),
@@ -388,6 +436,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "runtime.placement": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
     "runtime.transport": ("auto", "calls"),
     "train.optimizer": ("sgd", "adamw"),
+    "train.on_divergence": ("abort", "drop"),
     "train.lr_schedule.kind": ("constant", "step", "cosine"),
     "topology.weights": ("uniform", "metropolis"),
 }
@@ -428,12 +477,17 @@ def validate(config: Config) -> None:
            f"must be increasing, got {t.lr_schedule.milestones}")
     _check(t.lr_schedule.warmup_epochs < t.epochs, "train.lr_schedule.warmup_epochs",
            f"must be shorter than train.epochs ({t.epochs}), got {t.lr_schedule.warmup_epochs}")
+    _check(0 <= t.label_smoothing < 1, "train.label_smoothing", f"must be in [0, 1), got {t.label_smoothing}")
+    _check(t.grad_clip_value is None or t.grad_clip_value > 0, "train.grad_clip_value",
+           f"must be > 0 (each gradient element is clamped to +-value) or null, got {t.grad_clip_value}")
     _check(0 < g.gamma <= 1, "gossip.gamma", f"must be in (0, 1], got {g.gamma}")
     _check(0 <= g.beta < 1, "gossip.beta", f"must be in [0, 1), got {g.beta}")
     c = g.compressor
     if c.name in ("top_k", "random_k"):
         _check(c.ratio is not None, "gossip.compressor.ratio", f"{c.name} needs a ratio (fraction kept) in (0, 1]")
         _check(0 < c.ratio <= 1, "gossip.compressor.ratio", f"must be in (0, 1], got {c.ratio}")
+    _check(c.index_coding == "plain" or c.name in ("top_k", "random_k"), "gossip.compressor.index_coding",
+           f"{c.index_coding} codes index sets, which only top_k and random_k send; got compressor {c.name!r}")
     if c.name == "qsgd":
         _check(c.bits is not None, "gossip.compressor.bits", "qsgd needs bits in 1..8")
         _check(1 <= c.bits <= 8, "gossip.compressor.bits", f"must be in 1..8, got {c.bits}")
@@ -444,13 +498,11 @@ def validate(config: Config) -> None:
     _check(0 < gamma0 <= 1, "schedule.averaging_rate.gamma0", f"must be in (0, 1], got {gamma0}")
     _check(a.growth >= 1, "schedule.averaging_rate.growth", f"must be >= 1, got {a.growth}")
     _check(a.ramp_epochs is None or a.ramp_epochs >= 1, "schedule.averaging_rate.ramp_epochs", "must be >= 1")
-    m = s.communication
-    _check(0 < m.p <= 1, "schedule.communication.p", f"must be in (0, 1], got {m.p}")
-    _check(0 <= m.start <= 1, "schedule.communication.start", f"must be in [0, 1], got {m.start}")
-    _check(0 < m.width <= 1, "schedule.communication.width", f"must be in (0, 1], got {m.width}")
-    _check(m.sparse_every >= 0, "schedule.communication.sparse_every", "must be >= 0 (0: no rounds outside)")
+    _validate_communication(config)
     _check(s.final_merge.bn_batches >= 1, "schedule.final_merge.bn_batches", "must be >= 1")
     _check(r.staleness >= 0, "runtime.staleness", f"must be >= 0, got {r.staleness}")
+    _check(r.agents_per_actor >= 1, "runtime.agents_per_actor",
+           f"must be >= 1 (agents one actor process hosts), got {r.agents_per_actor}")
     _check(r.num_cpus_per_agent is None or r.num_cpus_per_agent > 0, "runtime.num_cpus_per_agent",
            "must be > 0 (or unset: an even share of the CPUs, at most 1)")
     _check(0 <= r.num_gpus_per_agent <= 1, "runtime.num_gpus_per_agent", "must be in [0, 1]")
@@ -478,16 +530,75 @@ def validate(config: Config) -> None:
     _check(tm.step_time_s >= 0, "runtime.timing.step_time_s", "must be >= 0")
     _check(tm.latency_s >= 0, "runtime.timing.latency_s", "must be >= 0")
     _check(tm.bandwidth_mbps is None or tm.bandwidth_mbps > 0, "runtime.timing.bandwidth_mbps", "must be > 0")
+    _check(config.label is None or config.label.strip() != "", "label",
+           "must be a non-empty text naming the run in plots and tables, or null (then the differing keys name it)")
     e = config.eval
     _check(e.every >= 0, "eval.every", f"must be >= 0 (epochs between evaluations; 0: only at the end), got {e.every}")
     _check(e.test_samples is None or e.test_samples >= 1, "eval.test_samples", "must be >= 1")
     _check(e.batch_size >= 1, "eval.batch_size", "must be >= 1")
     _check(0 <= e.validation_fraction < 1, "eval.validation_fraction",
            f"must be in [0, 1) (the held-out fraction of the training set; 0: none), got {e.validation_fraction}")
+    _check(e.validation_fraction == 0 or not config.data.partition.resample, "eval.validation_fraction",
+           "data.partition.resample draws every batch from the whole training set, the held-out part too; "
+           "turn one of them off")
     _check(config.data.partition.alpha > 0, "data.partition.alpha", f"must be > 0, got {config.data.partition.alpha}")
     _check(config.data.partition.shards_per_agent >= 1, "data.partition.shards_per_agent", "must be >= 1")
+    _validate_partition(config)
     _check(r.engine == "ray" or r.mode == "sync", "runtime.mode",
            f"the reference engine runs only sync; got {r.mode!r} (use runtime.engine: ray)")
+
+
+def _validate_kind_keys(m: CommunicationKindConfig, where: str) -> None:
+    """Ranges of one communication kind's keys (the run's or a phase's, at `where`)."""
+    for key, allowed in (("kind", COMMUNICATION_KINDS), ("pull", PULLS)):
+        value = getattr(m, key)
+        _check(value in allowed, f"{where}.{key}", f"must be one of {', '.join(allowed)}; got {value!r}")
+    _check(0 < m.p <= 1, f"{where}.p", f"must be in (0, 1], got {m.p}")
+    _check(0 <= m.start <= 1, f"{where}.start", f"must be in [0, 1], got {m.start}")
+    _check(0 < m.width <= 1, f"{where}.width", f"must be in (0, 1], got {m.width}")
+    _check(m.sparse_every >= 0, f"{where}.sparse_every", "must be >= 0 (0: no rounds outside)")
+
+
+def _validate_communication(config: Config) -> None:
+    """The run's communication kind, or its phases: covering training up to 1.0 in increasing `until`."""
+    m, where = config.schedule.communication, "schedule.communication"
+    _validate_kind_keys(m, where)
+    specs = [(m, where)]
+    if m.phases:
+        defaults = CommunicationKindConfig()
+        for f in dataclasses.fields(CommunicationKindConfig):
+            _check(getattr(m, f.name) == getattr(defaults, f.name), f"{where}.{f.name}",
+                   f"is set per phase when {where}.phases is given; move it into the phases")
+        untils = [phase.until for phase in m.phases]
+        for k, phase in enumerate(m.phases):
+            at = f"{where}.phases[{k}]"
+            _check(0 < phase.until <= 1, f"{at}.until", f"must be a fraction of training in (0, 1], got {phase.until}")
+            _check(k == 0 or phase.until > untils[k - 1], f"{at}.until",
+                   f"must be larger than the previous phase's until ({untils[k - 1] if k else 0}), got {phase.until}")
+            _validate_kind_keys(phase, at)
+        _check(untils[-1] == 1.0, f"{where}.phases[{len(untils) - 1}].until",
+               f"the last phase must reach the end of training (until: 1.0), got {untils[-1]}")
+        specs = [(phase, f"{where}.phases[{k}]") for k, phase in enumerate(m.phases)]
+    rule, topology = config.gossip.rule, config.topology.name
+    for spec, at in specs:
+        _check(spec.kind != "allreduce" or rule == "dpsgd", f"{at}.kind",
+               f"allreduce is an exact average of full models; {rule} sends compressed differences over a fixed graph "
+               "(use gossip.rule: dpsgd)")
+        _check(spec.pull != "random_peer" or topology != "random", f"{at}.pull",
+               "topology random already pulls random peers each round; use pull: neighbours")
+
+
+def _validate_partition(config: Config) -> None:
+    """Partition keys that only some kinds take."""
+    p = config.data.partition
+    _check(p.min_samples is None or p.min_samples >= 1, "data.partition.min_samples",
+           f"must be >= 1 (or null: one minibatch, train.batch_size), got {p.min_samples}")
+    _check(p.min_samples is None or p.kind == "dirichlet", "data.partition.min_samples",
+           f"applies to kind dirichlet only, got kind {p.kind!r}")
+    _check(not p.balance or p.kind == "dirichlet", "data.partition.balance",
+           f"applies to kind dirichlet only, got kind {p.kind!r}")
+    _check(not p.resample or p.kind == "preference", "data.partition.resample",
+           f"redraws preference samples every batch; applies to kind preference only, got kind {p.kind!r}")
 
 
 def _validate_faults(config: Config) -> None:
@@ -497,6 +608,10 @@ def _validate_faults(config: Config) -> None:
         _check(kill.round >= 0, f"faults.kill[{k}].round", f"must be >= 0, got {kill.round}")
     agents = [kill.agent for kill in f.kill]
     _check(len(set(agents)) == len(agents), "faults.kill", f"lists an agent twice: {agents}")
+    for k, corrupt in enumerate(f.corrupt):
+        _check(0 <= corrupt.agent < n, f"faults.corrupt[{k}].agent",
+               f"must be an agent index in 0..{n - 1}, got {corrupt.agent}")
+        _check(corrupt.round >= 0, f"faults.corrupt[{k}].round", f"must be >= 0, got {corrupt.round}")
     _check(0 <= f.kill_fraction < 1, "faults.kill_fraction", f"must be in [0, 1), got {f.kill_fraction}")
     _check(f.kill_fraction == 0 or round(f.kill_fraction * n) >= 1, "faults.kill_fraction",
            f"{f.kill_fraction} of {n} agents rounds to no agent at all; raise it to at least {0.5 / n:.3g}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -39,8 +40,13 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     _atomic_write(Path(path), lambda handle: handle.write(text.encode()))
 
 
+def strict_json(data: Any, **kwargs: Any) -> str:
+    """json.dumps with every non-finite float (NaN, +-Infinity) written as null: strict JSON, never NaN tokens."""
+    return json.dumps(_finite(data), allow_nan=False, default=_jsonable, **kwargs)
+
+
 def write_json_atomic(path: str | Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=_jsonable) + "\n")
+    write_text_atomic(path, strict_json(data, indent=2, sort_keys=False) + "\n")
 
 
 def save_tensors_atomic(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -59,6 +65,21 @@ def save_tensors_atomic(path: str | Path, tensors: dict[str, torch.Tensor], meta
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _finite(value: Any) -> Any:
+    """A copy of `value` with non-finite floats (Python, numpy or 0-d tensor scalars) replaced by None."""
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_finite(item) for item in value]
+    if isinstance(value, (bool, int, str)) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        return _finite(value.item())
+    return value
 
 
 def _jsonable(value: Any) -> Any:
@@ -80,7 +101,7 @@ class MetricsLog:
         self.path.touch()  # present (maybe empty) from the start, so a failed run still has one
 
     def append(self, record: dict) -> None:
-        line = json.dumps(record, default=_jsonable) + "\n"
+        line = strict_json(record) + "\n"
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(line)
             handle.flush()

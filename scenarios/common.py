@@ -107,9 +107,10 @@ def ars_growth(gamma0: float, epochs: int, reach: float = 0.8) -> float:
 
 
 def variant(scenario: str, base: dict, label: str, patch: dict | None = None) -> Variant:
-    """(label, validated Config) for `base` with `patch` merged in; the config's name is scenario-label."""
+    """(label, validated Config) for `base` with `patch` merged in; named scenario-slug(label), labelled label."""
     data = deep_merge(base, patch or {})
     data["name"] = f"{scenario}-{slug(label)}"
+    data["label"] = label
     return label, load_config(base=data)
 
 

@@ -7,6 +7,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import shutil
 import struct
 from pathlib import Path
@@ -166,8 +167,71 @@ def test_a_parent_folder_and_its_run_folders_count_each_run_once(runs_root):
 # ---------------------------------------------------------------- the pieces, without runs
 
 
-def _fake_run(flat: dict, records: list[dict] | None = None, seed: int = 0) -> compare.Run:
-    return compare.Run(path=Path(f"run{seed}"), config=Config(seed=seed), flat=flat, summary={}, records=records or [])
+def _fake_run(flat: dict, records: list[dict] | None = None, seed: int = 0, label: str | None = None) -> compare.Run:
+    return compare.Run(path=Path(f"run{seed}"), config=Config(seed=seed, label=label), flat={**flat, "label": label},
+                       summary={}, records=records or [])
+
+
+def test_a_group_is_named_by_its_runs_own_label_which_never_splits_groups():
+    runs = [_fake_run({"train.lr": 0.1}, seed=0, label="slow"), _fake_run({"train.lr": 0.1}, seed=1, label="slow"),
+            _fake_run({"train.lr": 0.2}, label="fast")]
+    assert [(g.label, len(g.runs)) for g in compare.group_runs(runs)] == [("slow", 2), ("fast", 1)]
+    relabelled = [_fake_run({"train.lr": 0.1}, seed=0, label="a"), _fake_run({"train.lr": 0.1}, seed=1, label="b")]
+    assert [(g.label, len(g.runs)) for g in compare.group_runs(relabelled)] == [("run", 2)]  # their common name
+
+
+@pytest.mark.parametrize("labels, expected", [
+    (["x", None, "z"], ["x", "train.lr=0.2", "z"]),  # a group without a label gets its differing pairs
+    (["same", "same", "z"], ["train.lr=0.1", "train.lr=0.2", "z"]),  # a label two groups share names neither
+])
+def test_labels_missing_or_shared_fall_back_to_the_differing_pairs(labels, expected):
+    runs = [_fake_run({"train.lr": lr}, label=label) for lr, label in zip((0.1, 0.2, 0.3), labels)]
+    assert [g.label for g in compare.group_runs(runs)] == expected
+
+
+def test_distinguishing_pairs_are_the_fewest_keys_that_tell_each_group_apart():
+    keys = ("schedule.communication.kind", "schedule.communication.pull", "topology.name")
+    settings = [dict(zip(keys, values)) for values in
+                [("every", "random_peer", "ring"), ("every", "neighbours", "complete"), ("late", "random_peer", "ring"),
+                 ("late", "random_peer", "torus")]]
+    assert compare.distinguishing_pairs(settings) == [
+        "communication.kind=every, communication.pull=random_peer",  # kind tells it from 3 and 4, pull from 2
+        "communication.pull=neighbours",
+        "communication.kind=late, topology.name=ring",
+        "topology.name=torus",
+    ]
+    assert compare.distinguishing_pairs([{}]) == [""]
+
+
+@pytest.mark.parametrize("count", [0, 1, 8, 9, 10, 16, 17, 30])
+def test_panels_hold_at_most_eight_groups_each_as_even_as_possible(count):
+    chunks = compare.panels(count)
+    sizes = [len(chunk) for chunk in chunks]
+    assert [k for chunk in chunks for k in chunk] == list(range(count))
+    assert len(chunks) == max(1, math.ceil(count / compare.PANEL_GROUPS)) and max(sizes) <= compare.PANEL_GROUPS
+    assert max(sizes) - min(sizes) <= 1
+
+
+def _png_pixels(path: Path) -> np.ndarray:
+    from matplotlib import image
+
+    return image.imread(path)
+
+
+@pytest.mark.parametrize("count", [3, 12])
+def test_a_long_legend_stays_inside_the_saved_image(tmp_path, count):
+    label = "communication.kind=window, communication.start=0.25, topology.name=circulant, seed-free label {}"
+    groups = [compare.Group(label.format(g), {}, [_fake_run({}, [{"step": s, "round": s, "merged_test_accuracy": g + s,
+                                                                  "mean_local_test_accuracy": g}
+                                                                 for s in range(3)])]) for g in range(count)]
+    path = compare.PLOTS["accuracy_vs_round"](groups, tmp_path / "a.png")
+    pixels = _png_pixels(path)
+    border = np.concatenate([pixels[:4].reshape(-1, 4), pixels[-4:].reshape(-1, 4),
+                             pixels[:, :4].reshape(-1, 4), pixels[:, -4:].reshape(-1, 4)])
+    assert (border[:, :3] == 1.0).all()  # nothing drawn touches the edge: no legend cut off
+    if count > compare.PANEL_GROUPS:
+        three = _png_pixels(compare.PLOTS["accuracy_vs_round"](groups[:3], tmp_path / "b.png"))
+        assert pixels.shape[0] > 1.5 * three.shape[0]  # two panels stacked
 
 
 def test_seed_name_and_progress_never_split_groups():

@@ -17,9 +17,10 @@ from raygossip.algorithms.compressors import (
     pack_bits,
     unpack_bits,
 )
+from raygossip.algorithms.index_coding import BITMAP, decode_indices, encode_indices
 from raygossip.errors import UserError
 
-SEGMENTS = (7, 300, 1, 64, 129)  # a segment over 256 (int16 indices), a singleton, odd sizes
+SEGMENTS = (7, 300, 1, 64, 129)  # a segment over 256 (uint16 indices), a singleton, odd sizes
 D = sum(SEGMENTS)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 ALL = [  # (name, make_compressor keywords)
@@ -27,6 +28,8 @@ ALL = [  # (name, make_compressor keywords)
     ("top_k", {"ratio": 0.1}),
     ("random_k", {"ratio": 0.1}),
     ("random_k", {"ratio": 0.1, "scaled": True}),
+    ("top_k", {"ratio": 0.1, "index_coding": "entropy"}),
+    ("random_k", {"ratio": 0.3, "scaled": True, "index_coding": "entropy"}),
     ("qsgd", {"bits": 1}),
     ("qsgd", {"bits": 4, "scaled": True}),
     ("qsgd", {"bits": 8}),
@@ -94,6 +97,71 @@ def test_random_k_picks_distinct_entries_reproducibly() -> None:
     kept = y != 0
     assert kept.sum().item() == sum(max(1, math.ceil(0.2 * s)) for s in SEGMENTS)  # all distinct
     assert torch.equal(y[kept], x[kept])
+
+
+# --------------------------------------------------------------------------- entropy-coded index sets
+
+
+@pytest.mark.parametrize("indices, size, coding, bits, stream", [
+    # gaps 1, 0, 6: Rice b=1 costs 9 bits (b=0: 10, b=2: 10, bitmap: 16); quotients 0, 0, 3 -> 0 0 1110,
+    # then remainders 1 0 0: 001110100, padded to two bytes
+    ([1, 2, 9], 16, 1, 9, [0b00111010, 0b00000000]),
+    ([0, 1, 2, 4, 5, 6, 7], 8, BITMAP, 8, [0b11101111]),  # Rice b=0 costs 8 bits too: the bitmap wins ties
+    ([3], 4, 1, 3, [0b10100000]),  # gap 3: b=1 and b=2 cost 3 bits, the smaller b is taken: 10, then 1
+    ([5], 8, 1, 4, [0b11010000]),  # gap 5: b=1, 2 and 3 cost 4 bits (b=0: 6); b=1: 110, then 1
+    ([], 5, 0, 0, []),
+])
+def test_encode_indices_writes_the_smallest_code_bit_for_bit(indices, size, coding, bits, stream):
+    idx = torch.tensor(indices, dtype=torch.int64)
+    arrays = encode_indices([idx], [size])
+    assert arrays["coding"].tolist() == [coding]
+    assert arrays["bits"].tolist() == stream and len(stream) == math.ceil(bits / 8)
+    assert entropy_index_bits(np.array(indices), size) == bits
+    assert decode_indices(arrays, [size], [len(indices)])[0].tolist() == indices
+
+
+def test_several_segments_share_one_stream_unary_parts_first():
+    # segment 0: [1, 2, 9] of 16 (Rice b=1: unary 0 0 1110, remainders 1 0 0); segment 1: a bitmap 11101111;
+    # segment 2: [5] of 8 (Rice b=1: unary 110, remainder 1). The stream holds both unary parts, then both
+    # remainder parts, then the bitmap.
+    parts = [torch.tensor(v) for v in ([1, 2, 9], [0, 1, 2, 4, 5, 6, 7], [5])]
+    arrays = encode_indices(parts, [16, 8, 8])
+    assert arrays["coding"].tolist() == [1, BITMAP, 1]
+    bits = "001110" + "110" + "100" + "1" + "11101111"
+    padded = bits + "0" * (-len(bits) % 8)
+    assert arrays["bits"].tolist() == [int(padded[i:i + 8], 2) for i in range(0, len(padded), 8)]
+    assert [p.tolist() for p in decode_indices(arrays, [16, 8, 8], [3, 7, 1])] == [p.tolist() for p in parts]
+
+
+@pytest.mark.parametrize("name", ["top_k", "random_k"])
+@pytest.mark.parametrize("ratio", [0.001, 0.01, 0.1, 0.3, 0.7, 1.0])
+@pytest.mark.parametrize("sizes", [SEGMENTS, (3, 0, 48_000, 10, 70_000), (1,)])
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_entropy_coding_decodes_to_exactly_the_plain_dense_vector(name, ratio, sizes, scope, device):
+    x = vec(12, sum(sizes)).to(device)
+    x[: sum(sizes) // 3] = 0.0  # ties among zeros: top_k must still pick the same entries in both codings
+    plain, entropy = (make_compressor(name, sizes, ratio=ratio, scope=scope, index_coding=c)
+                      for c in ("plain", "entropy"))
+    a, b = plain.compress(x, gen(4, device)), entropy.compress(x, gen(4, device))
+    assert set(b.arrays) == {"values", "coding", "bits"}
+    assert torch.equal(entropy.decompress(b), plain.decompress(a))
+    assert b.nbytes <= a.nbytes + len(sizes)  # never more than the coding bytes worse than plain indices
+
+
+def log2_binomial(n: int, k: int) -> float:
+    return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2)
+
+
+@pytest.mark.parametrize("n, ratio, slack", [(48_000, 0.01, 1.02), (48_000, 0.1, 1.02), (25_000, 0.3, 1.06),
+                                             (800, 0.05, 1.1)])
+def test_a_random_index_set_costs_little_more_than_its_information(n, ratio, slack):
+    k = math.ceil(ratio * n)
+    idx = torch.sort(torch.randperm(n, generator=gen(n))[:k]).values
+    arrays = encode_indices([idx], [n])
+    bound_bits = log2_binomial(n, k)
+    assert 8 * arrays["bits"].numel() <= slack * bound_bits + 8
+    assert 8 * arrays["bits"].numel() >= bound_bits  # nothing beats the information bound
 
 
 # --------------------------------------------------------------------------- (un)biasedness
@@ -182,16 +250,30 @@ def test_identity_is_exact_and_does_not_alias() -> None:
 
 
 def index_bytes(max_segment: int) -> int:
-    return 1 if max_segment <= 256 else 2 if max_segment <= 2**15 else 4 if max_segment <= 2**31 else 8
+    return 1 if max_segment <= 256 else 2 if max_segment <= 2**16 else 4 if max_segment <= 2**31 else 8
 
 
-def expected_nbytes(name: str, sizes: tuple[int, ...], kw: dict, value_bytes: int) -> int:
+def entropy_index_bits(indices: np.ndarray, size: int) -> int:
+    """Reference: the smaller of a bitmap and the Rice code of the sorted gaps at its best parameter (all tried)."""
+    if len(indices) == 0:
+        return 0
+    gaps = np.diff(np.sort(indices.astype(np.int64)), prepend=-1) - 1
+    rice = min(int((gaps >> b).sum()) + len(gaps) * (1 + b) for b in range(int(size).bit_length() + 2))
+    return min(size, rice)
+
+
+def expected_nbytes(name: str, sizes: tuple[int, ...], kw: dict, value_bytes: int, plain_indices=None) -> int:
+    """The payload size by formula; entropy-coded index sets also need the plain message's indices."""
     d, n = sum(sizes), len(sizes)
     if name == "identity":
         return value_bytes * d
     if name in ("top_k", "random_k"):
-        kept = sum(max(1, math.ceil(kw["ratio"] * s)) for s in sizes)
-        return kept * (value_bytes + index_bytes(max(sizes)))
+        ks = [max(1, math.ceil(kw["ratio"] * s)) if s else 0 for s in sizes]
+        if kw.get("index_coding") == "entropy":
+            parts = np.split(plain_indices, np.cumsum(ks)[:-1])
+            bits = sum(entropy_index_bits(part, s) for part, s in zip(parts, sizes))
+            return sum(ks) * value_bytes + n + math.ceil(bits / 8)  # values, one coding byte per segment, bits
+        return sum(ks) * (value_bytes + index_bytes(max(sizes)))
     if name == "qsgd":
         return 4 * n + math.ceil(d / 8) + math.ceil(d * kw["bits"] / 8)
     return math.ceil(d / 8) + 4 * n  # sign
@@ -213,7 +295,9 @@ def test_nbytes_matches_formula(name: str, kw: dict, sizes: tuple, scope: str, d
     msg = c.compress(x, gen(0))
     scoped = sizes if scope == "tensor" else (sum(sizes),)
     value_bytes = 8 if dtype == torch.float64 else 4
-    assert msg.nbytes == expected_nbytes(name, scoped, kw, value_bytes)
+    plain = {**kw, "index_coding": "plain"}
+    indices = make_compressor(name, sizes, scope=scope, **plain).compress(x, gen(0)).arrays.get("indices")
+    assert msg.nbytes == expected_nbytes(name, scoped, kw, value_bytes, None if indices is None else indices.numpy())
     assert msg.nbytes == sum(a.nbytes for a in msg.to_numpy().values())
 
 
@@ -271,8 +355,8 @@ def test_bit_packing_round_trips(bits: int, n: int) -> None:
 
 @pytest.mark.parametrize(
     "n, dtype",
-    [(0, torch.uint8), (1, torch.uint8), (256, torch.uint8), (257, torch.int16), (2**15, torch.int16),
-     (2**15 + 1, torch.int32), (2**31, torch.int32), (2**31 + 1, torch.int64)],
+    [(0, torch.uint8), (1, torch.uint8), (256, torch.uint8), (257, torch.uint16), (48_000, torch.uint16),
+     (2**16, torch.uint16), (2**16 + 1, torch.int32), (2**31, torch.int32), (2**31 + 1, torch.int64)],
 )
 def test_index_dtype(n: int, dtype: torch.dtype) -> None:
     assert index_dtype(n) == dtype
@@ -301,6 +385,7 @@ def test_registry_names() -> None:
         ("qsgd", {"bits": 9}, "gossip.compressor.bits"),
         ("qsgd", {"bits": 2.5}, "gossip.compressor.bits"),
         ("sign", {"scope": "layer"}, "gossip.compressor.scope"),
+        ("top_k", {"ratio": 0.1, "index_coding": "golomb"}, "gossip.compressor.index_coding"),
     ],
 )
 def test_bad_parameters_raise_user_error(name: str, kw: dict, field: str) -> None:
@@ -310,3 +395,5 @@ def test_bad_parameters_raise_user_error(name: str, kw: dict, field: str) -> Non
     assert str(err.value).startswith(field) and "\n" not in str(err.value)
     if field.endswith("name"):
         assert "top_k" in str(err.value) and "qsgd" in str(err.value)
+    if field.endswith("index_coding"):
+        assert "plain, entropy" in str(err.value)

@@ -146,6 +146,10 @@ RANGE_ROWS: list[tuple[dict, str]] = [
     (nested("train.lr_schedule.factor", 0), "train.lr_schedule.factor"),
     (nested("train.lr_schedule.factor", 1.5), "train.lr_schedule.factor"),
     (nested("train.lr_schedule.warmup_epochs", -1), "train.lr_schedule.warmup_epochs"),
+    (nested("train.label_smoothing", 1.0), "train.label_smoothing"),
+    (nested("train.label_smoothing", -0.1), "train.label_smoothing"),
+    (nested("train.grad_clip_value", 0), "train.grad_clip_value"),
+    (nested("train.grad_clip_value", -1.0), "train.grad_clip_value"),
     # gossip
     (nested("gossip.gamma", 0), "gossip.gamma"),
     (nested("gossip.gamma", 1.5), "gossip.gamma"),
@@ -158,6 +162,12 @@ RANGE_ROWS: list[tuple[dict, str]] = [
     ({"gossip": {"rule": "choco", "compressor": {"name": "qsgd"}}}, "gossip.compressor.bits"),
     ({"gossip": {"rule": "adagossip", "compressor": {"name": "qsgd", "bits": 0}}}, "gossip.compressor.bits"),
     ({"gossip": {"rule": "adagossip", "compressor": {"name": "qsgd", "bits": 9}}}, "gossip.compressor.bits"),
+    ({"gossip": {"rule": "choco", "compressor": {"name": "top_k", "ratio": 0.1, "index_coding": "rice"}}},
+     "gossip.compressor.index_coding"),
+    ({"gossip": {"rule": "choco", "compressor": {"name": "qsgd", "bits": 2, "index_coding": "entropy"}}},
+     "gossip.compressor.index_coding"),
+    ({"label": ""}, "label"),
+    ({"label": "  "}, "label"),
     # cross-field: dpsgd sends full models
     ({"gossip": {"rule": "dpsgd", "compressor": {"name": "top_k", "ratio": 0.1}}}, "gossip.compressor.name"),
     ({"gossip": {"compressor": {"name": "sign"}}}, "gossip.compressor.name"),
@@ -179,8 +189,39 @@ RANGE_ROWS: list[tuple[dict, str]] = [
     (nested("schedule.communication.width", 1.5), "schedule.communication.width"),
     (nested("schedule.communication.sparse_every", -1), "schedule.communication.sparse_every"),
     (nested("schedule.final_merge.bn_batches", 0), "schedule.final_merge.bn_batches"),
+    # communication phases
+    (nested("schedule.communication.phases", [{"until": 0.5}]), "schedule.communication.phases[0].until"),
+    (nested("schedule.communication.phases", [{"until": 0.5}, {"until": 0.5}, {"until": 1.0}]),
+     "schedule.communication.phases[1].until"),
+    (nested("schedule.communication.phases", [{"until": 0.0}, {"until": 1.0}]), "schedule.communication.phases[0].until"),
+    (nested("schedule.communication.phases", [{"until": 1.5}]), "schedule.communication.phases[0].until"),
+    (nested("schedule.communication.phases", [{"kind": "every"}]), "schedule.communication.phases[0].until"),
+    (nested("schedule.communication.phases", [{"until": 1.0, "kind": "often"}]), "schedule.communication.phases[0].kind"),
+    (nested("schedule.communication.phases", [{"until": 1.0, "pull": "all"}]), "schedule.communication.phases[0].pull"),
+    (nested("schedule.communication.phases", [{"until": 0.5, "p": 0}, {"until": 1.0}]),
+     "schedule.communication.phases[0].p"),
+    (nested("schedule.communication.phases", [{"until": 1.0, "kind": "window", "width": 0}]),
+     "schedule.communication.phases[0].width"),
+    (nested("schedule.communication.phases", [{"until": 1.0, "start": 2}]), "schedule.communication.phases[0].start"),
+    (nested("schedule.communication.phases", [{"until": 1.0, "sparse_every": -1}]),
+     "schedule.communication.phases[0].sparse_every"),
+    (nested("schedule.communication.phases", [{"until": 1.0, "junk": 1}]), "schedule.communication.phases[0].junk"),
+    ({"schedule": {"communication": {"kind": "late", "phases": [{"until": 1.0}]}}}, "schedule.communication.kind"),
+    ({"schedule": {"communication": {"p": 0.5, "phases": [{"until": 1.0}]}}}, "schedule.communication.p"),
+    # cross-field: all-reduce averages full models; random topologies already pull random peers
+    ({"gossip": {"rule": "choco"}, "schedule": {"communication": {"kind": "allreduce"}}}, "schedule.communication.kind"),
+    ({"gossip": {"rule": "adagossip"}, "schedule": {"communication": {"phases": [
+        {"until": 0.5}, {"until": 1.0, "kind": "allreduce"}]}}}, "schedule.communication.phases[1].kind"),
+    ({"topology": {"name": "random", "params": {"r": 0.2}}, "schedule": {"communication": {"pull": "random_peer"}}},
+     "schedule.communication.pull"),
+    ({"topology": {"name": "random", "params": {"r": 0.2}}, "schedule": {"communication": {"phases": [
+        {"until": 1.0, "kind": "probability", "p": 0.5, "pull": "random_peer"}]}}}, "schedule.communication.phases[0].pull"),
+    ({"gossip": {"rule": "choco"}, "topology": {"name": "random", "params": {"r": 0.2}}}, "topology.name"),
+    ({"gossip": {"rule": "adagossip"}, "topology": {"name": "random", "params": {"r": 1}}}, "topology.name"),
     # runtime
     ({"runtime": {"engine": "ray", "staleness": -1}}, "runtime.staleness"),
+    ({"runtime": {"engine": "ray", "agents_per_actor": 0}}, "runtime.agents_per_actor"),
+    ({"train": {"on_divergence": "explode"}}, "train.on_divergence"),
     (nested("runtime.num_cpus_per_agent", 0), "runtime.num_cpus_per_agent"),
     (nested("runtime.num_gpus_per_agent", 1.5), "runtime.num_gpus_per_agent"),
     (nested("runtime.num_gpus_per_agent", -0.5), "runtime.num_gpus_per_agent"),
@@ -217,6 +258,10 @@ RANGE_ROWS: list[tuple[dict, str]] = [
     (nested("data.partition.alpha", 0), "data.partition.alpha"),
     (nested("data.partition.alpha", -1), "data.partition.alpha"),
     (nested("data.partition.shards_per_agent", 0), "data.partition.shards_per_agent"),
+    (nested("data.partition.min_samples", 0), "data.partition.min_samples"),
+    ({"data": {"partition": {"kind": "iid", "min_samples": 10}}}, "data.partition.min_samples"),
+    ({"data": {"partition": {"kind": "shards", "balance": True}}}, "data.partition.balance"),
+    ({"data": {"partition": {"kind": "dirichlet", "resample": True}}}, "data.partition.resample"),
     # graphs: a disconnected edge list, dyck with the wrong agent count, a graph too small
     ({"topology": {"name": "edges", "params": {"edges": TWO_SQUARES}}}, "topology.params.edges"),
     ({"agents": {"count": 16}, "topology": {"name": "dyck"}}, "agents.count"),
@@ -237,7 +282,8 @@ def test_out_of_range_is_a_user_error_naming_the_field(mapping, field):
 
 def test_every_check_in_validate_has_a_row():
     """Each field validate() (and its registry helper) names, and each CHOICES key, appears in RANGE_ROWS."""
-    source = inspect.getsource(config_module.validate) + inspect.getsource(config_module._validate_registries)
+    source = "".join(inspect.getsource(f) for f in (config_module.validate, config_module._validate_registries,
+                                                     config_module._validate_partition))
     named = set(re.findall(r'"([a-z_]+(?:\.[a-z_0-9]+)+)"', source)) | set(CHOICES)
     covered = {field for _, field in RANGE_ROWS}
     assert named, "found no field names in validate()"
@@ -253,6 +299,8 @@ def test_cross_field_messages_say_why():
         (nested("runtime.timing.slowdown", [1.0]), "one factor per agent (8)"),
         ({"agents": {"count": 16}, "topology": {"name": "dyck"}}, "32"),
         ({"topology": {"name": "edges", "params": {"edges": TWO_SQUARES}}}, "disconnected"),
+        ({"eval": {"validation_fraction": 0.1}, "data": {"partition": {"kind": "preference", "resample": True}}},
+         "the held-out part too"),
     ]
     for mapping, phrase in cases:
         with pytest.raises(UserError) as caught:
@@ -273,6 +321,14 @@ def test_the_same_settings_are_accepted_where_they_are_allowed():
         {"topology": {"name": "edges", "params": {"edges": [[i, (i + 1) % 8] for i in range(8)]}}},
         {"runtime": {"device": "cuda:1"}},
         {"eval": {"every": 0}},
+        {"schedule": {"communication": {"kind": "allreduce"}}},
+        {"schedule": {"communication": {"phases": [{"until": 0.5}, {"until": 1.0, "kind": "allreduce"}]}}},
+        {"topology": {"name": "random", "params": {"r": 0.2}}, "schedule": {"communication": {"kind": "probability",
+                                                                                              "p": 0.5}}},
+        {"topology": {"name": "complete"}, "schedule": {"communication": {"pull": "random_peer"}}},
+        {"gossip": {"rule": "choco"}, "topology": {"name": "adagossip_dyck"}, "agents": {"count": 32}},
+        {"data": {"partition": {"kind": "preference", "resample": True}}},
+        {"data": {"partition": {"kind": "dirichlet", "min_samples": 5, "balance": True}}},
     ]
     for mapping in accepted:
         assert isinstance(load_config(base=mapping), Config)
@@ -527,10 +583,11 @@ def test_docs_config_md_documents_every_key():
 # ---------------------------------------------------------------- property: UserError or a Config, nothing else
 
 _NAMES = sorted({"ring", "dyck", "edges", "circulant", "torus", "one_peer_exponential", "random_regular", "erdos_renyi",
-                 "lcf", "petersen", "complete", "exponential", "digits", "mnist", "mlp", "lenet5", "dirichlet", "iid",
+                 "lcf", "petersen", "complete", "exponential", "random", "adagossip_dyck", "digits", "mnist", "mlp",
+                 "lenet5", "dirichlet", "iid",
                  "shards", "preference", "dirichlet_lin", "cpu", "auto", "cuda:0", ""}
                 | {choice for choices in CHOICES.values() for choice in choices})
-_TOPOLOGY_PARAMS = ["offsets", "rows", "cols", "degree", "seed", "p", "edges", "shifts", "repeats", "junk"]
+_TOPOLOGY_PARAMS = ["offsets", "rows", "cols", "degree", "seed", "p", "edges", "shifts", "repeats", "r", "base", "junk"]
 
 # Small ints: validate() builds the graph, and a dense n x n mixing matrix for a huge agents.count is out of
 # memory (a numpy MemoryError, not a UserError; reported, not tested here).

@@ -214,7 +214,7 @@ def test_dirichlet_impossible_alpha_errors():
     y = np.repeat(np.arange(10), 100)
     with pytest.raises(UserError) as err:
         partition("dirichlet", y, 200, seed=0, params={"alpha": 1e-4})
-    assert_user_error(err, "data.partition.alpha")
+    assert_user_error(err, "data.partition.min_samples")
 
 
 def test_preference_with_replacement(digits):
@@ -325,3 +325,100 @@ def test_augment_batch_reflect_and_gray():
     out = augment_batch(x, torch.Generator().manual_seed(0), mode="reflect")
     assert out.shape == x.shape and not torch.equal(out, x)
     assert torch.isin(out, x).all()  # reflect padding only copies existing pixels
+
+
+# ---------------------------------------------------------------- dirichlet with a minimum shard size
+
+
+@pytest.mark.parametrize("alpha, agents, need", [(0.05, 12, 32), (0.05, 16, 32), (0.1, 16, 64), (0.05, 12, 10)])
+def test_dirichlet_min_samples_makes_the_papers_alphas_work_on_mnist(mnist_labels, alpha, agents, need):
+    parts = partition("dirichlet", mnist_labels, agents, seed=0, params={"alpha": alpha, "min_samples": need})
+    assert min(len(p) for p in parts) >= need
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(len(mnist_labels)))  # every sample once
+    report = heterogeneity_report(mnist_labels, parts, 10)
+    assert report["dominant_class_share"]["mean"] > 0.5  # still strongly non-IID (IID: about 0.11)
+
+
+def test_dirichlet_alpha_005_with_12_agents_needed_the_minimum(mnist_labels):
+    """Without a minimum, seed 0's first non-empty draw leaves an agent fewer samples than one minibatch."""
+    bare = partition("dirichlet", mnist_labels, 12, seed=0, params={"alpha": 0.05})
+    assert min(len(p) for p in bare) < 32
+    fixed = partition("dirichlet", mnist_labels, 12, seed=0, params={"alpha": 0.05, "min_samples": 32})
+    assert min(len(p) for p in fixed) >= 32
+
+
+def test_dirichlet_min_samples_1_is_the_old_rule():
+    y = np.repeat(np.arange(10), 300)
+    a = partition("dirichlet", y, 8, seed=4, params={"alpha": 0.3})
+    b = partition("dirichlet", y, 8, seed=4, params={"alpha": 0.3, "min_samples": 1})
+    assert all(np.array_equal(p, q) for p, q in zip(a, b))
+
+
+@pytest.mark.parametrize("params", [{"alpha": 0.01, "min_samples": 300}, {"alpha": 0.05, "min_samples": 251}])
+def test_dirichlet_min_samples_out_of_reach_is_a_one_line_error(params):
+    y = np.repeat(np.arange(10), 300)  # 3000 samples, 12 agents: 250 each at most on average
+    with pytest.raises(UserError) as err:
+        partition("dirichlet", y, 12, seed=0, params=params)
+    assert_user_error(err, "data.partition.min_samples")
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, True])
+def test_dirichlet_min_samples_must_be_a_positive_integer(value):
+    with pytest.raises(UserError) as err:
+        partition("dirichlet", np.repeat(np.arange(10), 30), 3, seed=0, params={"alpha": 1.0, "min_samples": value})
+    assert_user_error(err, "data.partition.min_samples")
+
+
+# ---------------------------------------------------------------- preference, redrawn every batch (resample)
+
+
+def test_preference_resample_preferences_are_a_pure_function_of_the_seed():
+    from raygossip.data.partition import preference_weights
+
+    w = preference_weights(16, 10, seed=3, alpha=0.1)
+    assert w.shape == (16, 10) and np.allclose(w.sum(axis=1), 1.0)
+    assert np.array_equal(w, preference_weights(16, 10, seed=3, alpha=0.1))
+    assert not np.array_equal(w, preference_weights(16, 10, seed=4, alpha=0.1))
+    assert (w.max(axis=1) > 0.5).mean() > 0.5  # alpha 0.1: most agents prefer one class strongly
+
+
+def test_resample_batches_are_fresh_draws_from_the_preference(mnist_labels):
+    from raygossip.data.partition import agent_preference, resample_batch
+
+    pools, p = agent_preference(mnist_labels, 8, seed=1, alpha=0.5, agent=2)
+    a = resample_batch(pools, p, 64, seed=1, agent=2, draw=7)
+    assert np.array_equal(a, resample_batch(pools, p, 64, seed=1, agent=2, draw=7))
+    assert not np.array_equal(a, resample_batch(pools, p, 64, seed=1, agent=2, draw=8))
+    assert not np.array_equal(a, resample_batch(pools, p, 64, seed=1, agent=3, draw=7))
+    drawn = np.concatenate([resample_batch(pools, p, 64, 1, 2, d) for d in range(400)])
+    share = np.bincount(mnist_labels[drawn], minlength=10) / drawn.size
+    np.testing.assert_allclose(share, p, atol=0.02)  # the class mix is p_k
+    assert len(np.unique(drawn)) > 10_000  # from the whole training set, far beyond one shard of N // n
+
+
+def test_preference_resample_shard_is_one_draw_from_the_same_preferences(mnist_labels):
+    from raygossip.data.partition import preference_weights
+
+    parts = partition("preference", mnist_labels, 8, seed=1, params={"alpha": 0.5, "resample": True})
+    w = preference_weights(8, 10, seed=1, alpha=0.5)
+    for k, part in enumerate(parts):
+        assert len(part) == len(mnist_labels) // 8
+        share = np.bincount(mnist_labels[part], minlength=10) / len(part)
+        np.testing.assert_allclose(share, w[k], atol=0.03)
+
+
+def test_prepare_redraws_dirichlet_until_every_agent_holds_a_minibatch():
+    from raygossip.config import load_config
+    from raygossip.engines.common import prepare
+
+    setup = prepare(load_config(base={"agents": {"count": 12}, "train": {"batch_size": 16},
+                                      "data": {"partition": {"kind": "dirichlet", "alpha": 0.1}}}))
+    assert min(len(s) for s in setup.shards) >= 16
+    with pytest.raises(UserError) as err:  # 1437 digits over 40 agents at alpha 0.001: never a minibatch each
+        prepare(load_config(base={"agents": {"count": 40}, "train": {"batch_size": 16},
+                                  "data": {"partition": {"kind": "dirichlet", "alpha": 0.001}}}))
+    assert_user_error(err, "data.partition.min_samples")
+    assert "train.batch_size 16" in err.value.message
+    with pytest.raises(UserError) as err:  # no split can give 8 agents 500 samples each: the batch size is named
+        prepare(load_config(base={"train": {"batch_size": 500}}))
+    assert_user_error(err, "train.batch_size")

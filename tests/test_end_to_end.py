@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import networkx as nx
 import pytest
 import torch
 
-from raygossip.api import run
+from raygossip.algorithms.topology import spectral_report, topology_from_graph
+from raygossip.api import run, with_graph
 from raygossip.config import Config, load_config
 from raygossip.engines.reference import ReferenceEngine
 from raygossip.models import build_model
@@ -145,7 +147,7 @@ def _expected_factor(name: str) -> float:
     """Wire bytes relative to a dense float32 model, from the payload layouts in DESIGN.md."""
     segments = _segments()
     dense = 4 * sum(segments)
-    if name == "choco_top_k":  # float32 values + int16 indices (segments up to 4096 entries)
+    if name == "choco_top_k":  # float32 values + uint16 indices (segments up to 4096 entries)
         return sum(math.ceil(0.1 * s) * (4 + 2) for s in segments) / dense
     if name == "adagossip_qsgd":  # 1 sign bit + 4 level bits per entry + one float32 norm per tensor
         d = sum(segments)
@@ -175,3 +177,26 @@ def test_compressed_gossip_still_learns(compressed_runs, name):
     assert summary["merged_test_accuracy"] > 0.8, summary["merged_test_accuracy"]
     assert summary["mean_local_test_accuracy"] > 0.8, summary["mean_local_test_accuracy"]
     assert math.isfinite(summary["consensus_distance"])
+
+
+def test_a_run_takes_a_networkx_graph_and_records_it_as_an_edge_list(tmp_path):
+    graph = nx.relabel_nodes(nx.circulant_graph(6, [1, 2]), {k: f"agent-{k}" for k in range(6)})
+    config = quick("train.epochs=1", "eval.every=1", "train.steps_per_epoch=3", "topology.weights=metropolis")
+    result = run(config, out_dir=tmp_path, graph=graph)
+    recorded = load_config(tmp_path / "config.yaml")
+    assert recorded.agents.count == 6 and recorded.topology.name == "edges"
+    assert recorded.topology.weights == "metropolis"
+    assert recorded == with_graph(config, graph)
+    expected = spectral_report(topology_from_graph(graph, "metropolis"))
+    assert result.summary["topology"]["lambda2"] == pytest.approx(expected["lambda2"], abs=1e-12)
+    again = run(recorded)  # the recorded config alone reruns the same run
+    assert again.summary["merged_test_accuracy"] == result.summary["merged_test_accuracy"]
+
+
+def test_entropy_coded_top_k_indices_give_the_same_run_in_fewer_bytes():
+    base = ["train.epochs=2", "eval.every=1", "gossip.rule=choco", "gossip.gamma=0.1",
+            "gossip.compressor.name=top_k", "gossip.compressor.ratio=0.1"]
+    plain, entropy = (run(quick(*base, f"gossip.compressor.index_coding={coding}")).summary
+                      for coding in ("plain", "entropy"))
+    assert entropy["merged_test_accuracy"] == plain["merged_test_accuracy"]
+    assert entropy["bytes_sent"] < 0.8 * plain["bytes_sent"]

@@ -17,9 +17,19 @@ from test_ray_engine import run_ray, small, wait_for_idle_cluster
 CHOCO = {"rule": "choco", "gamma": 0.5, "compressor": {"name": "top_k", "ratio": 0.1}}
 
 
-def failing(**overrides) -> dict:
-    """4 agents on a ring, 80 rounds of ~0.08 s (long enough for a restart to rejoin), snapshots every 5 rounds."""
+PACKING = pytest.mark.parametrize("k", [1, 2], ids=["1-per-actor", "2-per-actor"])
+
+
+def mates(agents: list[int], k: int) -> list[int]:
+    """The agents that die with these: those of the same actors (consecutive groups of k on the ring)."""
+    return sorted({j for i in agents for j in range(i - i % k, i - i % k + k)})
+
+
+def failing(k: int = 1, **overrides) -> dict:
+    """4 agents on a ring, 80 rounds of ~0.08 s (long enough for a restart to rejoin), snapshots every 5 rounds;
+    k agents per actor."""
     data = small(**overrides)
+    data["runtime"]["agents_per_actor"] = k
     data["train"].update(epochs=2, steps_per_epoch=40)
     data["runtime"].setdefault("timing", {})["step_time_s"] = 0.08
     data["runtime"]["snapshot_every"] = 5
@@ -35,7 +45,7 @@ def link_report(engine) -> str:
     import numpy as np
 
     live = engine.live
-    states = dict(zip(live, ray.get([a.rule_state.remote() for a in live.values()])))
+    states = dict(zip(live, ray.get([a.rule_state.remote(i) for i, a in live.items()])))
     return "; ".join(
         f"{i} knows {k[5:]}: {float(np.max(np.abs(v - states[int(k[5:])]['x_hat']))):.2e}"
         for i in live for k, v in states[i].items() if k.startswith("link.") and int(k[5:]) in states)
@@ -48,30 +58,37 @@ def check_every_record(outcome: dict, config) -> None:
     assert steps[-1] == 80 and len(steps) == config.train.epochs
 
 
+@PACKING
 @pytest.mark.parametrize("mode", ["sync", "async"])
-def test_killed_agent_restarts_from_its_snapshot_and_resyncs_choco(ray_cluster, mode):
-    data = failing(runtime__mode=mode)
+def test_killed_agent_restarts_from_its_snapshot_and_resyncs_choco(ray_cluster, mode, k):
+    """With 2 agents per actor the kill of agent 1 takes agent 0 (its actor mate) with it: both restart."""
+    data = failing(k, runtime__mode=mode)
     data["gossip"] = CHOCO
     data["faults"] = {"kill": [{"agent": 1, "round": 7}]}
     config = load_config(base=data)
     engine, outcome = run_ray(config)
     try:
         extra = outcome["extra"]
-        (failure,) = extra["failures"]
-        assert failure["agent"] == 1 and failure["action"] == "restarted" and failure["injected_round"] == 7
+        dead = mates([1], k)
+        failures = {f["agent"]: f for f in extra["failures"]}
+        assert sorted(failures) == dead
+        failure = failures[1]
+        assert failure["action"] == "restarted" and failure["injected_round"] == 7
         assert 0 <= failure["detection_s"] < 10.0
-        assert failure["restored_step"] == 5  # the snapshot after round 4 (every 5 rounds)
         # on the coordinator's node (the driver's) a snapshot is a file in shared memory; from the other node it is sent
         coordinator_node = ray.get_runtime_context().get_node_id()
-        assert failure["snapshot"] == ("file" if engine.placement[1]["node"] == coordinator_node else "sent")
+        for i in dead:
+            assert failures[i]["action"] == "restarted"
+            assert failures[i]["restored_step"] == 5  # the snapshot after round 4 (every 5 rounds)
+            assert failures[i]["snapshot"] == ("file" if engine.placement[i]["node"] == coordinator_node else "sent")
         assert failure["rounds_lost"] == 2 and failure["rounds_behind"] >= 2
-        assert extra["restarts"] == 1 and extra["dropped_agents"] == []
+        assert extra["restarts"] == len(dead) and extra["dropped_agents"] == []
         restarted = events_of(outcome, "agent_restarted")
-        assert restarted and restarted[0]["agent"] == 1 and restarted[0]["incarnation"] == 1
-        assert {e["neighbour"] for e in events_of(outcome, "neighbour_down")} == {1}
+        assert sorted(e["agent"] for e in restarted) == dead and all(e["incarnation"] == 1 for e in restarted)
+        assert {e["neighbour"] for e in events_of(outcome, "neighbour_down")} == set(dead)
         if mode == "sync":  # (in async mode the quorum may stop agent 1 before it trains: its drain resyncs it)
             assert extra["transport"] == "channels"  # the links to agent 1 went back to calls when it died
-            assert extra["resyncs"] >= 2  # agent 1 took its 2 neighbours' copies
+            assert extra["resyncs"] >= 2 * len(dead)  # each restarted agent took its 2 neighbours' copies
             check_every_record(outcome, config)
             assert extra["steps_per_agent"] == [80] * 4
         # every message applied once, the resync replaced what the neighbours knew of agent 1
@@ -82,9 +99,10 @@ def test_killed_agent_restarts_from_its_snapshot_and_resyncs_choco(ray_cluster, 
         engine.close()
 
 
-def test_agent_killed_from_outside_is_detected_and_replaced(ray_cluster):
+@PACKING
+def test_agent_killed_from_outside_is_detected_and_replaced(ray_cluster, k):
     """SIGKILL an agent's process while the run goes on (D-PSGD, sync); measure detection and recovery."""
-    data = failing()
+    data = failing(k)
     config = load_config(base=data)
     wait_for_idle_cluster()
     from raygossip.engines.common import prepare
@@ -102,11 +120,13 @@ def test_agent_killed_from_outside_is_detected_and_replaced(ray_cluster):
     try:
         started = time.time()
         outcome = engine.run(kill_on_first_record)
-        (failure,) = outcome["extra"]["failures"]
-        assert failure["agent"] == 2 and failure["error"] in ("ActorDiedError", "RayActorError")
-        detection = failure["detected_at_s"] - (killed["at"] - started)
-        assert detection < 10.0
-        assert failure["action"] == "restarted" and failure["recovery_s"] < 60.0
+        failures = outcome["extra"]["failures"]
+        assert [f["agent"] for f in failures] == mates([2], k)
+        for failure in failures:
+            assert failure["error"] in ("ActorDiedError", "RayActorError")
+            detection = failure["detected_at_s"] - (killed["at"] - started)
+            assert detection < 10.0
+            assert failure["action"] == "restarted" and failure["recovery_s"] < 60.0
         assert outcome["extra"]["transport"] == "channels"  # a reader waiting on the dead writer's channel let go
         check_every_record(outcome, config)
         assert outcome["extra"]["steps_per_agent"] == [80] * 4
@@ -115,33 +135,38 @@ def test_agent_killed_from_outside_is_detected_and_replaced(ray_cluster):
         engine.close()
 
 
-def test_two_deaths_at_once_are_both_detected_at_once(ray_cluster):
+@PACKING
+def test_two_deaths_at_once_are_both_detected_at_once(ray_cluster, k):
     """The second death is detected while the first agent is being restarted, not after (D-PSGD, sync)."""
-    data = failing()
+    data = failing(k)
     data["faults"] = {"kill": [{"agent": 0, "round": 7}, {"agent": 2, "round": 7}]}
     engine, outcome = run_ray(load_config(base=data))
     try:
         failures = outcome["extra"]["failures"]
-        assert sorted(f["agent"] for f in failures) == [0, 2]
-        assert all(f["action"] == "restarted" and f["detection_s"] < 3.0 for f in failures), failures
+        assert sorted(f["agent"] for f in failures) == mates([0, 2], k)
+        assert all(f["action"] == "restarted" for f in failures), failures
+        assert all(f["detection_s"] < 3.0 for f in failures if f["agent"] in (0, 2)), failures  # the injected kills
         assert outcome["extra"]["steps_per_agent"] == [80] * 4
     finally:
         engine.close()
 
 
-def test_drop_policy_continues_without_the_dead_agent(ray_cluster):
-    data = failing(runtime__on_failure="drop")
+@PACKING
+def test_drop_policy_continues_without_the_dead_agent(ray_cluster, k):
+    data = failing(k, runtime__on_failure="drop")
     data["gossip"] = CHOCO
     data["faults"] = {"kill": [{"agent": 2, "round": 7}]}
     config = load_config(base=data)
     engine, outcome = run_ray(config)
     try:
         extra = outcome["extra"]
-        assert extra["dropped_agents"] == [2] and extra["restarts"] == 0
-        assert extra["failures"][0]["action"] == "dropped"
-        assert [s["agent"] for s in engine.finished] == [0, 1, 3]
+        dead = mates([2], k)
+        survivors = [i for i in range(4) if i not in dead]
+        assert extra["dropped_agents"] == dead and extra["restarts"] == 0
+        assert all(f["action"] == "dropped" for f in extra["failures"])
+        assert [s["agent"] for s in engine.finished] == survivors
         last = outcome["records"][-1]
-        assert last["agents"] == [0, 1, 3] and len(last["local_test_accuracy"]) == 3
+        assert last["agents"] == survivors and len(last["local_test_accuracy"]) == len(survivors)
         # neighbours 1 and 3 removed agent 2's share of s: the invariant holds over the survivors
         error = engine.choco_consistency_error()
         assert error < 1e-5, (error, link_report(engine), outcome["events"])
@@ -150,22 +175,24 @@ def test_drop_policy_continues_without_the_dead_agent(ray_cluster):
         engine.close()
 
 
-def test_abort_policy_stops_cleanly_and_keeps_what_was_written(ray_cluster, tmp_path):
-    data = failing(runtime__on_failure="abort")
+@PACKING
+def test_abort_policy_stops_cleanly_and_keeps_what_was_written(ray_cluster, tmp_path, k):
+    data = failing(k, runtime__on_failure="abort")
     data["faults"] = {"kill": [{"agent": 0, "round": 50}]}
     config = load_config(base=data)
     wait_for_idle_cluster()
     with pytest.raises(RunAborted, match="agent 0 died"):
         run(config, out_dir=tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["status"] == "aborted" and summary["failures"][0]["agent"] == 0
+    assert summary["status"] == "aborted" and [f["agent"] for f in summary["failures"]] == mates([0], k)
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in metrics] == [40]  # the first epoch's record, written before the failure
     assert not (tmp_path / "model.safetensors").exists()
 
 
-def test_message_loss_and_delay_are_injected_and_counted(ray_cluster):
-    data = failing()
+@PACKING
+def test_message_loss_and_delay_are_injected_and_counted(ray_cluster, k):
+    data = failing(k)
     data["faults"] = {"drop_messages": 0.25, "delay_messages": 0.5, "delay_s": 0.02}
     config = load_config(base=data)
     engine, outcome = run_ray(config)
@@ -178,12 +205,14 @@ def test_message_loss_and_delay_are_injected_and_counted(ray_cluster):
         engine.close()
 
 
-def test_removed_node_moves_its_agents_to_the_survivors(ray_cluster):
-    """Three agents spread over three nodes; the third node goes away mid-run; its agent restarts elsewhere."""
+@PACKING
+def test_removed_node_moves_its_agents_to_the_survivors(ray_cluster, k):
+    """Three actors (of k agents) spread over three nodes; the third node goes away mid-run; its agents restart
+    elsewhere."""
     node = ray_cluster.add_node(num_cpus=2, object_store_memory=128 * 1024**2)
     ray_cluster.wait_for_nodes()
     try:
-        data = failing(agents__count=3, runtime__placement="SPREAD")
+        data = failing(k, agents__count=3 * k, runtime__placement="SPREAD")
         data["topology"] = {"name": "complete"}
         config = load_config(base=data)
         wait_for_idle_cluster()
@@ -207,7 +236,8 @@ def test_removed_node_moves_its_agents_to_the_survivors(ray_cluster):
             assert sorted(f["agent"] for f in failures) == sorted(on_doomed)
             assert all(f["action"] == "restarted" and f["node"] != doomed for f in failures)
             assert all(f["snapshot"] == "sent" for f in failures)  # a copy on the coordinator's node survived
-            assert outcome["extra"]["steps_per_agent"] == [80] * 3
+            assert len(on_doomed) == k
+            assert outcome["extra"]["steps_per_agent"] == [80] * 3 * k
             check_every_record(outcome, config)
         finally:
             engine.close()

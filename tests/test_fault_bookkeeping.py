@@ -9,7 +9,8 @@ from raygossip.config import FaultsConfig, KillConfig, load_config
 from raygossip.core.agent import AgentCore
 from raygossip.core.faults import MessageFate, kill_schedule
 from raygossip.data.datasets import load_dataset
-from raygossip.engines.mailbox import Letter, Mailbox
+from raygossip.core.mailbox import Mailbox
+from raygossip.core.wire import Kind, Letter
 from raygossip.errors import UserError
 from raygossip.presets import quickstart
 
@@ -78,7 +79,7 @@ def test_faults_need_the_ray_engine_and_a_known_policy():
 
 
 def letter(sender: int, seq: int, round_index: int, incarnation: int = 0, kind: str = "q") -> Letter:
-    return Letter(sender, round_index, None, 0.0, 0.0, seq=seq, incarnation=incarnation, final=kind == "fin", kind=kind)
+    return Letter(sender, round_index, Kind(kind), None, 0.0, 0.0, seq=seq, incarnation=incarnation)
 
 
 def test_mailbox_new_incarnation_replaces_the_old_stream_and_refuses_late_old_letters():
@@ -88,7 +89,7 @@ def test_mailbox_new_incarnation_replaces_the_old_stream_and_refuses_late_old_le
     box.mark_down(1)
     assert box.has_round(1, 5, 1.0)  # down: nobody waits for it
     box.put(letter(1, 0, 3, incarnation=1, kind="full"))  # the restarted sender's first letter
-    assert 1 not in box.down and [l.kind for l in box.queues[1]] == ["full"]
+    assert 1 not in box.down and [l.kind for l in box.queues[1]] == [Kind.FULL]
     box.put(letter(1, 1, 1))  # the old life's late letter
     assert box.refused == 1 and len(box.queues[1]) == 1
     assert box.has_round(1, 3, 1.0) and not box.has_round(1, 4, 1.0)

@@ -11,19 +11,20 @@ from raygossip.core.plan import RunPlan, _round_plan, averaging_rate
 STEPS_PER_EPOCH = 6
 
 
-def run_plan(topology: str, rule: str, communication: dict, rate: dict, agents: int = 8, local_steps: int = 1) -> RunPlan:
+def run_plan(topology: str, rule: str, communication: dict, rate: dict, agents: int = 8, local_steps: int = 1,
+             params: dict | None = None) -> RunPlan:
     config = from_dict(Config, {
         "seed": 3,
         "data": {"name": "digits"},
         "model": {"name": "mlp"},
         "agents": {"count": agents},
-        "topology": {"name": topology},
+        "topology": {"name": topology, "params": params or {}},
         "train": {"epochs": 5, "local_steps": local_steps},
         "gossip": {"rule": rule},
         "schedule": {"averaging_rate": rate, "communication": communication},
     })
     validate(config)
-    return RunPlan(config, build_topology(topology, agents, "uniform"), STEPS_PER_EPOCH)
+    return RunPlan(config, build_topology(topology, agents, "uniform", params), STEPS_PER_EPOCH)
 
 
 def scratch_plan(plan: RunPlan, round_index: int):
@@ -34,7 +35,7 @@ def scratch_plan(plan: RunPlan, round_index: int):
 def _communicates(plan: RunPlan, round_index: int) -> bool:
     from raygossip.algorithms.schedules import round_communicates
 
-    comm = plan.config.schedule.communication
+    comm = plan.communication(round_index)
     progress = (plan.last_step_of_round(round_index) + 1) / plan.total_steps
     return round_communicates(comm.kind, round_index, progress,
                               {"start": comm.start, "width": comm.width, "sparse_every": comm.sparse_every})
@@ -49,12 +50,19 @@ CASES = [
      {"kind": "step", "gamma0": 0.25, "milestones": [2, 4], "factor": 2.0}, 2),
     ("ring", "adagossip", {"kind": "window", "start": 0.2, "width": 0.3, "sparse_every": 2}, {"kind": "constant"}, 3),
     ("complete", "dpsgd", {"kind": "none"}, {"kind": "constant"}, 1),
+    ("ring", "dpsgd", {"kind": "allreduce"}, {"kind": "constant"}, 1),
+    ("random", "dpsgd", {"kind": "every"}, {"kind": "constant"}, 1),
+    ("one_peer_exponential", "dpsgd", {"phases": [
+        {"until": 0.5, "kind": "probability", "p": 0.2, "pull": "random_peer"}, {"until": 0.7, "kind": "allreduce"},
+        {"until": 0.9, "kind": "every"}, {"until": 1.0, "kind": "window", "start": 0.95, "width": 0.02}]},
+     {"kind": "constant"}, 1),
 ]
+PARAMS = {"random": {"r": 1.2}}
 
 
 @pytest.mark.parametrize("topology,rule,communication,rate,local_steps", CASES)
 def test_memoised_round_plans_and_gamma_equal_fresh_ones(topology, rule, communication, rate, local_steps) -> None:
-    plan = run_plan(topology, rule, communication, rate, local_steps=local_steps)
+    plan = run_plan(topology, rule, communication, rate, local_steps=local_steps, params=PARAMS.get(topology))
     rounds = list(range(plan.total_rounds))
     schedule = averaging_rate(plan.config)
     for order in (rounds, rounds[::-1], rounds[::7] + rounds):

@@ -93,3 +93,45 @@ def test_ray_driver_killed_mid_run_resumes_to_identical_results(ray_cluster, tmp
     assert kinds.count("checkpoint_written") == 15  # every 3rd round of 48 but the last, over both lives
     assert same_model(whole_dir, out)
     assert without_time(out) == without_time(whole_dir)
+
+
+class DriverLost(Exception):
+    """Raised from the observer: the driver stops part way, after a checkpoint, and its actors are killed."""
+
+
+@pytest.mark.parametrize(
+    "mode, rule, on_failure",
+    [("bounded", "choco", "abort"), ("async", "adagossip", "abort"), ("async", "choco", "restart"),
+     ("bounded", "adagossip", "drop")],
+)
+def test_a_resumed_bounded_or_async_run_loses_no_message_in_flight(ray_cluster, tmp_path, mode, rule, on_failure):
+    """A bounded/async checkpoint does not drain the inboxes: on resume every agent resends its whole public copy,
+    which its neighbours apply against what they knew of it, whatever runtime.on_failure says (issue 18: under
+    abort the agents kept no copies of their neighbours' public copies, and the letters in flight were lost)."""
+    data = small(runtime__mode=mode, runtime__on_failure=on_failure)
+    data["gossip"] = {"rule": rule, "gamma": 0.5, "compressor": {"name": "top_k", "ratio": 0.1}}
+    data["schedule"]["averaging_rate"] = {"kind": "constant"}
+    data["train"].update(epochs=4, steps_per_epoch=12)
+    data["runtime"].update(checkpoint_every=3, finish_quorum=1.0)
+    data["runtime"]["timing"] = {"step_time_s": 0.02, "latency_s": 0.03}  # letters in flight at every barrier
+    config = load_config(base=data)
+    out = tmp_path / "run"
+
+    def lose_the_driver(record: dict) -> None:
+        if record["step"] >= 24:
+            raise DriverLost
+
+    wait_for_idle_cluster()
+    with pytest.raises(DriverLost):
+        run(config, out_dir=out, observer=lose_the_driver)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert 0 < manifest["step"] < 48
+    wait_for_idle_cluster()
+    from raygossip.api import resume
+
+    result = resume(out)
+    summary = result.summary
+    assert summary["status"] == "finished"
+    assert [e["kind"] for e in summary["events"]].count("resumed") == 1
+    assert summary["public_copy_error"] < 1e-5, summary["public_copy_error"]
+    assert summary["resyncs"] >= 8  # each of the 4 agents took the whole public copy of its 2 neighbours

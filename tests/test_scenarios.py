@@ -60,7 +60,7 @@ def test_paper_and_cpu_configs_cover_the_papers():
     merge = load_config(REPO / "configs" / "papers" / "single_merge_cifar100_resnet18.yaml")
     comm = merge.schedule.communication
     assert (comm.kind, comm.p, comm.pull, merge.train.local_steps, merge.train.optimizer) == (
-        "probability", 0.2, "random_peer", 100, "adamw")
+        "probability", 0.2, "random_peer", 100, "sgd")
     assert merge.schedule.final_merge.enabled
     for path in sorted((REPO / "configs" / "cpu").glob("*.yaml")):
         config = load_config(path)
@@ -75,6 +75,7 @@ def test_scenario_variants_build_at_every_scale(module, scale):
     assert len(labels) == len(set(labels)) and len(labels) >= 3
     names = {config.name for _, config in variants}
     assert len(names) == len(labels)  # one config name (and run folder) per variant
+    assert [config.label for _, config in variants] == labels  # what `raygossip compare` names its groups by
 
 
 def test_ars_variants_scale_the_ramp_to_training_length():

@@ -2,13 +2,18 @@
 
 import numpy as np
 import pytest
+import torch
 
+from raygossip.algorithms.compressors import make_compressor
+from raygossip.algorithms.consensus import dpsgd
 from raygossip.algorithms.schedules import (
     active_agents,
+    allreduce_plan,
     ars_exponential,
     as_schedule,
     cosine_ramp,
     linear_ramp,
+    phase_index,
     plan_round,
     round_communicates,
     step_ramp,
@@ -68,6 +73,8 @@ def test_ramp_values(schedule, epoch, expected):
         ("window", 1, 0.3, {"start": 0.25, "width": 0.25, "sparse_every": 0}, True),
         ("window", 1, 0.5, {"start": 0.25, "width": 0.25, "sparse_every": 0}, False),
         ("window", 1, 0.1, {"start": 0.25, "width": 0.25, "sparse_every": 0}, False),
+        ("allreduce", 7, 0.77, {}, True),
+        ("probability", 7, 0.77, {}, True),
     ],
 )
 def test_round_communicates(kind, round_index, progress, params, expected):
@@ -108,3 +115,47 @@ def test_choco_plan_pushes_from_active_agents_to_all_neighbours():
     assert set(plan.edges) == {(0, 1), (0, 5), (3, 2), (3, 4)}
     assert plan.mixers == frozenset(range(6))
     assert plan.weights[1][1] == {0: pytest.approx(1 / 3), 2: pytest.approx(1 / 3)}
+
+
+@pytest.mark.parametrize(
+    "untils, progress, expected",
+    [
+        ([0.75, 0.8, 1.0], 0.01, 0),
+        ([0.75, 0.8, 1.0], 0.7499, 0),
+        ([0.75, 0.8, 1.0], 0.75, 1),  # a phase starts at the previous until
+        ([0.75, 0.8, 1.0], 0.7999, 1),
+        ([0.75, 0.8, 1.0], 0.8, 2),
+        ([0.75, 0.8, 1.0], 1.0, 2),  # the last round ends at progress 1: the last phase
+        ([1.0], 0.3, 0),
+        ([1.0], 1.0, 0),
+    ],
+)
+def test_phase_index(untils, progress, expected):
+    assert phase_index(untils, progress) == expected
+
+
+@pytest.mark.parametrize("n", [2, 5, 12, 16])
+def test_allreduce_plan_pulls_everyone_with_weight_one_over_n(n):
+    plan = allreduce_plan(n, 3)
+    assert plan.round == 3 and plan.mixers == frozenset(range(n)) and len(plan.edges) == n * (n - 1)
+    for i in range(n):
+        assert plan.senders_to(i) == [j for j in range(n) if j != i]
+        self_weight, row = plan.weights[i]
+        assert self_weight == 1 / n and set(row.values()) == {1 / n} and len(row) == n - 1
+
+
+@pytest.mark.parametrize("n, gamma", [(5, 1.0), (12, 1.0), (16, 1.0), (12, 0.3)])
+def test_allreduce_with_dpsgd_gives_the_exact_average_at_gamma_one(n, gamma):
+    rule = dpsgd(make_compressor("identity", [7]))
+    xs = [torch.randn(7, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i in range(n)]
+    average = torch.stack(xs).mean(dim=0)
+    plan = allreduce_plan(n, 0)
+    out = []
+    for i in range(n):
+        state = rule.init(xs[i])
+        for j in plan.senders_to(i):
+            state = rule.absorb(state, xs[j], plan.weights[i][1][j])
+        x, _ = rule.mix(xs[i].clone(), state, plan.weights[i][0], gamma)
+        out.append(x)
+    for i in range(n):
+        torch.testing.assert_close(out[i], xs[i] + gamma * (average - xs[i]), rtol=0, atol=1e-12)

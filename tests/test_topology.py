@@ -11,10 +11,12 @@ from raygossip.algorithms.topology import (
     TOPOLOGIES,
     Topology,
     build_topology,
+    edges_from_graph,
     mixing_matrix,
     spectral_report,
     topology_from_graph,
 )
+from raygossip.config import dump_yaml, load_config
 from raygossip.errors import UserError
 
 WEIGHTS = ["uniform", "metropolis"]
@@ -26,16 +28,19 @@ CASES = [
     ("torus", 12, {"rows": 3}),
     ("circulant", 16, {"offsets": [1, 4]}),
     ("dyck", 32, None),
+    ("adagossip_dyck", 32, None),
     ("lcf", 32, {"shifts": [13, -13]}),
     ("petersen", 10, None),
     ("exponential", 16, None),
     ("exponential", 12, None),
     ("one_peer_exponential", 16, None),
     ("complete", 8, None),
+    ("random", 16, {"r": 0.2}),
     ("random_regular", 16, {"degree": 3, "seed": 1}),
     ("erdos_renyi", 16, {"p": 0.3, "seed": 2}),
     ("edges", 5, {"edges": [[0, 1], [1, 2], [2, 3], [3, 4], [1, 3]]}),
 ]
+UNIFORM_ONLY = {"random"}  # weights 1/(pulls+1) by definition
 REGULAR = {"ring", "torus", "circulant", "dyck", "lcf", "petersen", "exponential", "complete", "random_regular"}
 
 
@@ -57,6 +62,7 @@ LAMBDA2 = [
     ("circulant", 16, {"offsets": [1, 5]}, 0.723),
     ("torus", 16, None, 0.600),  # the 4x4 torus is isomorphic to C16(1, 4)
     ("dyck", 32, None, (1 + math.sqrt(5)) / 4),  # adjacency spectrum +-3, +-sqrt5, +-1: 0.809
+    ("adagossip_dyck", 32, None, 0.854),  # the AdaGossip code's own "Dyck" adjacency list
     ("lcf", 32, {"shifts": [13, -13]}, 0.854),  # DESIGN.md's "Dyck-32" reference value is this graph's
     ("lcf", 32, {"shifts": [5, -5]}, 0.913),  # DESIGN.md's LCF [5,-5]^16, which is not the Dyck graph
     ("petersen", 10, None, 0.5),  # adjacency spectrum 3, 1, -2 -> (1 + 1) / 4
@@ -90,6 +96,7 @@ def test_path_metropolis_differs_from_uniform() -> None:
 @pytest.mark.parametrize("name,n,params", CASES)
 @pytest.mark.parametrize("weights", WEIGHTS)
 def test_mixing_sums(name: str, n: int, params: dict | None, weights: str) -> None:
+    weights = "uniform" if name in UNIFORM_ONLY else weights
     topo = build_topology(name, n, weights, params)
     for t in range(topo.period()):
         w = topo.mixing(t)
@@ -129,6 +136,7 @@ def test_mixing_matrix_by_hand(edges: list, weights: str, expected: list) -> Non
         ("torus", 16, None, 16, 4, 32),
         ("torus", 15, None, 15, 4, 30),  # 3x5
         ("dyck", 32, None, 32, 3, 48),
+        ("adagossip_dyck", 32, None, 32, 3, 48),
         ("petersen", 10, None, 10, 3, 15),
         ("exponential", 16, None, 16, 7, 56),  # distances 1, 2, 4, 8; 8 is its own mirror
         ("circulant", 16, {"offsets": [1, 5]}, 16, 4, 32),
@@ -146,6 +154,14 @@ def test_regular_structure(name: str, n: int, params: dict | None, nodes: int, d
 def test_torus_is_a_wraparound_grid() -> None:
     graph = build_topology("torus", 12, params={"rows": 3, "cols": 4}).graph
     assert nx.is_isomorphic(graph, nx.grid_2d_graph(3, 4, periodic=True))
+
+
+def test_adagossip_dyck_is_the_authors_adjacency_list_not_the_dyck_graph() -> None:
+    graph = build_topology("adagossip_dyck", 32).graph
+    assert sorted(graph.neighbors(0)) == [1, 7, 8] and sorted(graph.neighbors(31)) == [15, 24, 30]
+    assert sorted(graph.neighbors(17)) == [1, 16, 18]
+    assert not nx.is_isomorphic(graph, build_topology("dyck", 32).graph)
+    assert not nx.is_isomorphic(graph, build_topology("lcf", 32, params={"shifts": [13, -13]}).graph)
 
 
 def test_dyck_is_the_dyck_graph() -> None:
@@ -203,12 +219,74 @@ def test_one_peer_report() -> None:
     assert (report["min_degree"], report["max_degree"], report["edges"]) == (1, 1, 56)
 
 
+# ---------------------------------------------------------------- random pulls (the single-merge paper's topology)
+
+
+@pytest.mark.parametrize(
+    "n,r,base,pulls",
+    [
+        (16, 0.2, None, {0, 1}),
+        (16, 1.0, None, {1}),
+        (16, 2.5, None, {2, 3}),
+        (8, 7, None, {7}),  # everyone: the exact average
+        (16, 1.5, {"name": "ring"}, {1, 2}),
+        (16, 2, {"name": "circulant", "params": {"offsets": [1, 4]}}, {2}),
+    ],
+)
+def test_random_rows_pull_floor_r_plus_a_coin_with_equal_weights(n: int, r: float, base: dict | None, pulls: set) -> None:
+    topo = build_topology("random", n, params={"r": r, "base": base})
+    allowed = build_topology(base["name"], n, params=base.get("params")) if base else build_topology("complete", n)
+    seen = set()
+    for t in range(40):
+        w = topo.mixing(t, seed=3)
+        np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-12)
+        for i in range(n):
+            pulled = topo.in_neighbors(i, t, seed=3)
+            seen.add(len(pulled))
+            assert set(pulled) <= set(allowed.in_neighbors(i))
+            assert w[i, i] == 1 / (len(pulled) + 1) and all(w[i, j] == 1 / (len(pulled) + 1) for j in pulled)
+            assert np.count_nonzero(w[i]) == len(pulled) + 1
+    assert seen == pulls
+
+
+def test_random_pulls_with_probability_frac_r_and_uniformly() -> None:
+    topo = build_topology("random", 16, params={"r": 0.2})
+    ws = np.stack([topo.mixing(t, seed=0) for t in range(3000)])
+    pulled = (ws > 0).sum(axis=2) - 1  # rounds x agents
+    assert pulled.mean() == pytest.approx(0.2, abs=0.01)
+    counts = (ws > 0).sum(axis=0) - np.eye(16) * 3000  # how often i pulled j
+    off = counts[~np.eye(16, dtype=bool)]
+    assert off.mean() == pytest.approx(0.2 * 3000 / 15, abs=2)
+    assert off.min() > 15 and off.max() < 70  # uniform over the 15 others (expected 40 each)
+
+
+def test_random_is_seeded_time_varying_and_never_periodic() -> None:
+    topo = build_topology("random", 16, params={"r": 1.2})
+    assert topo.time_varying and topo.period() == 0 and topo.graph is None
+    np.testing.assert_array_equal(topo.mixing(5, seed=1), build_topology("random", 16, params={"r": 1.2}).mixing(5, seed=1))
+    assert not np.array_equal(topo.mixing(5, seed=1), topo.mixing(6, seed=1))
+    assert not np.array_equal(topo.mixing(5, seed=1), topo.mixing(5, seed=2))
+
+
+def test_random_expected_w_and_report() -> None:
+    report = spectral_report(build_topology("random", 16, params={"r": 0.2}))
+    # E[W] = 0.9 I + 0.1/15 (J - I): second eigenvalue 0.9 - 0.1/15
+    assert report["lambda2"] == pytest.approx(0.9 - 0.1 / 15, abs=1e-12)
+    expected = {"min_degree": 0, "max_degree": 1, "edges": 120, "period": 0, "time_varying": True,
+                "row_stochastic": True, "doubly_stochastic": False, "symmetric": False, "diameter": None}
+    assert {k: report[k] for k in expected} == expected
+    assert spectral_report(build_topology("random", 8, params={"r": 7}))["lambda2"] == pytest.approx(0.0, abs=1e-12)
+    ring = spectral_report(build_topology("random", 16, params={"r": 2, "base": {"name": "ring"}}))
+    assert ring["lambda2"] == pytest.approx(spectral_report(build_topology("ring", 16))["lambda2"], abs=1e-12)
+    assert ring["edges"] == 16
+
+
 # ---------------------------------------------------------------- report
 
 
 @pytest.mark.parametrize("name,n,params", CASES)
 def test_report_is_json(name: str, n: int, params: dict | None) -> None:
-    report = spectral_report(build_topology(name, n, "metropolis", params))
+    report = spectral_report(build_topology(name, n, "uniform" if name in UNIFORM_ONLY else "metropolis", params))
     keys = {"name", "agents", "weights", "lambda2", "spectral_gap", "min_degree", "max_degree", "doubly_stochastic",
             "symmetric", "row_stochastic", "time_varying", "edges", "diameter"}
     assert keys <= report.keys()
@@ -236,6 +314,20 @@ ERRORS = [
     ("ring", 16, "uniform", {"k": 2}, "topology.params.k"),
     ("ring", 16, "uniform", [1, 4], "topology.params"),
     ("dyck", 16, "uniform", None, "agents.count"),
+    ("adagossip_dyck", 16, "uniform", None, "agents.count"),
+    ("random", 16, "uniform", None, "topology.params.r"),  # required
+    ("random", 16, "uniform", {"r": 0}, "topology.params.r"),
+    ("random", 16, "uniform", {"r": "0.2"}, "topology.params.r"),
+    ("random", 16, "uniform", {"r": 16}, "topology.params.r"),  # only 15 others
+    ("random", 16, "uniform", {"r": 2.5, "base": {"name": "ring"}}, "topology.params.r"),  # 2 ring neighbours
+    ("random", 16, "metropolis", {"r": 0.2}, "topology.weights"),
+    ("random", 16, "uniform", {"r": 0.2, "base": "ring"}, "topology.params.base"),
+    ("random", 16, "uniform", {"r": 0.2, "base": {"name": "ring", "weights": "uniform"}}, "topology.params.base"),
+    ("random", 16, "uniform", {"r": 0.2, "base": {"name": "random", "params": {"r": 1}}}, "topology.params.base.name"),
+    ("random", 16, "uniform", {"r": 0.2, "base": {"name": "one_peer_exponential"}}, "topology.params.base.name"),
+    ("random", 16, "uniform", {"r": 0.2, "base": {"name": "rng"}}, "topology.params.base: topology.name"),
+    ("random", 16, "uniform", {"r": 0.2, "base": {"name": "torus", "params": {"rows": 3}}},
+     "topology.params.base: topology.params.rows"),
     ("petersen", 12, "uniform", None, "agents.count"),
     ("torus", 14, "uniform", None, "agents.count"),  # 2x7 only
     ("torus", 16, "uniform", {"rows": 3}, "topology.params.rows"),
@@ -282,7 +374,7 @@ def test_build_errors(name: str, n: int, weights: str, params: dict | None, fiel
 
 
 def test_error_messages_list_allowed() -> None:
-    with pytest.raises(UserError, match="allowed: circulant, complete, dyck"):
+    with pytest.raises(UserError, match="allowed: adagossip_dyck, circulant, complete, dyck"):
         build_topology("rng", 16)
     with pytest.raises(UserError, match="allowed: metropolis, uniform"):
         build_topology("ring", 16, "max")
@@ -314,3 +406,43 @@ def test_from_graph_bad_weights() -> None:
     with pytest.raises(UserError) as excinfo:
         topology_from_graph(nx.path_graph(3), "max")
     assert_user_error(excinfo, "topology.weights")
+
+
+# ---------------------------------------------------------------- a networkx graph as the config's topology
+
+
+def test_a_graph_becomes_the_edges_topology_over_sorted_relabelled_nodes():
+    graph = nx.Graph([("c", "a"), ("a", "b"), ("b", "c"), ("c", "d")])
+    count, section = edges_from_graph(graph, "metropolis")
+    assert count == 4
+    assert section == {"name": "edges", "weights": "metropolis", "params": {"edges": [[0, 1], [0, 2], [1, 2], [2, 3]]}}
+    built = build_topology(section["name"], count, section["weights"], section["params"])
+    np.testing.assert_array_equal(built.mixing(), topology_from_graph(graph, "metropolis").mixing())
+
+
+def test_load_config_takes_a_graph_for_the_topology_and_its_yaml_loads_back(tmp_path):
+    graph = nx.petersen_graph()
+    config = load_config(base={"topology": graph}, overrides=["topology.weights=metropolis"])
+    assert config.agents.count == 10 and config.topology.name == "edges"
+    assert config.topology.weights == "metropolis" and len(config.topology.params["edges"]) == 15
+    (tmp_path / "config.yaml").write_text(dump_yaml(config))
+    assert load_config(tmp_path / "config.yaml") == config
+    assert load_config(base={"topology": graph, "agents": {"count": 10}}).agents.count == 10
+
+
+@pytest.mark.parametrize("base, field, words", [
+    ({"topology": nx.petersen_graph(), "agents": {"count": 8}}, "agents.count", "10 nodes"),
+    ({"topology": nx.Graph([(0, 1), (2, 3)])}, "topology", "disconnected"),
+    ({"topology": nx.DiGraph([(0, 1), (1, 0)])}, "topology", "undirected"),
+    ({"topology": nx.Graph([(0, 0), (0, 1)])}, "topology", "self-loops"),
+])
+def test_a_graph_that_cannot_be_the_topology_is_a_one_line_error(base, field, words):
+    with pytest.raises(UserError) as caught:
+        load_config(base=base)
+    assert caught.value.field == field and words in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_edges_from_graph_refuses_what_is_not_a_graph():
+    with pytest.raises(UserError) as caught:
+        edges_from_graph([[0, 1], [1, 2]])
+    assert caught.value.field == "topology" and "networkx graph" in str(caught.value)

@@ -11,9 +11,12 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from .bits import pack_bits, unpack_bits
+from .index_coding import decode_indices, encode_indices
 
 __all__ = [
     "COMPRESSORS",
+    "INDEX_CODINGS",
     "SCOPES",
     "Compressed",
     "Compressor",
@@ -29,6 +32,7 @@ __all__ = [
 ]
 
 SCOPES = ("tensor", "global")
+INDEX_CODINGS = ("plain", "entropy")  # how top_k / random_k send their index sets
 _WIRE_FLOATS = (torch.float16, torch.float32, torch.float64)
 
 
@@ -76,55 +80,20 @@ class Compressor(NamedTuple):
 
 
 def index_dtype(n: int) -> torch.dtype:
-    """Smallest integer dtype holding indices 0..n-1: uint8 (n <= 256), int16, int32, else int64.
+    """Smallest integer dtype holding indices 0..n-1: uint8 (n <= 2**8), uint16 (n <= 2**16), int32, else int64.
 
-    uint8 is used on the wire although torch would read a uint8 index tensor as a boolean mask:
+    Unsigned types are used on the wire although torch reads a uint8 index tensor as a boolean mask:
     decompressors always widen indices to int64 before indexing, so this is safe.
     """
     if n < 0:
         raise ValueError(f"index_dtype: n must be >= 0, got {n}")
     if n <= 1 << 8:
         return torch.uint8
-    if n <= 1 << 15:
-        return torch.int16
+    if n <= 1 << 16:
+        return torch.uint16
     if n <= 1 << 31:
         return torch.int32
     return torch.int64
-
-
-def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integers in [0, 2**bits) into uint8, `bits` bits each, most significant bit first.
-
-    The stream is the values' bits concatenated (each value MSB first), zero-padded to whole
-    bytes, each byte MSB first: for bits=1 this equals numpy.packbits. Output has ceil(n*bits/8)
-    bytes. Vectorized, on the input's device.
-    """
-    _check_pack_width(bits)
-    v = values.reshape(-1).to(torch.uint8)
-    shifts = torch.arange(bits - 1, -1, -1, device=v.device, dtype=torch.uint8)
-    stream = ((v.unsqueeze(1) >> shifts) & 1).reshape(-1)
-    pad = (-stream.numel()) % 8
-    if pad:
-        stream = torch.cat([stream, stream.new_zeros(pad)])
-    byte_shifts = torch.arange(7, -1, -1, device=v.device, dtype=torch.uint8)
-    return (stream.view(-1, 8) << byte_shifts).sum(dim=1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of `pack_bits`: the first n values (uint8) of a stream packed at `bits` bits each."""
-    _check_pack_width(bits)
-    if packed.numel() * 8 < n * bits:
-        raise ValueError(f"unpack_bits: {packed.numel()} bytes cannot hold {n} x {bits} bits")
-    p = packed.reshape(-1).to(torch.uint8)
-    byte_shifts = torch.arange(7, -1, -1, device=p.device, dtype=torch.uint8)
-    stream = ((p.unsqueeze(1) >> byte_shifts) & 1).reshape(-1)[: n * bits]
-    shifts = torch.arange(bits - 1, -1, -1, device=p.device, dtype=torch.uint8)
-    return (stream.view(n, bits) << shifts).sum(dim=1, dtype=torch.uint8)
-
-
-def _check_pack_width(bits: int) -> None:
-    if not 1 <= bits <= 8:
-        raise ValueError(f"bit width must be in 1..8, got {bits}")
 
 
 def _wire_float(dtype: torch.dtype) -> torch.dtype:
@@ -171,6 +140,13 @@ def _check_ratio(ratio: float | None, name: str) -> float:
     return float(ratio)
 
 
+def _check_index_coding(coding: str) -> str:
+    if coding not in INDEX_CODINGS:
+        raise UserError("gossip.compressor.index_coding",
+                        f"unknown index coding {coding!r}; choose one of {', '.join(INDEX_CODINGS)}")
+    return coding
+
+
 def _check_bits(bits: int | None) -> int:
     field = "gossip.compressor.bits"
     if bits is None:
@@ -181,22 +157,30 @@ def _check_bits(bits: int | None) -> int:
 
 
 # --------------------------------------------------------------------------- sparse layout
-# top_k / random_k wire: "values" (input float dtype) and "indices", all segments concatenated
-# in segment order, k_s entries for segment s; indices are local to their segment, stored at
-# index_dtype(max segment size). The k_s are fixed by (segments, ratio), so they are not sent.
+# top_k / random_k wire: "values" (input float dtype), all segments concatenated in segment order,
+# k_s entries for segment s, and their index sets. The k_s are fixed by (segments, ratio), so they are
+# not sent. index_coding "plain": "indices", local to their segment, at index_dtype(max segment size).
+# "entropy": "coding" and "bits" of index_coding.encode_indices, values in ascending index order.
 
 
-def _sparse_pack(
-    values: list[torch.Tensor], indices: list[torch.Tensor], sizes: tuple[int, ...], numel: int
-) -> Compressed:
-    idx = torch.cat(indices).to(index_dtype(max(sizes)))
-    return Compressed({"values": torch.cat(values), "indices": idx}, numel)
+def _sparse_pack(values: list[torch.Tensor], indices: list[torch.Tensor], sizes: tuple[int, ...], numel: int,
+                 coding: str) -> Compressed:
+    if coding == "plain":
+        idx = torch.cat(indices).to(index_dtype(max(sizes)))
+        return Compressed({"values": torch.cat(values), "indices": idx}, numel)
+    order = [torch.argsort(i) for i in indices]
+    arrays = encode_indices([i[o] for i, o in zip(indices, order)], sizes)
+    return Compressed({"values": torch.cat([v[o] for v, o in zip(values, order)]), **arrays}, numel)
 
 
 def _sparse_decompress(c: Compressed, sizes: tuple[int, ...], ks: tuple[int, ...]) -> torch.Tensor:
     values = c.arrays["values"]
+    if "indices" in c.arrays:
+        local = c.arrays["indices"].to(torch.int64)  # widen before indexing
+    else:
+        local = torch.cat(decode_indices(c.arrays, sizes, ks))
     offsets = torch.tensor([0, *itertools.accumulate(sizes[:-1])], device=values.device)
-    where = c.arrays["indices"].to(torch.int64) + _expand(offsets, ks)  # widen before indexing
+    where = local.to(values.device) + _expand(offsets, ks)
     out = torch.zeros(c.numel, dtype=values.dtype, device=values.device)
     out[where] = values
     return out
@@ -219,9 +203,13 @@ def identity(segments: Sequence[int]) -> Compressor:
     return Compressor("identity", compress, decompress, unbiased=True)
 
 
-def top_k(segments: Sequence[int], ratio: float | None) -> Compressor:
-    """Keep, per segment, the k = max(1, ceil(ratio*size)) entries of largest |value| (biased)."""
+def top_k(segments: Sequence[int], ratio: float | None, *, index_coding: str = "plain") -> Compressor:
+    """Keep, per segment, the k = max(1, ceil(ratio*size)) entries of largest |value| (biased).
+
+    index_coding: "plain" integer indices, or "entropy" (Rice-coded gaps or a bitmap per segment).
+    """
     ratio = _check_ratio(ratio, "top_k")
+    coding = _check_index_coding(index_coding)
     sizes = _check_segments(segments)
     ks = tuple(_keep_count(s, ratio) for s in sizes)
 
@@ -229,18 +217,20 @@ def top_k(segments: Sequence[int], ratio: float | None) -> Compressor:
         x = _check_input(x, sizes).to(_wire_float(x.dtype))
         idx = [torch.topk(seg.abs(), k, sorted=False).indices for seg, k in zip(x.split(sizes), ks)]
         vals = [seg[i] for seg, i in zip(x.split(sizes), idx)]
-        return _sparse_pack(vals, idx, sizes, x.numel())
+        return _sparse_pack(vals, idx, sizes, x.numel(), coding)
 
     return Compressor("top_k", compress, lambda c: _sparse_decompress(c, sizes, ks), unbiased=False)
 
 
-def random_k(segments: Sequence[int], ratio: float | None, *, scaled: bool = False) -> Compressor:
+def random_k(segments: Sequence[int], ratio: float | None, *, scaled: bool = False,
+             index_coding: str = "plain") -> Compressor:
     """Keep, per segment, k uniformly random entries (without replacement, from `generator`).
 
     Unscaled (CHOCO's choice) E[C(x)] = (k/size) x; scaled multiplies kept values by size/k,
-    which makes it unbiased.
+    which makes it unbiased. index_coding as for top_k.
     """
     ratio = _check_ratio(ratio, "random_k")
+    coding = _check_index_coding(index_coding)
     sizes = _check_segments(segments)
     ks = tuple(_keep_count(s, ratio) for s in sizes)
 
@@ -252,7 +242,7 @@ def random_k(segments: Sequence[int], ratio: float | None, *, scaled: bool = Fal
             v = seg[i]
             idx.append(i)
             vals.append(v * (seg.numel() / k) if scaled and k else v)
-        return _sparse_pack(vals, idx, sizes, x.numel())
+        return _sparse_pack(vals, idx, sizes, x.numel(), coding)
 
     return Compressor("random_k", compress, lambda c: _sparse_decompress(c, sizes, ks), unbiased=scaled)
 
@@ -328,8 +318,8 @@ COMPRESSORS: dict[str, Callable[..., Compressor]] = {
 
 _PARAMS: dict[str, tuple[str, ...]] = {  # which make_compressor keywords each factory takes
     "identity": (),
-    "top_k": ("ratio",),
-    "random_k": ("ratio", "scaled"),
+    "top_k": ("ratio", "index_coding"),
+    "random_k": ("ratio", "scaled", "index_coding"),
     "qsgd": ("bits", "scaled"),
     "sign": (),
 }
@@ -343,17 +333,19 @@ def make_compressor(
     bits: int | None = None,
     scope: str = "tensor",
     scaled: bool = False,
+    index_coding: str = "plain",
 ) -> Compressor:
     """Build a compressor by name. scope "tensor" compresses each segment (parameter tensor)
     separately; "global" treats the whole vector as one segment. Parameters a compressor does
-    not use (e.g. bits for top_k) are ignored."""
+    not use (e.g. bits for top_k) are ignored; index_coding is checked for every name."""
     if name not in COMPRESSORS:
         allowed = list(COMPRESSORS)
         raise UserError("gossip.compressor.name", f"unknown compressor {name!r}; choose one of {allowed}")
     if scope not in SCOPES:
         raise UserError("gossip.compressor.scope", f"unknown scope {scope!r}; choose one of {list(SCOPES)}")
+    _check_index_coding(index_coding)
     sizes = _check_segments(segments)
     if scope == "global":
         sizes = (sum(sizes),)
-    given = {"ratio": ratio, "bits": bits, "scaled": scaled}
+    given = {"ratio": ratio, "bits": bits, "scaled": scaled, "index_coding": index_coding}
     return COMPRESSORS[name](sizes, **{k: given[k] for k in _PARAMS[name]})

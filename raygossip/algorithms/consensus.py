@@ -9,7 +9,7 @@ as pure transformations of an explicit state record.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
@@ -21,21 +21,33 @@ Tensor = torch.Tensor
 
 
 @dataclass
-class RuleState:
-    """Everything a rule keeps between rounds. Unused fields stay None (O(1) vectors per agent)."""
+class DpsgdState:
+    """D-PSGD: the weighted sum of the neighbour models received this round, and its total weight."""
 
-    x_hat: Tensor | None = None  # CHOCO public copy of own parameters
-    s: Tensor | None = None  # CHOCO: sum_j W_ij x_hat_j over neighbours
-    u: Tensor | None = None  # AdaGossip second moment of the gossip error
-    acc: Tensor | None = None  # D-PSGD: sum of weighted neighbour parameters received this round
-    acc_weight: float = 0.0  # D-PSGD: total weight received this round
+    acc: Tensor
+    acc_weight: float = 0.0
     rounds: int = 0  # communication rounds (mix calls) so far
-    extras: dict = field(default_factory=dict)
 
     def tensors(self) -> dict[str, Tensor]:
-        """The tensor fields that exist, by name (for checkpoints and equality checks)."""
-        names = ("x_hat", "s", "u", "acc")
+        """The state's tensors by name (for checkpoints and equality checks)."""
+        return {"acc": self.acc}
+
+
+@dataclass
+class CompressedGossipState:
+    """CHOCO-SGD and AdaGossip: the public copy x_hat, s = sum_j W_ij x_hat_j, and AdaGossip's second moment u."""
+
+    x_hat: Tensor
+    s: Tensor
+    u: Tensor | None = None
+    rounds: int = 0
+
+    def tensors(self) -> dict[str, Tensor]:
+        names = ("x_hat", "s", "u")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+
+RuleState = DpsgdState | CompressedGossipState
 
 
 class StepSize(NamedTuple):
@@ -67,7 +79,15 @@ def rms_scaled_step(beta: float = 0.999, eps: float = 1e-8, cap: float = 1.0) ->
 
 
 class GossipRule(NamedTuple):
-    """A consensus rule: the four functions an agent calls each communication round."""
+    """A consensus rule: the functions an agent calls each communication round, and what the runtime must know.
+
+    whole_models: a message is the sender's whole model (D-PSGD), so of several letters from one sender only
+    the newest counts, a sender with nothing new may count with its last model (bounded/async), and after a
+    restart a round mark is all a neighbour needs. Otherwise messages are differences that must each be
+    applied exactly once, in order, and a neighbour that lost track of a sender needs its whole public copy:
+    `resync(state, delta, weight)` adds weight * delta (what the receiver did not know of the sender's public
+    copy) and `drop(state, known, weight)` removes a sender's known contribution for good. Rules with public
+    copies need a static graph."""
 
     name: str
     init: Callable[[Tensor], RuleState]
@@ -75,6 +95,18 @@ class GossipRule(NamedTuple):
     absorb: Callable[[RuleState, Tensor, float], RuleState]
     mix: Callable[[Tensor, RuleState, float, float], tuple[Tensor, RuleState]]
     compressor: Compressor
+    whole_models: bool = False
+    resync: Callable[[RuleState, Tensor, float], RuleState] | None = None
+    drop: Callable[[RuleState, Tensor, float], RuleState] | None = None
+
+    @property
+    def public_copies(self) -> bool:
+        """Whether neighbours keep this rule's public copies (and a lost link is resynchronised by a full copy)."""
+        return self.resync is not None
+
+    def public_copy(self, state: RuleState) -> Tensor:
+        """The agent's whole public copy x_hat (what a neighbour that lost track of it needs)."""
+        return state.x_hat.detach().clone()
 
 
 def dpsgd(compressor: Compressor) -> GossipRule:
@@ -84,8 +116,8 @@ def dpsgd(compressor: Compressor) -> GossipRule:
     (asynchronous mode, dropped agents) still averages with a stochastic row.
     """
 
-    def init(x: Tensor) -> RuleState:
-        return RuleState(acc=torch.zeros_like(x))
+    def init(x: Tensor) -> DpsgdState:
+        return DpsgdState(acc=torch.zeros_like(x))
 
     def emit(x_half: Tensor, state: RuleState, generator: torch.Generator | None):
         return compressor.compress(x_half, generator), state
@@ -105,7 +137,7 @@ def dpsgd(compressor: Compressor) -> GossipRule:
         state.acc_weight = 0.0
         return x_half, state
 
-    return GossipRule("dpsgd", init, emit, absorb, mix, compressor)
+    return GossipRule("dpsgd", init, emit, absorb, mix, compressor, whole_models=True)
 
 
 def compressed_gossip(name: str, compressor: Compressor, step: StepSize) -> GossipRule:
@@ -116,7 +148,7 @@ def compressed_gossip(name: str, compressor: Compressor, step: StepSize) -> Goss
     """
 
     def init(x: Tensor) -> RuleState:
-        return step.init(x, RuleState(x_hat=torch.zeros_like(x), s=torch.zeros_like(x)))
+        return step.init(x, CompressedGossipState(x_hat=torch.zeros_like(x), s=torch.zeros_like(x)))
 
     def emit(x_half: Tensor, state: RuleState, generator: torch.Generator | None):
         message = compressor.compress(x_half - state.x_hat, generator)
@@ -137,7 +169,15 @@ def compressed_gossip(name: str, compressor: Compressor, step: StepSize) -> Goss
             x_half.add_(residual, alpha=step_size)
         return x_half, state
 
-    return GossipRule(name, init, emit, absorb, mix, compressor)
+    def resync(state: RuleState, delta: Tensor, weight: float) -> RuleState:
+        state.s.add_(delta, alpha=weight)
+        return state
+
+    def drop(state: RuleState, known: Tensor, weight: float) -> RuleState:
+        state.s.sub_(known, alpha=weight)
+        return state
+
+    return GossipRule(name, init, emit, absorb, mix, compressor, resync=resync, drop=drop)
 
 
 def choco(compressor: Compressor) -> GossipRule:

@@ -70,6 +70,12 @@ AVERAGING_RATES: dict[str, Callable[..., Schedule]] = {
 
 # ---------------------------------------------------------------- communication: which rounds gossip
 
+COMMUNICATION_KINDS = ("every", "probability", "late", "window", "none", "allreduce")
+"""When rounds gossip: every round, with probability p per agent, densely late or in a window, never, or an exact
+all-reduce of all agents every round."""
+PULLS = ("neighbours", "random_peer")
+"""Whom a D-PSGD agent pulls from in a round: all its in-neighbours, or one random one."""
+
 
 @dataclass(frozen=True)
 class RoundPlan:
@@ -100,9 +106,18 @@ def is_dense(kind: str, progress: float, params: dict) -> bool:
     return True
 
 
+def phase_index(untils: Sequence[float], progress: float) -> int:
+    """Which phase a round at fraction `progress` of training is in: phase k covers [untils[k-1], untils[k]),
+    the last one also its end (progress 1)."""
+    for k, until in enumerate(untils):
+        if progress < until:
+            return k
+    return len(untils) - 1
+
+
 def round_communicates(kind: str, round_index: int, progress: float, params: dict) -> bool:
     """Whether round `round_index` (at fraction `progress` of training) exchanges anything at all."""
-    if kind in ("every", "probability"):
+    if kind in ("every", "probability", "allreduce"):
         return True
     if kind == "none":
         return False
@@ -127,6 +142,15 @@ def random_peers(mixing: np.ndarray, round_index: int, seed: int) -> np.ndarray:
         candidates = [j for j in range(n) if j != i and mixing[i, j] > 0]
         peers[i] = candidates[rng.integers(len(candidates))]
     return peers
+
+
+def allreduce_plan(n: int, round_index: int) -> RoundPlan:
+    """An exact all-reduce as a D-PSGD round: every agent receives from every other, all weights 1/n (so gamma = 1
+    gives every agent the exact uniform average)."""
+    weight = 1.0 / n
+    edges = tuple((j, i) for j in range(n) for i in range(n) if i != j)
+    weights = {i: (weight, {j: weight for j in range(n) if j != i}) for i in range(n)}
+    return RoundPlan(round_index, tuple(sorted(edges)), frozenset(range(n)), weights)
 
 
 def plan_round(

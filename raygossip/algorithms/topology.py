@@ -20,11 +20,50 @@ _MAX_TRIES = 100  # random graphs are resampled with seed, seed+1, ... until con
 
 
 @dataclass(frozen=True)
+class RandomPulls:
+    """Each round every agent pulls floor(r) distinct random candidates, plus one more with probability frac(r).
+
+    Agent i's row of W(t) is 1/(pulls+1) on itself and on each agent it pulled (row-stochastic, as in the
+    single-merge paper's code); candidates[i] are the agents i may pull from (all others, or a base graph's
+    neighbours). W(t) is a pure function of (seed, t): every agent derives the same one.
+    """
+
+    r: float
+    candidates: tuple[tuple[int, ...], ...]
+
+    def sample(self, t: int, seed: int) -> np.ndarray:
+        """W(t) for the run's seed."""
+        n = len(self.candidates)
+        whole, frac = int(self.r), self.r - int(self.r)
+        rng = np.random.default_rng([seed, t, 0x4A2D0])
+        w = np.zeros((n, n))
+        for i, candidates in enumerate(self.candidates):
+            pulls = whole + int(rng.random() < frac)
+            pulled = rng.choice(np.asarray(candidates), size=pulls, replace=False) if pulls else []
+            w[i, i] = 1.0 / (pulls + 1)
+            w[i, pulled] = 1.0 / (pulls + 1)
+        return w
+
+    def expected(self) -> np.ndarray:
+        """E[W(t)] over the draws: self weight E[1/(m+1)], each candidate E[m/(deg (m+1))], m the pulls."""
+        n = len(self.candidates)
+        whole, frac = int(self.r), self.r - int(self.r)
+        w = np.zeros((n, n))
+        for i, candidates in enumerate(self.candidates):
+            for pulls, chance in ((whole, 1.0 - frac), (whole + 1, frac)):
+                if chance > 0:
+                    w[i, i] += chance / (pulls + 1)
+                    w[i, list(candidates)] += chance * pulls / (len(candidates) * (pulls + 1))
+        return w
+
+
+@dataclass(frozen=True)
 class Topology:
     """A communication graph with its mixing matrices; W(t)[i, j] > 0 means agent i receives from j.
 
     Static topologies have one W (period 1). Time-varying ones cycle through `_rounds`, one W per
-    communication round; `graph` is then None.
+    communication round; `graph` is then None. Random ones (`pulls`) draw a fresh W(t) every round from
+    the run's seed and never repeat (period 0).
     """
 
     name: str
@@ -33,8 +72,11 @@ class Topology:
     graph: nx.Graph | None
     weights: str
     _rounds: tuple[np.ndarray, ...] = field(default=(), repr=False, compare=False)
+    pulls: RandomPulls | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.pulls is not None:
+            return
         if not self._rounds:
             if self.graph is None:
                 raise ValueError("Topology needs a graph or explicit per-round mixing matrices")
@@ -46,19 +88,22 @@ class Topology:
             w.setflags(write=False)
         object.__setattr__(self, "_rounds", rounds)
 
-    def mixing(self, t: int = 0) -> np.ndarray:
-        """W (n x n, float64) used at communication round t (a fresh copy)."""
+    def mixing(self, t: int = 0, seed: int = 0) -> np.ndarray:
+        """W (n x n, float64) used at communication round t (a fresh copy); `seed` matters only to random ones."""
+        if self.pulls is not None:
+            return self.pulls.sample(t, seed)
         return self._rounds[t % len(self._rounds)].copy()
 
-    def in_neighbors(self, i: int, t: int = 0) -> list[int]:
+    def in_neighbors(self, i: int, t: int = 0, seed: int = 0) -> list[int]:
         """Sorted agents j != i that agent i receives from at round t (W[i, j] > 0)."""
         if not 0 <= i < self.n:
             raise IndexError(f"agent {i} out of range 0..{self.n - 1}")
-        row = self._rounds[t % len(self._rounds)][i]
+        row = self.mixing(t, seed)[i] if self.pulls is not None else self._rounds[t % len(self._rounds)][i]
         return [int(j) for j in np.flatnonzero(row > 0) if j != i]
 
     def period(self) -> int:
-        """Rounds after which W(t) repeats: 1 for static graphs, log2(n) for one-peer exponential."""
+        """Rounds after which W(t) repeats: 1 for static graphs, log2(n) for one-peer exponential, 0 (never) for
+        random ones."""
         return len(self._rounds)
 
 
@@ -151,6 +196,18 @@ def topology_from_graph(graph: nx.Graph, weights: str = "uniform", name: str = "
     return _from_graph(graph, weights, name, "topology.graph")
 
 
+def edges_from_graph(graph: nx.Graph, weights: str = "uniform") -> tuple[int, dict[str, Any]]:
+    """(agents.count, topology section) for any undirected networkx graph: the `edges` topology over its
+    nodes relabelled 0..n-1 as topology_from_graph does, edges sorted, so a config.yaml records it whole."""
+    if not isinstance(graph, nx.Graph):
+        raise UserError("topology", f"expected a networkx graph or a mapping, got {type(graph).__name__}")
+    _check_weights(weights)
+    _check_graph(graph, "topology")
+    index = {node: k for k, node in enumerate(_node_order(graph))}
+    edges = sorted({tuple(sorted((index[u], index[v]))) for u, v in graph.edges()})
+    return len(index), {"name": "edges", "weights": weights, "params": {"edges": [[u, v] for u, v in edges]}}
+
+
 # ---------------------------------------------------------------- factories (n, **params)
 
 
@@ -219,8 +276,8 @@ def _dyck(n: int) -> nx.Graph:
 def _lcf(n: int, *, shifts: list[int] | None = None, repeats: int | None = None) -> nx.Graph:
     """A cubic graph in LCF notation: a Hamiltonian cycle plus chords `shifts`, repeated `repeats` times.
 
-    LCF [13,-13]^16 on 32 nodes has |lambda_2| = 0.854 with uniform weights, the value DESIGN.md and
-    the AdaGossip experiments quote for their "Dyck" graph; LCF [5,-5]^16 gives 0.913.
+    LCF [13,-13]^16 on 32 nodes has |lambda_2| = 0.854 with uniform weights, the value of the AdaGossip code's
+    "Dyck" graph (`adagossip_dyck`, another graph with the same lambda_2); LCF [5,-5]^16 gives 0.913.
     """
     where = _param("shifts")
     if not isinstance(shifts, (list, tuple)) or not shifts or not all(
@@ -234,6 +291,24 @@ def _lcf(n: int, *, shifts: list[int] | None = None, repeats: int | None = None)
     graph.remove_edges_from(nx.selfloop_edges(graph))
     _check_graph(graph, where)
     return graph
+
+
+# The AdaGossip code's DyckGraph (gossip_choco/graph_manager.py), agent by agent: four 8-cycles and their chords.
+_ADAGOSSIP_DYCK = (
+    (1, 7, 8), (2, 0, 17), (3, 1, 10), (4, 2, 19), (5, 3, 12), (6, 4, 21), (7, 5, 14), (0, 6, 23),
+    (9, 15, 0), (10, 8, 25), (11, 9, 2), (12, 10, 27), (13, 11, 4), (14, 12, 29), (15, 13, 6), (8, 14, 31),
+    (17, 23, 24), (18, 16, 1), (19, 17, 26), (20, 18, 3), (21, 19, 28), (22, 20, 5), (23, 21, 30), (16, 22, 7),
+    (25, 31, 16), (26, 24, 9), (27, 25, 18), (28, 26, 11), (29, 27, 20), (30, 28, 13), (31, 29, 22), (24, 30, 15),
+)
+
+
+def _adagossip_dyck(n: int) -> nx.Graph:
+    """The AdaGossip code's 32-node "Dyck" graph, its own labelling: cubic, |lambda_2| = 0.854 with weights 1/4.
+
+    Not the Dyck graph (`dyck`, 0.809) and not isomorphic to LCF [13,-13]^16 either, which has the same lambda_2.
+    """
+    _exactly("adagossip_dyck", n, 32)
+    return nx.Graph([(i, j) for i, peers in enumerate(_ADAGOSSIP_DYCK) for j in peers])
 
 
 def _petersen(n: int) -> nx.Graph:
@@ -263,6 +338,37 @@ def _one_peer_exponential(n: int) -> Topology:
         raise UserError("agents.count", msg)
     rounds = tuple(_one_peer_round(n, 2**k) for k in range(n.bit_length() - 1))
     return Topology("one_peer_exponential", n, True, None, "uniform", _rounds=rounds)
+
+
+def _random_candidates(n: int, base: Any) -> tuple[tuple[int, ...], ...]:
+    """Whom each agent may pull from: every other agent (base null) or its neighbours in a static base graph."""
+    if base is None:
+        return tuple(tuple(j for j in range(n) if j != i) for i in range(n))
+    where = _param("base")
+    if not isinstance(base, dict) or "name" not in base or set(base) - {"name", "params"}:
+        raise UserError(where, f"must be null or a topology mapping {{name: ..., params: {{...}}}}, got {base!r}")
+    if base["name"] == "random":
+        raise UserError(f"{where}.name", "the base of a random topology must be a static graph, not random")
+    try:
+        topo = build_topology(base["name"], n, "uniform", base.get("params") or {})
+    except UserError as error:
+        raise UserError(f"{where}: {error.field}", error.message) from None
+    if topo.time_varying:
+        raise UserError(f"{where}.name", f"{base['name']!r} changes every round; the base must be a static graph")
+    return tuple(tuple(topo.in_neighbors(i)) for i in range(n))
+
+
+def _random(n: int, *, r: float, base: Any = None) -> Topology:
+    """Each round each agent pulls floor(r) random others, plus one more with probability frac(r) (RandomPulls)."""
+    _need_agents("random", n, 2)
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
+        raise UserError(_param("r"), f"must be a number > 0 (pulls per agent and round), got {r!r}")
+    candidates = _random_candidates(n, base)
+    fewest = min(len(c) for c in candidates)
+    if r > fewest:
+        among = "other agents" if base is None else f"neighbours in base {base['name']!r}"
+        raise UserError(_param("r"), f"must be <= {fewest}, the fewest {among} an agent has; got {r}")
+    return Topology("random", n, True, None, "uniform", pulls=RandomPulls(float(r), candidates))
 
 
 def _complete(n: int) -> nx.Graph:
@@ -319,11 +425,13 @@ TOPOLOGIES: dict[str, Callable[..., nx.Graph | Topology]] = {
     "torus": _torus,
     "circulant": _circulant,
     "dyck": _dyck,
+    "adagossip_dyck": _adagossip_dyck,
     "lcf": _lcf,
     "petersen": _petersen,
     "exponential": _exponential,
     "one_peer_exponential": _one_peer_exponential,
     "complete": _complete,
+    "random": _random,
     "random_regular": _random_regular,
     "erdos_renyi": _erdos_renyi,
     "edges": _edges,
@@ -361,6 +469,8 @@ def build_topology(name: str, n: int, weights: str = "uniform", params: dict | N
         raise UserError("agents.count", f"must be a positive integer, got {n!r}")
     factory = TOPOLOGIES[name]
     built = factory(int(n), **_check_params(name, factory, {} if params is None else params))
+    if isinstance(built, Topology) and built.pulls is not None and weights != "uniform":
+        raise UserError("topology.weights", "a random topology weighs each pull 1/(pulls+1); use uniform")
     if isinstance(built, Topology):
         return replace(built, name=name, weights=weights)
     return _from_graph(built, weights, name, "topology.name")
@@ -394,19 +504,29 @@ def spectral_report(topo: Topology) -> dict:
     time-varying topology, lambda2 = |lambda_2(W(p-1) ... W(0))| ** (1/p) over one period p (the
     per-round contraction; 0 for one-peer exponential, whose period product is the exact average),
     degrees are per-round in-degrees, edges counts distinct undirected pairs used in a period, and
-    diameter is null.
+    diameter is null. For a random topology (period 0), lambda2 is that of the expected W, degrees are the
+    pulls per round, edges the candidate pairs, and the stochasticity flags hold for each of its first
+    _REPORT_SAMPLES rounds' W(t) (seed 0); pulls_per_round is r.
     """
-    ws = [topo.mixing(t) for t in range(topo.period())]
+    if topo.pulls is not None:
+        ws = [topo.pulls.sample(t, 0) for t in range(_REPORT_SAMPLES)]
+        lam = _second_magnitude(topo.pulls.expected())
+        whole = int(topo.pulls.r)
+        degrees = [whole, whole + int(topo.pulls.r > whole)]
+        edges = len({(min(i, j), max(i, j)) for i, row in enumerate(topo.pulls.candidates) for j in row})
+    else:
+        ws = [topo.mixing(t) for t in range(topo.period())]
+        if topo.time_varying:
+            lam = _second_magnitude(_period_product(topo)) ** (1.0 / topo.period())
+            degrees = [len(topo.in_neighbors(i, t)) for t in range(topo.period()) for i in range(topo.n)]
+        else:
+            lam = _second_magnitude(ws[0])
+            degrees = [d for _, d in topo.graph.degree()]
+        edges = topo.graph.number_of_edges() if topo.graph is not None else len(_pairs(topo))
     ones = np.ones(topo.n)
     rows = all(np.allclose(w.sum(axis=1), ones, atol=_TOL) and (w >= 0).all() for w in ws)
     cols = all(np.allclose(w.sum(axis=0), ones, atol=_TOL) for w in ws)
-    if topo.time_varying:
-        lam = _second_magnitude(_period_product(topo)) ** (1.0 / topo.period())
-        degrees = [len(topo.in_neighbors(i, t)) for t in range(topo.period()) for i in range(topo.n)]
-    else:
-        lam = _second_magnitude(ws[0])
-        degrees = [d for _, d in topo.graph.degree()]
-    return {
+    report = {
         "name": topo.name,
         "agents": topo.n,
         "weights": topo.weights,
@@ -419,6 +539,12 @@ def spectral_report(topo: Topology) -> dict:
         "row_stochastic": bool(rows),
         "time_varying": topo.time_varying,
         "period": topo.period(),
-        "edges": topo.graph.number_of_edges() if topo.graph is not None else len(_pairs(topo)),
+        "edges": edges,
         "diameter": None if topo.time_varying else int(nx.diameter(topo.graph)),
     }
+    if topo.pulls is not None:
+        report["pulls_per_round"] = topo.pulls.r
+    return report
+
+
+_REPORT_SAMPLES = 8  # rounds (seed 0) whose W(t) a random topology's stochasticity flags are read from

@@ -76,7 +76,8 @@ class AgentCore:
         self.lr_multiplier = run_lr_schedule(train, total_steps)
         spec = config.gossip.compressor
         compressor = make_compressor(
-            spec.name, self.flat.segments, ratio=spec.ratio, bits=spec.bits, scope=spec.scope, scaled=spec.scaled
+            spec.name, self.flat.segments, ratio=spec.ratio, bits=spec.bits, scope=spec.scope, scaled=spec.scaled,
+            index_coding=spec.index_coding,
         )
         self.rule: GossipRule = make_rule(config.gossip.rule, compressor, beta=config.gossip.beta)
         self.state: RuleState = self.rule.init(self.flat.data)
@@ -93,21 +94,38 @@ class AgentCore:
         # absorbed from j), so that a link can be resynchronised or dropped after a failure; s stays the
         # weighted sum of these. Costs one parameter vector per neighbour, so only engines that survive
         # failures ask for it.
-        self.link_copies: dict[int, torch.Tensor] | None = {} if track_links and self.state.x_hat is not None else None
+        self.link_copies: dict[int, torch.Tensor] | None = {} if track_links and self.rule.public_copies else None
 
     # ------------------------------------------------------------ local training
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next minibatch of this agent's shard, reshuffled every pass."""
+        """The next minibatch of this agent's shard, reshuffled every pass.
+
+        With data.partition.resample (kind preference) every minibatch is drawn afresh from the agent's class
+        preference over the whole training set instead: batch number `cursor`, a pure function of (seed, agent,
+        cursor), so a restored snapshot continues the same stream.
+        """
         size = self.config.train.batch_size
-        if self.cursor + size > len(self.order):
-            self.order = self.shard[torch.randperm(len(self.shard), generator=self.data_generator)]
-            self.cursor = 0
-        index = self.order[self.cursor : self.cursor + size]
-        self.cursor += size
+        spec = self.config.data.partition
+        if spec.kind == "preference" and spec.resample:
+            from ..data.partition import agent_preference, resample_batch
+
+            if getattr(self, "_preference", None) is None:  # derived once from the labels and the seed
+                labels, n = self.dataset.train.y.numpy(), self.config.agents.count
+                self._preference = agent_preference(labels, n, self.config.seed, spec.alpha, self.agent_id)
+            pools, preference = self._preference
+            index = torch.from_numpy(resample_batch(pools, preference, size, self.config.seed, self.agent_id, self.cursor))
+            self.cursor += 1
+        else:
+            if self.cursor + size > len(self.order):
+                self.order = self.shard[torch.randperm(len(self.shard), generator=self.data_generator)]
+                self.cursor = 0
+            index = self.order[self.cursor : self.cursor + size]
+            self.cursor += size
         x = self.dataset.train.x[index].to(self.device, non_blocking=True)
         y = self.dataset.train.y[index].to(self.device, non_blocking=True)
-        if self.dataset.augment:
+        augment = self.config.data.augment
+        if self.dataset.augment if augment is None else augment:
             x = augment_batch(x, self.data_generator)
         return x, y
 
@@ -118,9 +136,12 @@ class AgentCore:
         x, y = self.next_batch()
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.train.lr * self.lr_multiplier(self.step)
-        loss = F.cross_entropy(self.model(x), y)
+        train = self.config.train
+        loss = F.cross_entropy(self.model(x), y, label_smoothing=train.label_smoothing)
         self.flat.zero_grad()
         loss.backward()
+        if train.grad_clip_value is not None:  # per element, as the single-merge code's clamp_(-v, v)
+            self.flat.param.grad.clamp_(-train.grad_clip_value, train.grad_clip_value)
         self.optimizer.step()
         self.step += 1
         value = float(loss.detach())
@@ -143,6 +164,8 @@ class AgentCore:
         return message
 
     def absorb(self, message: Compressed, weight: float, sender: int | None = None) -> None:
+        """Feed one neighbour's message, with mixing weight W_ij, to the rule (and to the copy of that neighbour's
+        public copy when links are tracked)."""
         dense = self.rule.compressor.decompress(message).to(self.flat.data.dtype)
         self.state = self.rule.absorb(self.state, dense, weight)
         if self.link_copies is not None and sender is not None:
@@ -156,23 +179,24 @@ class AgentCore:
 
     def public_copy(self) -> torch.Tensor:
         """This agent's full public copy x_hat (what a neighbour that lost track of it needs)."""
-        return self.state.x_hat.detach().clone()
+        return self.rule.public_copy(self.state)
 
     def resync_link(self, sender: int, public_copy: torch.Tensor, weight: float) -> None:
         """Replace neighbour `sender`'s contribution to s by its full public copy: s += W_ij (x_hat_j - known)."""
         public_copy = public_copy.to(self.flat.data.device, self.flat.data.dtype)
         known = self.link_copies.get(sender)
         delta = public_copy if known is None else public_copy - known
-        self.state.s.add_(delta, alpha=weight)
+        self.state = self.rule.resync(self.state, delta, weight)
         self.link_copies[sender] = public_copy.clone()
 
     def drop_link(self, sender: int, weight: float) -> None:
         """Forget neighbour `sender` for good: remove its contribution W_ij x_hat_j from s."""
         known = self.link_copies.pop(sender, None)
         if known is not None:
-            self.state.s.sub_(known, alpha=weight)
+            self.state = self.rule.drop(self.state, known, weight)
 
     def mix(self, self_weight: float, gamma: float) -> None:
+        """The consensus step of this round, with self weight W_ii and averaging rate gamma."""
         with torch.no_grad():
             _, self.state = self.rule.mix(self.flat.data, self.state, self_weight, gamma)
 
@@ -194,7 +218,7 @@ class AgentCore:
                 scalars[key] = float(value)
         meta = {
             "agent": self.agent_id, "step": self.step, "cursor": self.cursor, "optim_scalars": scalars,
-            "rule_rounds": self.state.rounds, "rule_acc_weight": self.state.acc_weight,
+            "rule_rounds": self.state.rounds, "rule_acc_weight": getattr(self.state, "acc_weight", 0.0),
             "traffic": {"bytes_sent": self.traffic.bytes_sent, "messages_sent": self.traffic.messages_sent,
                         "per_link": {str(k): v for k, v in self.traffic.per_link.items()},
                         "per_link_messages": {str(k): v for k, v in self.traffic.per_link_messages.items()}},
@@ -210,7 +234,8 @@ class AgentCore:
         for name in self.state.tensors():
             getattr(self.state, name).copy_(tensors[f"rule.{name}"].to(self.device))
         self.state.rounds = int(meta["rule_rounds"])
-        self.state.acc_weight = float(meta["rule_acc_weight"])
+        if hasattr(self.state, "acc_weight"):
+            self.state.acc_weight = float(meta["rule_acc_weight"])
         if self.link_copies is not None:
             self.link_copies = {int(k[len("link."):]): v.to(self.device).clone()
                                 for k, v in tensors.items() if k.startswith("link.")}

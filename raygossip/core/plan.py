@@ -12,11 +12,13 @@ from ..algorithms.schedules import (
     RoundPlan,
     Schedule,
     active_agents,
+    allreduce_plan,
+    phase_index,
     plan_round,
     round_communicates,
 )
 from ..algorithms.topology import Topology
-from ..config import Config
+from ..config import CommunicationKindConfig, Config
 
 
 def averaging_rate(config: Config) -> Schedule:
@@ -84,37 +86,52 @@ class RunPlan:
             gamma = self._gammas[epoch] = float(self._rate(epoch))
         return gamma
 
+    def progress(self, round_index: int) -> float:
+        """The fraction of training done when round `round_index` communicates (its last step's end)."""
+        return (self.last_step_of_round(round_index) + 1) / self.total_steps
+
+    def communication(self, round_index: int) -> CommunicationKindConfig:
+        """The communication kind and its keys in force at this round: the phase it falls in, if phases are set."""
+        comm = self.config.schedule.communication
+        if not comm.phases:
+            return comm
+        return comm.phases[phase_index([phase.until for phase in comm.phases], self.progress(round_index))]
+
     def round_plan(self, round_index: int) -> RoundPlan | None:
         """Who sends what to whom in this round; None when the round does not communicate.
 
-        Without per-round coin flips (communication kind "probability") or random peers, the plan of a
-        communicating round depends on the round only through W(t), so it is built once per position in
-        the topology's period and reused with the round's index.
+        Without per-round coin flips (communication kind "probability"), random peers or a random topology, the
+        plan of a communicating round depends on the round only through W(t) (or is the all-reduce), so it is built
+        once per position in the topology's period and reused with the round's index.
         """
-        comm = self.config.schedule.communication
-        progress = (self.last_step_of_round(round_index) + 1) / self.total_steps
-        params = {"start": comm.start, "width": comm.width, "sparse_every": comm.sparse_every}
-        if not round_communicates(comm.kind, round_index, progress, params):
+        spec = self.communication(round_index)
+        params = {"start": spec.start, "width": spec.width, "sparse_every": spec.sparse_every}
+        if not round_communicates(spec.kind, round_index, self.progress(round_index), params):
             return None
-        if comm.kind == "probability" or comm.pull == "random_peer":
-            return _round_plan(self, round_index)
-        phase = round_index % self.topology.period()
-        cached = self._plans.get(phase)
+        if spec.kind == "allreduce":
+            key: int | str = "allreduce"
+        elif spec.kind == "probability" or spec.pull == "random_peer" or self.topology.period() == 0:
+            return _round_plan(self, round_index, spec)
+        else:
+            key = round_index % self.topology.period()
+        cached = self._plans.get(key)
         if cached is None:
-            cached = self._plans[phase] = _round_plan(self, round_index)
+            cached = self._plans[key] = _round_plan(self, round_index, spec)
         return cached if cached.round == round_index else replace(cached, round=round_index)
 
 
-def _round_plan(plan: RunPlan, round_index: int) -> RoundPlan | None:
+def _round_plan(plan: RunPlan, round_index: int, spec: CommunicationKindConfig | None = None) -> RoundPlan | None:
     """The plan of a communicating round, built from scratch (None when no agent is active)."""
-    comm = plan.config.schedule.communication
+    spec = plan.communication(round_index) if spec is None else spec
     n = plan.topology.n
     seed = plan.config.seed
-    active = active_agents(n, round_index, comm.p, seed) if comm.kind == "probability" else np.ones(n, dtype=bool)
+    if spec.kind == "allreduce":
+        return allreduce_plan(n, round_index)
+    active = active_agents(n, round_index, spec.p, seed) if spec.kind == "probability" else np.ones(n, dtype=bool)
     if not active.any():
         return None
-    mixing = plan.topology.mixing(round_index)
-    return plan_round(mixing, round_index, rule=plan.config.gossip.rule, pull=comm.pull, active=active, seed=seed)
+    mixing = plan.topology.mixing(round_index, seed)
+    return plan_round(mixing, round_index, rule=plan.config.gossip.rule, pull=spec.pull, active=active, seed=seed)
 
 
 def steps_per_epoch(config: Config, train_size: int) -> int:

@@ -104,11 +104,12 @@ def iid(labels: np.ndarray, n_agents: int, seed: int) -> list[np.ndarray]:
 
 
 def dirichlet(
-    labels: np.ndarray, n_agents: int, seed: int, alpha: float = 1.0, balance: bool = False
+    labels: np.ndarray, n_agents: int, seed: int, alpha: float = 1.0, balance: bool = False, min_samples: int = 1
 ) -> list[np.ndarray]:
     """Per class, draw Dir(alpha) over agents and split that class's samples accordingly; every sample once.
 
-    The whole draw is repeated (same rng, up to MAX_TRIES times) until no agent is empty. With
+    The whole draw is repeated (same rng, up to MAX_TRIES times) until every agent holds at least
+    `min_samples` samples (the common implementations' rule, e.g. NIID-Bench's min_require_size). With
     `balance`, agents already holding >= N/n samples get no share of later classes (the FedML /
     Hsu et al. rule), which keeps sizes closer and makes tiny alphas feasible for more agents.
     """
@@ -117,18 +118,23 @@ def dirichlet(
     alpha = _check_alpha(alpha)
     if not isinstance(balance, bool):
         raise UserError("data.partition.balance", f"must be true or false, got {balance!r}")
+    need = _check_count("min_samples", min_samples)
+    if need * n_agents > y.size:
+        raise UserError("data.partition.min_samples",
+                        f"{n_agents} agents x {need} samples exceed the {y.size} training samples")
     rng = _rng(seed)
     classes = _by_class(y, rng)
     sizes = [len(c) for c in classes]
     cap = y.size / n_agents if balance else None
     for _ in range(MAX_TRIES):
         counts = _dirichlet_counts(sizes, n_agents, alpha, rng, cap)
-        if counts.sum(axis=0).min() > 0:
+        if counts.sum(axis=0).min() >= need:
             return [rng.permutation(p) for p in _deal(classes, counts)]
+    hint = "" if balance else ", balance: true"
     raise UserError(
-        "data.partition.alpha",
-        f"alpha {alpha:g} left some of {n_agents} agents without data in {MAX_TRIES} draws "
-        f"({len(sizes)} classes); use a larger alpha, balance: true, or kind 'shards'",
+        "data.partition.min_samples",
+        f"no draw in {MAX_TRIES} gave every one of {n_agents} agents >= {need} samples with alpha {alpha:g} "
+        f"({len(sizes)} classes); use a larger alpha{hint}, a smaller min_samples, fewer agents or kind 'shards'",
     )
 
 
@@ -191,28 +197,76 @@ def dirichlet_lin(labels: np.ndarray, n_agents: int, seed: int, alpha: float = 1
     return [flat[k * shard : (k + 1) * shard].copy() for k in range(n_agents)]
 
 
+_PREFERENCE_STREAM = 0x9AEF  # resample mode: the preferences' own stream of the seed
+_RESAMPLE_STREAM = 0x5A3B  # resample mode: the per-batch draws' stream
+
+
+ClassPools = tuple[np.ndarray, np.ndarray, np.ndarray]
+"""(indices sorted by class, each present class's start in them, its size)."""
+
+
+def class_pools(labels: np.ndarray) -> ClassPools:
+    """The training indices grouped by class, for drawing "a class, then a uniform sample of it"."""
+    y = _labels(labels)
+    order = np.argsort(y, kind="stable")
+    _, starts, sizes = np.unique(y[order], return_index=True, return_counts=True)
+    return order, starts, sizes
+
+
+def preference_draw(pools: ClassPools, p: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """`size` training indices: each a class from p, then a uniformly random sample of that class (with replacement)."""
+    order, starts, sizes = pools
+    cls = rng.choice(sizes.size, size=size, p=p)
+    return order[starts[cls] + rng.integers(0, sizes[cls])].astype(np.int64)
+
+
+def preference_weights(n_agents: int, n_classes: int, seed: int, alpha: float) -> np.ndarray:
+    """Resample mode's class preferences: row k is agent k's p_k ~ Dir(alpha), a pure function of the seed."""
+    return np.random.default_rng([int(seed), _PREFERENCE_STREAM]).dirichlet(np.full(n_classes, alpha), size=n_agents)
+
+
+def agent_preference(labels: np.ndarray, n_agents: int, seed: int, alpha: float, agent: int) -> tuple[ClassPools, np.ndarray]:
+    """What agent `agent` draws its resample-mode batches from: the class pools and its preference p_k."""
+    pools = class_pools(labels)
+    return pools, preference_weights(n_agents, pools[2].size, seed, alpha)[agent]
+
+
+def resample_batch(pools: ClassPools, p: np.ndarray, size: int, seed: int, agent: int, draw: int) -> np.ndarray:
+    """Batch number `draw` of an agent in resample mode: fresh draws from p, a pure function of (seed, agent, draw)."""
+    return preference_draw(pools, p, size, np.random.default_rng([int(seed), int(agent), int(draw), _RESAMPLE_STREAM]))
+
+
 def preference(
-    labels: np.ndarray, n_agents: int, seed: int, alpha: float = 1.0, samples_per_agent: int | None = None
+    labels: np.ndarray,
+    n_agents: int,
+    seed: int,
+    alpha: float = 1.0,
+    samples_per_agent: int | None = None,
+    resample: bool = False,
 ) -> list[np.ndarray]:
     """Agent k draws a class preference p_k ~ Dir(alpha), then samples_per_agent samples with replacement.
 
     Each of agent k's samples picks a class from p_k, then a uniformly random training sample of
     that class (so agents may share samples and repeat them). Default size: N // n.
+    With `resample` (the single-merge code's data_sampling_mode: resample) the p_k come from
+    preference_weights and the agent draws every minibatch afresh from p_k (resample_batch); the shard
+    returned is then one such draw, what the heterogeneity report and the size checks see.
     """
     y = _labels(labels)
     _check_agents(y, n_agents)
     alpha = _check_alpha(alpha)
+    if not isinstance(resample, bool):
+        raise UserError("data.partition.resample", f"must be true or false, got {resample!r}")
     m = y.size // n_agents
     if samples_per_agent is not None:
         m = _check_count("samples_per_agent", samples_per_agent)
     rng = _rng(seed)
-    order = np.argsort(y, kind="stable")
-    _, starts, sizes = np.unique(y[order], return_index=True, return_counts=True)
-    parts = []
-    for _ in range(n_agents):
-        cls = rng.choice(sizes.size, size=m, p=rng.dirichlet(np.full(sizes.size, alpha)))
-        parts.append(order[starts[cls] + rng.integers(0, sizes[cls])].astype(np.int64))
-    return parts
+    pools = class_pools(y)
+    n_classes = pools[2].size
+    if resample:
+        weights = preference_weights(n_agents, n_classes, seed, alpha)
+        return [preference_draw(pools, weights[k], m, rng) for k in range(n_agents)]
+    return [preference_draw(pools, rng.dirichlet(np.full(n_classes, alpha)), m, rng) for _ in range(n_agents)]
 
 
 def shards(labels: np.ndarray, n_agents: int, seed: int, shards_per_agent: int = 2) -> list[np.ndarray]:

@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import ipaddress
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -19,7 +20,8 @@ from raygossip.errors import UserError
 _CONFIGURED_NODE: str | None = None  # head node of the local Ray that ensure_ray started (with INLINE_LIMIT)
 
 CONNECT_TIMEOUT_S = 3.0  # TCP connect to the head's GCS port
-ANSWER_TIMEOUT_S = 6.0  # a child process asking the GCS once (a port that accepts but is no GCS never answers)
+ANSWER_TIMEOUT_S = 3.0  # the GCS answering one question (a port that accepts but is no GCS never answers)
+IMPORT_TIMEOUT_S = 20.0  # the child process that asks it importing Ray (seconds on a loaded machine)
 TOKEN_FILE = "~/.ray/auth_token"
 START_HINT = "start a head with `ray start --head --node-ip-address={host} --port={port}` or fix --address"
 TOKEN_HINT = (f"put the head's token (`ray get-auth-token` on the head) in {TOKEN_FILE}, RAY_AUTH_TOKEN_PATH or "
@@ -28,7 +30,7 @@ TOKEN_HINT = (f"put the head's token (`ray get-auth-token` on the head) in {TOKE
 
 def ensure_ray(config: Config) -> bool:
     """Connect to the configured cluster or start a local Ray bound to loopback; True if we started it."""
-    from raygossip.engines.agent_actor import INLINE_LIMIT
+    from raygossip.engines.ray_setup import INLINE_LIMIT
 
     runtime = config.runtime
     if ray.is_initialized():
@@ -137,26 +139,38 @@ def _check_token(address: str, host: str) -> None:
 _ASK = """
 import sys
 from ray._raylet import InnerGcsClient
+print("ready", flush=True)
 try:
     InnerGcsClient.standalone(sys.argv[1], None, int(sys.argv[2]))
-    print("ok")
+    print("ok", flush=True)
 except Exception as error:
-    print("denied" if "auth" in type(error).__name__.lower() or "InvalidAuthToken" in str(error) else "silent")
+    print("denied" if "auth" in type(error).__name__.lower() or "InvalidAuthToken" in str(error) else "silent",
+          flush=True)
 """
 
 
 def _ask_gcs(address: str, env: dict[str, str] | None = None) -> str:
     """"ok" when the GCS at `address` answers, "denied" when it refuses the token (or its lack), "silent" when it
-    does not answer within ANSWER_TIMEOUT_S. Asked from a child process: Ray's C++ client retries for up to a minute
-    and logs every retry on stderr, and a child is one that can be stopped at the deadline."""
+    does not answer within ANSWER_TIMEOUT_S of the question (the child's own start, importing Ray, aside). Asked
+    from a child process: Ray's C++ client retries for up to a minute and logs every retry on stderr, and a child
+    is one that can be stopped at the deadline."""
+    child = subprocess.Popen([sys.executable, "-c", _ASK, address, str(int(ANSWER_TIMEOUT_S * 1000))],
+                             env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True)
     try:
-        done = subprocess.run([sys.executable, "-c", _ASK, address, str(int(ANSWER_TIMEOUT_S * 1000))],
-                              env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                              timeout=ANSWER_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return "silent"
-    answer = done.stdout.strip().splitlines()[-1:] or ["silent"]
-    return answer[0] if answer[0] in ("ok", "denied") else "silent"
+        if _line(child, IMPORT_TIMEOUT_S) != "ready":
+            return "silent"
+        answer = _line(child, ANSWER_TIMEOUT_S)
+        return answer if answer in ("ok", "denied") else "silent"
+    finally:
+        child.kill()
+        child.wait()
+
+
+def _line(child: subprocess.Popen, timeout_s: float) -> str | None:
+    """The child's next line of output, or None when none comes within timeout_s."""
+    ready, _, _ = select.select([child.stdout], [], [], timeout_s)
+    return child.stdout.readline().strip() if ready else None
 
 
 def _is_this_machine(host: str) -> bool:

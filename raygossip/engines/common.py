@@ -56,18 +56,22 @@ def prepare(config: Config) -> RunSetup:
     """Load the data, partition it, build the graph and the plan (raises UserError on bad input)."""
     spec = config.data
     dataset = load_dataset(spec.name, spec.root, spec.download, image_size=spec.image_size)
+    if spec.augment and len(dataset.input_shape) != 3:
+        raise UserError("data.augment", f"{spec.name} has flat inputs {dataset.input_shape}; crop and flip need images")
     train_index, held_out = validation_split(config, len(dataset.train))
     if config.eval.validation_fraction > 0 and (len(held_out) == 0 or len(train_index) < config.agents.count):
         raise UserError("eval.validation_fraction", f"{config.eval.validation_fraction} of {len(dataset.train)} "
                                                     f"training samples leaves {len(held_out)} for validation and "
                                                     f"{len(train_index)} for training")
     labels = dataset.train.y.numpy()[train_index]  # the agents never see the held-out part
-    params = {"alpha": spec.partition.alpha, "shards_per_agent": spec.partition.shards_per_agent}
-    if spec.partition.samples_per_agent is not None:
-        params["samples_per_agent"] = spec.partition.samples_per_agent
-    params = {key: value for key, value in params.items() if key in _partition_params(spec.partition.kind)}
-    shards = [train_index[shard] for shard in partition(spec.partition.kind, labels, config.agents.count,
-                                                         config.seed, params)]
+    try:
+        shards = [train_index[shard] for shard in partition(spec.partition.kind, labels, config.agents.count,
+                                                             config.seed, _partition_params(config, labels.size))]
+    except UserError as error:
+        if error.field != "data.partition.min_samples" or spec.partition.min_samples is not None:
+            raise
+        raise UserError(error.field, f"{error.message} (unset, min_samples is one minibatch: "
+                                     f"train.batch_size {config.train.batch_size})") from None
     smallest = min(len(shard) for shard in shards)
     if smallest < config.train.batch_size:
         raise UserError(
@@ -91,22 +95,35 @@ def preflight(config: Config, dataset: Dataset, shards: list[np.ndarray], plan: 
     from raygossip.core.agent import AgentCore
 
     AgentCore(0, config, dataset, shards[0], plan.total_steps, "cpu")
-    for k, kill in enumerate(config.faults.kill):
-        if kill.round >= plan.total_rounds:
-            raise UserError(f"faults.kill[{k}].round", f"must be below the run's {plan.total_rounds} rounds, got {kill.round}")
+    for name in ("kill", "corrupt"):
+        for k, fault in enumerate(getattr(config.faults, name)):
+            if fault.round >= plan.total_rounds:
+                raise UserError(f"faults.{name}[{k}].round",
+                                f"must be below the run's {plan.total_rounds} rounds, got {fault.round}")
     if config.faults.kill_round is not None and config.faults.kill_round >= plan.total_rounds:
         raise UserError("faults.kill_round", f"must be below the run's {plan.total_rounds} rounds, "
                                              f"got {config.faults.kill_round}")
 
 
-def _partition_params(kind: str) -> tuple[str, ...]:
-    return {
+def _partition_params(config: Config, n_samples: int) -> dict:
+    """The data.partition keys the partitioner of data.partition.kind takes. dirichlet's min_samples defaults to one
+    minibatch per agent (train.batch_size), or 1 where no split can give every agent a minibatch (the batch-size
+    check then names train.batch_size)."""
+    part = config.data.partition
+    batch = config.train.batch_size
+    default_min = batch if batch * config.agents.count <= n_samples else 1
+    params = {"alpha": part.alpha, "shards_per_agent": part.shards_per_agent, "balance": part.balance,
+              "resample": part.resample, "min_samples": default_min if part.min_samples is None else part.min_samples}
+    if part.samples_per_agent is not None:
+        params["samples_per_agent"] = part.samples_per_agent
+    takes = {
         "iid": (),
-        "dirichlet": ("alpha",),
+        "dirichlet": ("alpha", "balance", "min_samples"),
         "dirichlet_lin": ("alpha",),
-        "preference": ("alpha", "samples_per_agent"),
+        "preference": ("alpha", "samples_per_agent", "resample"),
         "shards": ("shards_per_agent",),
-    }.get(kind, ())
+    }.get(part.kind, ())
+    return {key: value for key, value in params.items() if key in takes}
 
 
 def average_buffers(buffer_sets: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -166,6 +183,28 @@ class MergedModel:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: tensor.detach().cpu().clone() for name, tensor in self.model.state_dict().items()}
+
+
+def merge_all(merged: MergedModel, states: Sequence[tuple[torch.Tensor, dict[str, torch.Tensor]]],
+              broadcast: Callable[[torch.Tensor, dict[str, torch.Tensor]], None],
+              reestimate_local: Callable[[int], list[dict[str, torch.Tensor]]]) -> float:
+    """The final global merge, for either engine: the exact average of the agents' (parameters, buffers) goes to
+    every agent (`broadcast`), then batch-norm statistics are re-estimated as schedule.final_merge.bn says (local:
+    each agent on its own shard, `reestimate_local(batches)` returns their buffers, averaged into the merged
+    model; global: the merged model on a sample of the whole training set, sent to every agent). Returns the
+    merged model's test accuracy."""
+    config = merged.setup.config
+    spec = config.schedule.final_merge
+    average = global_average([params for params, _ in states])
+    buffers = average_buffers([b for _, b in states])
+    broadcast(average, buffers)
+    merged.load(average, buffers)
+    if spec.bn == "local":
+        merged.load(average, average_buffers(reestimate_local(spec.bn_batches)))
+    elif spec.bn == "global":
+        merged.reestimate_on_global_sample(spec.bn_batches, config.seed)
+        broadcast(average, {k: v.detach() for k, v in merged.model.named_buffers()})
+    return merged.evaluate()
 
 
 def network_record(

@@ -12,35 +12,21 @@ import numpy as np
 import ray
 import torch
 
-from raygossip.algorithms.merge import consensus_distance, global_average
+from raygossip.algorithms.merge import global_average
 from raygossip.algorithms.topology import build_topology
 from raygossip.config import Config, from_dict
-from raygossip.core.agent import Traffic
 from raygossip.core.plan import RunPlan
-from raygossip.engines.agent_actor import dataset_from_numpy, pin_threads, spawn_agent
-from raygossip.engines.common import MergedModel, RunSetup, average_buffers, network_record
-from raygossip.engines.snapshots import make_snapshot_dir, read_snapshot
-
-
-def split_state(arrays: dict[str, np.ndarray]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """An agent's state arrays as (parameter vector, buffers by name), copied into tensors."""
-    params = torch.from_numpy(np.array(arrays["params"]))
-    buffers = {k[len("buffer."):]: torch.from_numpy(np.array(v)) for k, v in arrays.items() if k.startswith("buffer.")}
-    return params, buffers
-
-
-def copied_state(arrays: dict[str, np.ndarray], meta: dict) -> tuple[dict[str, np.ndarray], dict]:
-    """An agent's state as this process's own copy (the arrays may live in memory the agent's process owns)."""
-    return {k: np.array(v, copy=True) for k, v in arrays.items()}, meta
-
-
-def traffic_of(counts: dict) -> Traffic:
-    """An agent's traffic counters (from its stats or report) as a Traffic record."""
-    return Traffic(counts["bytes_sent"], counts["messages_sent"])
+from raygossip.engines.ray_setup import dataset_from_numpy, pin_threads
+from raygossip.engines.common import MergedModel, RunSetup, average_buffers, merge_all, network_record
+from raygossip.engines.records import RecordBook, Report
+from raygossip.engines.run_checkpoints import Checkpoints
+from raygossip.engines.supervision import Supervision
+from raygossip.engines.agent_states import split_state, traffic_of
+from raygossip.engines.snapshots import make_snapshot_dir
 
 
 @ray.remote(concurrency_groups={"report": 1, "control": 2})
-class Coordinator:
+class Coordinator(Supervision, Checkpoints):
     """Owns the plan and the run's clock; starts the agents, gathers evaluations, keeps the agents' snapshots,
     replaces or drops agents that die (runtime.on_failure), performs the final merge."""
 
@@ -54,7 +40,8 @@ class Coordinator:
         setup = RunSetup(self.config, dataset, [], topology, self.plan, test_x, test_y, {})
         self.merged = MergedModel(setup)
         n = self.config.agents.count
-        self.agents: list[Any] = []
+        self.agents: list[Any] = []  # agent -> the actor that hosts it (runtime.agents_per_actor agents share one)
+        self.group_of: dict[int, int] = {}
         self.recipe: dict = {}
         self.runs: dict[int, Any] = {}
         self.incarnations = [0] * n
@@ -72,10 +59,7 @@ class Coordinator:
         self.restart_worker: threading.Thread | None = None
         self.stopping = False
         self.comm_counted = (0, 0)  # (rounds, how many of them communicate)
-        self.pending: dict[int, dict[int, tuple]] = {}
-        self.recorded: set[int] = set()
-        self.records: list[dict] = []  # by step
-        self.delivered: list[dict] = []  # the same, in the order they were completed
+        self.book = RecordBook()
         self.record_lock = threading.Lock()
         self.events: list[dict] = []
         self.condition = threading.Condition()
@@ -108,20 +92,26 @@ class Coordinator:
         resumed: the checkpoint's run state (records, events, wall time, dropped agents) when resuming."""
         self.agents = list(agents)
         self.recipe = recipe
+        self.group_of = {i: g for g, members in enumerate(recipe["groups"]) for i in members}
         self.checkpoint_dir = checkpoint_dir
         self.started = time.time()
         if resumed is not None:
             self.before = {"records": list(resumed.get("record_list", [])), "events": list(resumed["events"])}
             self.resumed_from = int(resumed["step"])
+            self.book.resumed_from = self.resumed_from
             self.started = time.time() - float(resumed["wall_time_s"])  # the run's clock goes on
             self.event("resumed", step=self.resumed_from)
             for i in resumed.get("dropped", []):
                 self.dropped.add(i)
-                ray.kill(self.agents[i])
-                self.gather([self.agents[j].peer_dropped.remote(i) for j in self.live()])
+                self.gather([host.peer_dropped.remote(i) for host in self.hosts(self.live())])
+            for g, members in enumerate(recipe["groups"]):  # an actor that hosts dropped agents only
+                if all(i in self.dropped for i in members):
+                    ray.kill(self.agents[members[0]])
         resync = resumed is not None and self.config.runtime.mode != "sync"  # in-flight messages were not saved
         checkpoints = checkpoint_dir is not None
-        self.runs = {i: self.agents[i].run.remote(checkpoints, resync) for i in self.live()}
+        self.runs = {}
+        for members in recipe["groups"]:
+            self.runs.update(self.launch([i for i in members if i not in self.dropped], checkpoints, resync))
         self.event("run_started", agents=len(self.runs))
 
     def gather(self, refs: list[Any]) -> list[Any]:
@@ -138,6 +128,25 @@ class Coordinator:
 
     def live(self, exclude: set[int] | list[int] = ()) -> list[int]:
         return [i for i in range(len(self.agents)) if i not in self.dropped and i not in exclude]
+
+    def launch(self, members: list[int], checkpoints: bool, resync: bool = False, together: bool = True) -> dict[int, Any]:
+        """Start the loops of these agents of one actor: in sync mode in lockstep on one thread (together), else a
+        thread each; one result reference per agent."""
+        if not members:
+            return {}
+        host = self.agents[members[0]]
+        if together and self.config.runtime.mode == "sync" and len(members) > 1:
+            refs = host.run_together.options(num_returns=len(members)).remote(members, checkpoints, resync)
+            return dict(zip(members, refs))
+        return {i: host.run.remote(i, checkpoints, resync) for i in members}
+
+    def hosts(self, agents: list[int]) -> list[Any]:
+        """The actors that host these agents, each once."""
+        return list({self.group_of[i]: self.agents[i] for i in agents}.values())
+
+    def actor_mates(self, agent: int) -> list[int]:
+        """The agents that share `agent`'s actor (itself included): they live and die together."""
+        return list(self.recipe["groups"][self.group_of[agent]])
 
     @ray.method(concurrency_group="control")
     def wait_finished(self, stall_s: float) -> dict:
@@ -169,7 +178,7 @@ class Coordinator:
                 if restarting or time.time() < deadline:
                     continue
                 ids = sorted(waiting.values())
-                now = dict(zip(ids, self.gather([self.agents[i].position.remote() for i in ids])))
+                now = dict(zip(ids, self.gather([self.agents[i].position.remote(i) for i in ids])))
                 if now != positions:  # some agent moved (or this is the first look): not a stall
                     positions, deadline = now, time.time() + stall_s
                     continue
@@ -185,18 +194,21 @@ class Coordinator:
                     stats[waiting[ref]] = ray.get(ref)
                 except ray.exceptions.RayActorError as error:
                     failed.append((waiting[ref], error))
+            failed = self.with_actor_mates(failed, stats)
             if failed:
                 self.handle_failures(failed)
+            for i in [i for i in stats if i in self.dropped]:  # a diverged agent that was dropped
+                stats.pop(i)
             if not self.stopping and self.aborted is None and len(stats) >= quorum and len(stats) < len(self.live()):
                 self.stopping = True
                 stopped = [i for i in self.live() if i not in stats]
-                steps = self.gather([self.agents[i].stop.remote() for i in stopped])
+                steps = self.gather([self.agents[i].stop.remote(i) for i in stopped])
                 self.event("quorum_finished", finished=len(stats), stopped=stopped, stopped_at_steps=steps)
         if self.aborted is not None:
             stats.update(self.stop_all(exclude=set(stats)))
         else:
             self.complete_pending()
-        ordered = [stats[i] for i in sorted(stats)]
+        ordered = [stats[i] for i in sorted(stats) if i not in self.dropped]  # (a dropped diverged agent returned)
         self.event("agents_finished", steps=[s["steps"] for s in ordered])
         with self.condition:
             self.finished = ordered
@@ -207,7 +219,7 @@ class Coordinator:
         """Abort: stop every live agent and collect the stats of those whose loop ends in time."""
         alive = self.live(set(exclude) | set(self.aborted["agents"]))
         for i in alive:
-            self.agents[i].stop.remote()
+            self.agents[i].stop.remote(i)
         out = {}
         for i in alive:
             try:
@@ -215,190 +227,6 @@ class Coordinator:
             except (ray.exceptions.RayError, TimeoutError):
                 pass
         return out
-
-    # ------------------------------------------------------------ failures
-
-    def handle_failures(self, failed: list[tuple[int, Exception]]) -> None:
-        """Agents whose actor died: record it, tell the others, then restart, drop or abort (runtime.on_failure)."""
-        detected = time.time()
-        ids = [i for i, _ in failed]
-        policy = self.config.runtime.on_failure
-        injected = {e["agent"]: e for e in self.events if e["kind"] == "fault_injected"}
-        for i, error in failed:
-            record = {"agent": i, "incarnation": self.incarnations[i], "error": type(error).__name__,
-                      "detected_at_s": detected - self.started, "policy": policy}
-            if i in injected and self.incarnations[i] == 0:  # injected kills happen in the first life only
-                record["injected_round"] = injected[i]["round"]
-                record["detection_s"] = detected - self.started - injected[i]["time_s"]
-            self.failures.append(record)
-            self.event("agent_failed", **{k: v for k, v in record.items() if k != "policy"})
-        if policy == "abort":
-            self.aborted = {"agents": ids, "reason": f"agent {ids[0]} died and runtime.on_failure is abort"}
-            self.event("run_aborted", agents=ids)
-            return
-        others = self.live(exclude=ids)
-        self.gather([self.agents[j].peers_down.remote(ids) for j in others])
-        restart = [i for i in ids if policy == "restart" and self.restarts[i] < self.config.runtime.max_restarts]
-        for i in ids:
-            if i not in restart:
-                self.drop(i, reason="on_failure is drop" if policy == "drop" else "max_restarts reached")
-        if restart:
-            with self.condition:
-                self.restart_queue.extend((i, detected) for i in restart)
-                self.restarting.update(restart)
-                if self.restart_worker is None:
-                    self.restart_worker = threading.Thread(target=self.restart_loop, daemon=True)
-                    self.restart_worker.start()
-        if not self.live():
-            self.aborted = {"agents": ids, "reason": "every agent was dropped"}
-
-    def drop(self, agent: int, reason: str) -> None:
-        with self.condition:
-            self.dropped.add(agent)
-            self.runs.pop(agent, None)
-        others = self.live()
-        self.gather([self.agents[j].peer_dropped.remote(agent) for j in others])
-        self.event("agent_dropped", agent=agent, reason=reason, agents_left=len(others))
-        for record in self.failures:
-            if record["agent"] == agent and "action" not in record:
-                record["action"] = "dropped"
-        with self.condition:
-            complete = [step for step, reports in self.pending.items() if set(reports) >= set(others)]
-            barriers = [step for step, arrived in self.arrivals.items() if set(arrived) >= set(others)]
-        for step in complete:
-            self.finish_record(step)
-        for step in barriers:
-            threading.Thread(target=self.write_checkpoint, args=(step,), daemon=True).start()
-
-    def restart_loop(self) -> None:
-        """The restart thread: restart the queued agents, a batch at a time, until none is left."""
-        while True:
-            with self.condition:
-                if not self.restart_queue:
-                    self.restart_worker = None
-                    return
-                batch, self.restart_queue = self.restart_queue, []
-            ids = [i for i, _ in batch]
-            try:
-                self.restart(ids, min(t for _, t in batch))
-            finally:
-                with self.condition:
-                    self.restarting.difference_update(ids)
-                    self.condition.notify_all()
-
-    def restart(self, ids: list[int], detected: float) -> None:
-        """New actors for `ids`, from their latest snapshots; every live peer resends its public copy to them."""
-        others = self.live(exclude=ids)
-        frontier = [p for p in self.gather([self.agents[j].position.remote() for j in others]) if p is not None] or [0]
-        new = {}
-        for i in ids:
-            self.incarnations[i] += 1
-            self.restarts[i] += 1
-            new[i] = self.agents[i] = spawn_agent(self.recipe, i, self.incarnations[i])
-        peers = {j: self.agents[j] for j in self.live()}
-        me = ray.get_runtime_context().current_actor
-        with self.condition:  # peers that are dead and not yet back: the new agents must not wait for them
-            down = sorted((self.restarting | {j for j, _ in self.restart_queue}) - set(ids))
-        deadline = time.time() + self.config.runtime.wait_timeout_s
-        connected = {i: new[i].connect.remote(peers, me, self.snapshot_dir, dict(enumerate(self.incarnations)),
-                                              sorted(self.dropped), down)
-                     for i in ids}
-        placed, restored, sources = {}, {}, {}
-        for i in ids:  # one new agent that fails to start is dropped; the others of its batch go on
-            try:
-                placed[i] = ray.get(connected[i], timeout=max(0.1, deadline - time.time()))
-                snapshot, sources[i] = self.latest_snapshot(i)
-                restored[i] = ray.get(new[i].restore_snapshot.remote(snapshot),
-                                      timeout=max(0.1, deadline - time.time())) if snapshot is not None else 0
-            except (ray.exceptions.RayError, TimeoutError) as error:
-                ray.kill(new[i])
-                self.event("restart_failed", agent=i, error=type(error).__name__)
-                self.drop(i, reason=f"restart failed ({type(error).__name__})")
-        ids = [i for i in ids if i in restored]
-        if not ids:
-            return
-        self.gather([self.agents[j].peer_restarted.remote(i, new[i], self.incarnations[i]) for j in others for i in ids])
-        with self.condition:
-            for i in ids:
-                self.runs[i] = new[i].run.remote(self.checkpoint_dir is not None)
-        if self.stopping:  # a bounded/async run's quorum already finished
-            self.gather([new[i].stop.remote() for i in ids])
-        recovered = time.time()
-        rejoined_at = [p for p in self.gather([self.agents[j].position.remote() for j in others]) if p is not None] or frontier
-        local = self.plan.local_steps
-        failed_at = {r["agent"]: r["injected_round"] for r in self.failures if "injected_round" in r and "action" not in r}
-        for i in ids:
-            info = placed[i]
-            restored_round = restored[i] // local
-            died_round = failed_at.get(i, int(np.median(frontier)) // local)  # injected, else the others' round
-            facts = {"restored_step": restored[i], "snapshot": sources[i],
-                     "rounds_lost": max(0, died_round - restored_round),
-                     "rounds_behind": max(0, int(np.median(rejoined_at)) // local - restored_round),
-                     "recovery_s": recovered - detected, "node": info["node"]}
-            for record in self.failures:
-                if record["agent"] == i and "action" not in record:
-                    record.update(action="restarted", **facts)
-            self.event("agent_restarted", agent=i, incarnation=self.incarnations[i], **facts)
-
-    def latest_snapshot(self, agent: int) -> tuple[tuple[dict[str, np.ndarray], dict] | None, str | None]:
-        """The newer, by step, of the agent's snapshot file (it ran on this node) and the snapshot it sent (it
-        ran elsewhere, or a resumed run's checkpoint), and which it was ("file" or "sent"); (None, None)
-        when there is neither."""
-        kept = [(self.snapshots.get(agent), "sent")]
-        if self.snapshot_dir is not None:
-            kept.append((read_snapshot(self.snapshot_dir[1], agent), "file"))
-        kept = [(snapshot, source) for snapshot, source in kept if snapshot is not None]
-        return max(kept, key=lambda pair: pair[0][1]["step"]) if kept else (None, None)
-
-    @ray.method(concurrency_group="report")
-    def keep_snapshot(self, agent: int, incarnation: int, arrays: dict[str, np.ndarray], meta: dict) -> None:
-        """An agent's latest state, copied (the arrays may live in memory its process owns)."""
-        if incarnation == self.incarnations[agent]:
-            self.snapshots[agent] = copied_state(arrays, meta)
-
-    # ------------------------------------------------------------ whole-run checkpoints
-
-    @ray.method(concurrency_group="report")
-    def keep_checkpoint(self, agent: int, incarnation: int, step: int, arrays: dict[str, np.ndarray], meta: dict) -> None:
-        """One agent's state at a checkpoint step; once every live agent's is in, write the checkpoint."""
-        if incarnation != self.incarnations[agent]:
-            return
-        copied = copied_state(arrays, meta)
-        if self.config.runtime.on_failure == "restart":
-            self.snapshots[agent] = copied
-        with self.condition:
-            arrived = self.arrivals.setdefault(step, {})
-            arrived[agent] = copied
-            complete = set(arrived) >= set(self.live())
-        if complete:  # written by another thread: it waits for this step's records, which come through this group
-            threading.Thread(target=self.write_checkpoint, args=(step,), daemon=True).start()
-
-    def write_checkpoint(self, step: int) -> None:
-        from raygossip.checkpoint import save_checkpoint
-
-        evaluated = [s for s in range(step + 1) if self.plan.is_eval_step(s)]
-        with self.condition:
-            arrived = self.arrivals.pop(step, None)
-            if arrived is None:
-                return
-            done_before = {r["step"] - 1 for r in self.before["records"]}
-            self.condition.wait_for(lambda: all(s in self.recorded or s in done_before for s in evaluated),
-                                    timeout=self.config.runtime.wait_timeout_s)
-            records = self.before["records"] + [r for r in self.records if r["step"] <= step + 1]
-            self.events.append({"kind": "checkpoint_written", "time_s": time.time() - self.started, "step": step + 1})
-            events = self.before["events"] + sorted(self.events, key=lambda e: e["time_s"])
-        agents = [({k: torch.from_numpy(v) for k, v in arrived[i][0].items()}, arrived[i][1]) if i in arrived
-                  else ({}, {"dropped": True}) for i in range(len(self.agents))]
-        rounds_done = (step + 1) // self.plan.local_steps
-        run_state = {
-            "step": step + 1, "records": len(records), "record_list": records, "events": events,
-            "wall_time_s": time.time() - self.started, "rounds_done": rounds_done,
-            "communication_rounds": self.communication_rounds(rounds_done),
-            "dropped": sorted(self.dropped),
-        }
-        save_checkpoint(self.checkpoint_dir, self.config, run_state, agents)
-        for i in self.live():
-            self.agents[i].release.remote(step)
 
     @ray.method(concurrency_group="control")
     def live_agents(self) -> dict[int, Any]:
@@ -413,17 +241,15 @@ class Coordinator:
     def complete_pending(self) -> None:
         """Records of steps some agents never reached (they were stopped): fill in their final state."""
         with self.condition:
-            steps = sorted(self.pending)
-        if not steps:
-            return
+            if not self.book.pending:
+                return
         live = self.live()
-        late = {i: r for i, r in zip(live, self.gather([self.agents[i].late_report.remote() for i in live])) if r is not None}
-        for step in steps:
-            for agent, report in late.items():
-                with self.condition:
-                    missing = agent not in self.pending.get(step, {agent: None})
-                if missing:
-                    self.report(agent, step, *report)
+        late = {i: r for i, r in zip(live, self.gather([self.agents[i].late_report.remote(i) for i in live])) if r is not None}
+        for agent, report in late.items():
+            with self.condition:
+                missing = self.book.missing(agent)
+            for step in missing:
+                self.report(agent, step, *report)
 
     def event(self, kind: str, **fields) -> None:
         with self.condition:
@@ -450,52 +276,45 @@ class Coordinator:
         A restarted agent reports steps again: those already recorded are ignored, and a dead life's late report
         never replaces a newer life's."""
         with self.condition:
-            if step in self.recorded or agent in self.dropped or step < self.resumed_from:
+            if not self.book.wants(step) or agent in self.dropped:
                 return
         try:  # copied now: the object dies with its owner, the agent, which may die before the record is complete
             arrays = {k: np.array(v, copy=True) for k, v in ray.get(state[0]).items()}
         except ray.exceptions.RayError:
             return  # the agent died; a restarted one reports this step again
         with self.condition:
-            earlier = self.pending.get(step, {}).get(agent)
-            if earlier is not None and earlier[4] > incarnation:
-                return
-            self.pending.setdefault(step, {})[agent] = (accuracy, arrays, loss, traffic, incarnation)
-            complete = set(self.pending[step]) >= set(self.live())
+            complete = self.book.add(agent, step, Report(accuracy, arrays, loss, traffic, incarnation), self.live())
         if complete:
             self.finish_record(step)
 
     def finish_record(self, step: int) -> None:
         with self.condition:
-            if step in self.recorded or step not in self.pending:
-                return
-            self.recorded.add(step)
-            reports = self.pending.pop(step)
+            reports = self.book.take(step)
+        if reports is None:
+            return
         with self.record_lock:  # the report thread, the supervision loop and the restart thread all get here
             self._finish_record(step, reports)
 
-    def _finish_record(self, step: int, reports: dict[int, tuple]) -> None:
+    def _finish_record(self, step: int, reports: dict[int, Report]) -> None:
         order = [i for i in sorted(reports) if i not in self.dropped]
-        states = [split_state(reports[i][1]) for i in order]
+        states = [split_state(reports[i].state) for i in order]
         vectors = [params for params, _ in states]
         self.merged.load(global_average(vectors), average_buffers([buffers for _, buffers in states]))
-        accuracies = [reports[i][0] for i in order]
+        accuracies = [reports[i].accuracy for i in order]
         rounds_done = (step + 1) // self.plan.local_steps
         record = network_record(
             step=step, plan=self.plan, vectors=vectors,
             local_accuracies=None if accuracies[0] is None else accuracies,
-            merged_accuracy=self.merged.evaluate(), traffic=[traffic_of(reports[i][3]) for i in order],
+            merged_accuracy=self.merged.evaluate(), traffic=[traffic_of(reports[i].traffic) for i in order],
             merged_validation_accuracy=self.merged.validation_accuracy(),
-            train_loss=float(np.mean([reports[i][2] for i in order])), rounds_done=rounds_done,
+            train_loss=float(np.mean([reports[i].loss for i in order])), rounds_done=rounds_done,
             communication_rounds=self.communication_rounds(rounds_done),
             wall_time_s=time.time() - self.started,
         )
         if self.dropped:
             record["agents"] = order
         with self.condition:
-            self.delivered.append(record)  # in the order they were made: poll hands them out by position
-            self.records.append(record)
-            self.records.sort(key=lambda r: r["step"])
+            self.book.publish(record)
             self.condition.notify_all()
 
     def communication_rounds(self, rounds_done: int) -> int:
@@ -513,14 +332,14 @@ class Coordinator:
     def poll(self, seen: int, timeout_s: float) -> tuple[list[dict], bool]:
         """(records after the first `seen`, whether the agents finished), waiting up to timeout_s for either."""
         with self.condition:
-            if len(self.delivered) <= seen and self.finished is None:
+            if len(self.book.delivered) <= seen and self.finished is None:
                 self.condition.wait(timeout=timeout_s)
-            return list(self.delivered[seen:]), self.finished is not None
+            return list(self.book.delivered[seen:]), self.finished is not None
 
     # ------------------------------------------------------------ the end
 
     def gather_states(self) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-        return [split_state(s) for s in ray.get([self.agents[i].get_state.remote() for i in self.live()])]
+        return [split_state(s) for s in ray.get([self.agents[i].get_state.remote(i) for i in self.live()])]
 
     @ray.method(concurrency_group="control")
     def merged_state(self) -> dict[str, np.ndarray]:
@@ -533,24 +352,17 @@ class Coordinator:
     def final_merge(self) -> dict:
         """Gather every live agent's parameters, average exactly, send the average back, re-estimate batch norm."""
         spec = self.config.schedule.final_merge
-        live = [self.agents[i] for i in self.live()]
-        states = self.gather_states()
-        average = global_average([params for params, _ in states])
-        buffers = average_buffers([b for _, b in states])
-        arrays = {"params": average.numpy(), **{f"buffer.{k}": v.numpy() for k, v in buffers.items()}}
-        ref = ray.put(arrays)
-        ray.get([agent.load_state.remote([ref]) for agent in live])
-        self.merged.load(average, buffers)
-        if spec.bn == "local":
-            estimates = ray.get([agent.reestimate_batchnorm.remote(spec.bn_batches) for agent in live])
-            merged_buffers = average_buffers([split_state({"params": arrays["params"], **e})[1] for e in estimates])
-            self.merged.load(average, merged_buffers)
-        elif spec.bn == "global":  # the global sample comes from the full train set
-            self.merged.reestimate_on_global_sample(spec.bn_batches, self.config.seed)
-            new = {f"buffer.{k}": v.detach().cpu().numpy() for k, v in self.merged.model.named_buffers()}
-            ref = ray.put({"params": arrays["params"], **new})
-            ray.get([agent.load_state.remote([ref]) for agent in live])
-        accuracy = self.merged.evaluate()
+        live = self.live()
+
+        def broadcast(params: torch.Tensor, buffers: dict[str, torch.Tensor]) -> None:
+            ref = ray.put({"params": params.numpy(), **{f"buffer.{k}": v.cpu().numpy() for k, v in buffers.items()}})
+            ray.get([host.load_state.remote([ref]) for host in self.hosts(live)])
+
+        def reestimate_local(batches: int) -> list[dict[str, torch.Tensor]]:
+            estimates = ray.get([self.agents[i].reestimate_batchnorm.remote(i, batches) for i in live])
+            return [{k[len("buffer."):]: torch.from_numpy(np.array(v)) for k, v in e.items()} for e in estimates]
+
+        accuracy = merge_all(self.merged, self.gather_states(), broadcast, reestimate_local)
         self.event("merge_done", merged_test_accuracy=accuracy, bn=spec.bn, agents=len(live))
         return {"merged_accuracy": accuracy, "state_dict": {k: v.numpy() for k, v in self.merged.state_dict().items()}}
 
@@ -558,7 +370,3 @@ class Coordinator:
     def get_events(self) -> list[dict]:
         with self.condition:
             return self.before["events"] + sorted(self.events, key=lambda e: e["time_s"])
-
-    @ray.method(concurrency_group="control")
-    def consensus(self) -> float:
-        return consensus_distance([p for p, _ in self.gather_states()])

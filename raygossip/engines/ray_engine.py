@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from typing import Any
 
 import numpy as np
 import ray
@@ -19,8 +20,11 @@ from raygossip.engines.channels import BUFFERS as CHANNEL_BUFFERS, ENVELOPE_BYTE
 from raygossip.engines.cluster import ensure_ray, on_started_node
 from raygossip.engines.common import Observer, RunSetup, agent_threads
 from raygossip.core.agent import Traffic
-from raygossip.engines.agent_actor import INLINE_LIMIT, actor_env, dataset_to_numpy, spawn_agent
-from raygossip.engines.coordinator import Coordinator, split_state, traffic_of
+from raygossip.core.placement import agent_groups, edges_inside
+from raygossip.engines.agent_actor import spawn_host
+from raygossip.engines.ray_setup import INLINE_LIMIT, actor_env, dataset_to_numpy
+from raygossip.engines.agent_states import split_state, traffic_of
+from raygossip.engines.coordinator import Coordinator
 from raygossip.errors import UserError
 
 
@@ -50,15 +54,22 @@ def node_object_store_bytes(node_id: str) -> float:
     return next((n["Resources"].get("object_store_memory", 0.0) for n in ray.nodes() if n["NodeID"] == node_id), 0.0)
 
 
-def open_channels(agents: list, nodes: list[str], mixing: np.ndarray) -> None:
-    """Give every directed link of the graph (W_ji > 0: i sends to j) its channel: writers create, readers attach,
-    writers seal. The writers create one after another, so that each knows which named semaphores are its own."""
+def cross_actor_links(mixing: np.ndarray, group_of: dict[int, int]) -> list[tuple[int, int]]:
+    """The directed links i -> j (W_ji > 0) between agents of different actors (the others stay in memory)."""
+    n = len(mixing)
+    return [(i, j) for i in range(n) for j in range(n) if j != i and mixing[j, i] > 0 and group_of[i] != group_of[j]]
+
+
+def open_channels(agents: list, nodes: list[str], links: list[tuple[int, int]]) -> None:
+    """Give every directed link between actors its channel: writers create, readers attach, writers seal. The
+    writers create one after another, so that each knows which named semaphores are its own."""
     n = len(agents)
-    readers = [{j: (agents[j], nodes[j]) for j in range(n) if j != i and mixing[j, i] > 0} for i in range(n)]
-    made = [ray.get(agent.open_links.remote(r)) for agent, r in zip(agents, readers)]
+    readers = [{j: (agents[j], nodes[j]) for i2, j in links if i2 == i} for i in range(n)]
+    made = [ray.get(agents[i].open_links.remote(i, readers[i])) if readers[i] else {} for i in range(n)]
     inbound = [{i: made[i][j] for i in range(n) if j in made[i]} for j in range(n)]
-    ray.get([agent.attach_links.remote(links) for agent, links in zip(agents, inbound)])
-    ray.get([agent.seal_links.remote() for agent in agents])
+    ray.get([agents[j].attach_links.remote(j, inbound[j]) for j in range(n) if inbound[j]])
+    hosts = list({id(agent): agent for agent in agents}.values())
+    ray.get([host.seal_links.remote() for host in hosts])
 
 
 def actor_runtime_env(threads: int) -> dict | None:
@@ -72,11 +83,12 @@ def actor_runtime_env(threads: int) -> dict | None:
 
 
 def cpus_per_agent(config: Config) -> float:
-    """runtime.num_cpus_per_agent, or an even share of the cluster's CPUs (at most 1) when unset."""
+    """runtime.num_cpus_per_agent, or an even share of the cluster's CPUs (at most 1) when unset, rounded down to
+    Ray's resource precision (1e-4), so that 256 agents fit on 2 CPUs."""
     if config.runtime.num_cpus_per_agent is not None:
         return config.runtime.num_cpus_per_agent
     total = ray.cluster_resources().get("CPU", 1.0)
-    return max(0.01, math.floor(min(1.0, total / config.agents.count) * 100) / 100)
+    return max(1e-4, math.floor(min(1.0, total / config.agents.count) * 1e4) / 1e4)
 
 
 def check_resources(config: Config, cpus: float) -> None:
@@ -134,16 +146,20 @@ class RayEngine:
         cpus = cpus_per_agent(config)
         check_resources(config, cpus)
         threads = agent_threads(runtime)
-        bundle = {"CPU": cpus}
+        mixing = setup.topology.mixing(0)
+        self.groups = agent_groups(mixing, runtime.agents_per_actor)
+        self.group_of = {i: g for g, members in enumerate(self.groups) for i in members}
+        bundles = [{"CPU": cpus * len(members)} for members in self.groups]
         if runtime.num_gpus_per_agent > 0:
-            bundle["GPU"] = runtime.num_gpus_per_agent
+            for bundle, members in zip(bundles, self.groups):
+                bundle["GPU"] = runtime.num_gpus_per_agent * len(members)
         self.free_cpus_before = ray.available_resources().get("CPU", 0.0)
-        self.group = placement_group([dict(bundle) for _ in range(config.agents.count)], strategy=runtime.placement)
+        self.group = placement_group(bundles, strategy=runtime.placement)
         ready, _ = ray.wait([self.group.ready()], timeout=runtime.wait_timeout_s)
         if not ready:
             remove_placement_group(self.group)
-            raise UserError("runtime.placement", f"{runtime.placement} placement of {config.agents.count} x {bundle} "
-                                                 f"could not be satisfied within {runtime.wait_timeout_s:g} s")
+            raise UserError("runtime.placement", f"{runtime.placement} placement of {len(bundles)} actors x "
+                                                 f"{bundles[0]} could not be satisfied within {runtime.wait_timeout_s:g} s")
         self.startup_phases["placement_group_s"] = time.perf_counter() - began
         data = ray.put(dataset_to_numpy(setup.dataset, setup.test_x, setup.test_y))
         config_dict = to_dict(config)
@@ -152,9 +168,10 @@ class RayEngine:
         self.recipe = {
             "config": config_dict, "data": [data], "shards": list(setup.shards), "steps_per_epoch": spe,
             "factors": factors, "threads": threads, "cpus": cpus, "gpus": runtime.num_gpus_per_agent,
-            "env": actor_runtime_env(threads), "group": self.group,
+            "env": actor_runtime_env(threads), "group": self.group, "groups": self.groups,
         }
-        self.agents = [spawn_agent(self.recipe, i) for i in range(config.agents.count)]
+        self.hosts = [spawn_host(self.recipe, g) for g in range(len(self.groups))]
+        self.agents = [self.hosts[self.group_of[i]] for i in range(config.agents.count)]
         # created after the agents: it is off the data path and needed only when the run starts. It lives on the
         # driver's node, so the snapshots it keeps survive the loss of any other node.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
@@ -163,15 +180,17 @@ class RayEngine:
         submitted = time.time()
         peers = dict(enumerate(self.agents))
         self.snapshot_dir = ray.get(self.coordinator.snapshot_place.remote())
-        self.placement = ray.get([agent.connect.remote(peers, self.coordinator, self.snapshot_dir)
-                                  for agent in self.agents])
+        self.placement = self.connect_hosts(peers)
         self.startup_phases["agents_ready_s"] = time.perf_counter() - began
-        mixing = setup.topology.mixing(0)
-        links = int(np.count_nonzero(mixing) - np.count_nonzero(np.diag(mixing)))
+        links = cross_actor_links(mixing, self.group_of)
         self.transport, self.transport_reason = pick_transport(
-            config, self.placement, links, node_object_store_bytes(self.placement[0]["node"]))
-        if self.transport == "channels":
-            open_channels(self.agents, [p["node"] for p in self.placement], mixing)
+            config, self.placement, len(links), node_object_store_bytes(self.placement[0]["node"]))
+        if self.transport == "channels" and links:
+            open_channels(self.agents, [p["node"] for p in self.placement], links)
+        inside, total = edges_inside(self.groups, mixing)
+        self.packing = {"agents_per_actor": runtime.agents_per_actor, "actors": len(self.groups),
+                        "groups": self.groups, "links_inside_actors": inside, "links": total,
+                        "share_inside_actors": inside / total if total else 1.0}
         self.startup_phases.update(agent_startup_medians(self.placement, submitted))
         ray.get(self.coordinator.ready.remote())
         self.factors = factors
@@ -181,11 +200,34 @@ class RayEngine:
         self.finished: list[dict] = []
         self.resumed: dict | None = None
 
+    def connect_hosts(self, peers: dict[int, Any]) -> list[dict]:
+        """Wire every actor to the others and the coordinator as each finishes starting, showing how many agents
+        are ready; returns the agents' placement facts, in agent order."""
+        show = self.config.runtime.progress
+        n = self.config.agents.count
+        pending = {host.connect.remote(peers, self.coordinator, self.snapshot_dir): host for host in self.hosts}
+        bar = tqdm(total=n, desc="raygossip[ray] starting agents", unit="agent", disable=True if not show else None,
+                   leave=False)
+        infos: list[dict] = []
+        deadline = time.time() + self.config.runtime.wait_timeout_s
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.time()))
+            if not ready:
+                raise UserError("runtime.wait_timeout_s", f"{len(pending)} of {len(self.hosts)} agent actors did not "
+                                                          f"start within {self.config.runtime.wait_timeout_s:g} s")
+            for ref in ready:
+                pending.pop(ref)
+                got = ray.get(ref)
+                infos.extend(got)
+                bar.update(len(got))
+        bar.close()
+        return sorted(infos, key=lambda info: info["agent"])
+
     def restore(self, run_state: dict, agents: list[tuple[dict, dict]]) -> int:
         """Load every agent's state from a checkpoint (before run); returns the first step still to run."""
         dropped = set(run_state.get("dropped", []))
         arrays = {i: {k: v.numpy() for k, v in tensors.items()} for i, (tensors, _) in enumerate(agents) if i not in dropped}
-        ray.get([self.agents[i].restore_snapshot.remote((arrays[i], agents[i][1])) for i in arrays])
+        ray.get([self.agents[i].restore_snapshot.remote(i, (arrays[i], agents[i][1])) for i in arrays])
         if self.config.runtime.on_failure == "restart":  # an agent that dies before its next snapshot restarts here
             ray.get([self.coordinator.keep_snapshot.remote(i, 0, arrays[i], agents[i][1]) for i in arrays])
         self.resumed = run_state
@@ -245,6 +287,10 @@ class RayEngine:
         else:
             self.merged_state = {k: torch.from_numpy(v.copy())
                                  for k, v in ray.get(self.coordinator.merged_state.remote()).items()}
+        consistency = {}
+        if ending["aborted"] is None and self.placement[0]["public_copies"]:
+            # every message applied once, every resync and drop applied (restarts, resumes, bounded/async runs)
+            consistency["public_copy_error"] = self.choco_consistency_error()
         events = ray.get(self.coordinator.get_events.remote())
         events.extend({"kind": "link_delays", "agent": s["agent"], "links": s["link_delays"]} for s in finished)
         extra = {
@@ -259,10 +305,12 @@ class RayEngine:
             "cpu_s_per_agent": [s["cpu_s"] for s in finished],
             "sent_by_reference": sum(s["sent_by_reference"] for s in finished),
             "transport": self.transport,
+            "placement": self.packing,
             "startup_phases": dict(self.startup_phases),
             "lost_messages": sum(s["lost_messages"] for s in finished),
             "resyncs": sum(s["resyncs"] for s in finished),
             **failures,
+            **consistency,
         }
         outcome = {"records": records, "merged_accuracy": merged, "last": last, "events": events, "extra": extra}
         if ending["aborted"] is not None:
@@ -277,14 +325,14 @@ class RayEngine:
 
     def agent_vectors(self) -> list[torch.Tensor]:
         """The live agents' parameter vectors, in agent order."""
-        return [split_state(s)[0] for s in ray.get([a.get_state.remote() for a in self.live.values()])]
+        return [split_state(s)[0] for s in ray.get([a.get_state.remote(i) for i, a in self.live.items()])]
 
     def choco_consistency_error(self) -> float:
         """Drain every live inbox, then max |s_i - sum_j W_ij x_hat_j| over live agents and live neighbours j
         (0 when every message was applied exactly once, and every resync and drop was applied)."""
         live = self.live
-        ray.get([agent.drain.remote(self.config.runtime.wait_timeout_s) for agent in live.values()])
-        states = dict(zip(live, ray.get([agent.rule_state.remote() for agent in live.values()])))
+        ray.get([agent.drain.remote(i, self.config.runtime.wait_timeout_s) for i, agent in live.items()])
+        states = dict(zip(live, ray.get([agent.rule_state.remote(i) for i, agent in live.items()])))
         mixing = self.setup.topology.mixing(0)
         error = 0.0
         for i in live:
@@ -294,7 +342,8 @@ class RayEngine:
 
     def close(self) -> None:
         """Kill the actors and free the placement group (and stop Ray if this engine started it)."""
-        for actor in [*getattr(self, "agents", []), *getattr(self, "live", {}).values()]:
+        actors = [*getattr(self, "hosts", []), *getattr(self, "live", {}).values()]
+        for actor in {id(a): a for a in actors}.values():
             ray.kill(actor)
         coordinator = getattr(self, "coordinator", None)
         if coordinator is not None:

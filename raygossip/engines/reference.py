@@ -1,4 +1,4 @@
-"""The in-process reference engine: N agent cores stepped one after another, synchronous and deterministic."""
+"""The in-process reference engine: N gossip nodes stepped one after another, synchronous and deterministic."""
 
 from __future__ import annotations
 
@@ -8,15 +8,19 @@ import torch
 from tqdm import tqdm
 
 from raygossip.core.agent import AgentCore
+from raygossip.core.node import GossipNode, NodeOptions
+from raygossip.core.transports import InProcessTransport
 from raygossip.engines.common import (
-    MergedModel, Observer, RunSetup, agent_threads, average_buffers, network_record, prepare,
+    MergedModel, Observer, RunSetup, agent_threads, average_buffers, merge_all, network_record, prepare,
 )
 from raygossip.algorithms.merge import global_average
 from raygossip.config import Config
 
 
 class ReferenceEngine:
-    """The oracle: the Ray engine in sync mode must reproduce these numbers."""
+    """The oracle: the same GossipNode code as the Ray engine's agents, over an in-process transport, stepped in a
+    fixed order (every agent's local step, then every agent's send, then every agent's receive and mix), so the
+    Ray engine in sync mode reproduces these numbers exactly."""
 
     name = "reference"
 
@@ -31,6 +35,13 @@ class ReferenceEngine:
             AgentCore(i, config, self.setup.dataset, self.setup.shards[i], plan.total_steps, self.device)
             for i in range(config.agents.count)
         ]
+        nodes: dict[int, GossipNode] = {}
+        options = NodeOptions(mode="sync", wait_timeout_s=config.runtime.wait_timeout_s)
+        transport = InProcessTransport(nodes)
+        nodes.update({agent.agent_id: GossipNode(agent, plan, transport, options) for agent in self.agents})
+        self.nodes = [nodes[i] for i in range(config.agents.count)]
+        self.live = list(range(config.agents.count))  # agents not dropped (train.on_divergence: drop)
+        self.aborted: dict | None = None
         self.merged = MergedModel(self.setup, self.device)
         self.events: list[dict] = []
         self.rounds_done = 0
@@ -40,57 +51,78 @@ class ReferenceEngine:
     # ------------------------------------------------------------ one round
 
     def gossip_round(self, round_index: int) -> None:
-        plan = self.setup.plan.round_plan(round_index)
         self.rounds_done = round_index + 1
-        if plan is None:
+        if self.setup.plan.round_plan(round_index) is None:
             return
         self.communication_rounds += 1
-        gamma = self.setup.plan.gamma(round_index)
-        senders = sorted({src for src, _ in plan.edges})
-        messages = {j: self.agents[j].emit(plan.receivers_of(j)) for j in senders}
-        for receiver in sorted(plan.mixers | {dst for _, dst in plan.edges}):
-            self_weight, row = plan.weights[receiver]
-            for sender in plan.senders_to(receiver):
-                self.agents[receiver].absorb(messages[sender], row[sender])
-        for receiver in sorted(plan.mixers):
-            self.agents[receiver].mix(plan.weights[receiver][0], gamma)
+        for node in self.live_nodes():
+            node.send_round(round_index)
+        self.check_divergence()
+        for node in self.live_nodes():
+            node.finish_round(round_index)
+
+    def live_nodes(self) -> list[GossipNode]:
+        return [self.nodes[i] for i in self.live]
+
+    def live_agents(self) -> list[AgentCore]:
+        return [self.nodes[i].core for i in self.live]
+
+    def check_divergence(self) -> None:
+        """Agents whose loss or parameters went non-finite: abort the run or drop them (train.on_divergence)."""
+        for node in [node for node in self.live_nodes() if node.divergence is not None]:
+            i, step, what = node.agent_id, node.divergence["step"], node.divergence["what"]
+            self.events.append({"time_s": self.elapsed(), "kind": "diverged", "agent": i, "step": step, "what": what})
+            reason = f"agent {i}'s {what} became non-finite at step {step}"
+            self.live.remove(i)
+            if self.config.train.on_divergence == "abort" or not self.live:
+                self.aborted = {"agents": [i], "field": "train.on_divergence", "status": "diverged",
+                                "reason": f"{reason} (train.on_divergence is abort)" if self.live else
+                                          f"{reason}, the last agent left"}
+                return
+            for other in self.live_nodes():
+                other.peer_dropped(i)
+            self.events.append({"time_s": self.elapsed(), "kind": "agent_dropped", "agent": i,
+                                "reason": f"diverged ({reason})", "agents_left": len(self.live)})
 
     # ------------------------------------------------------------ evaluation and merge
 
     def evaluate(self, step: int) -> dict:
-        vectors = [agent.parameters_vector() for agent in self.agents]
+        agents = self.live_agents()
+        vectors = [agent.parameters_vector() for agent in agents]
         batch = self.config.eval.batch_size
         local = None
         if self.config.eval.local:
-            local = [agent.evaluate(self.setup.test_x, self.setup.test_y, batch) for agent in self.agents]
-        self.merged.load(global_average(vectors), average_buffers([a.buffers() for a in self.agents]))
-        losses = [agent.take_mean_loss() for agent in self.agents]
-        return network_record(
+            local = [agent.evaluate(self.setup.test_x, self.setup.test_y, batch) for agent in agents]
+        self.merged.load(global_average(vectors), average_buffers([a.buffers() for a in agents]))
+        losses = [agent.take_mean_loss() for agent in agents]
+        record = network_record(
             step=step, plan=self.setup.plan, vectors=vectors, local_accuracies=local,
-            merged_accuracy=self.merged.evaluate(), traffic=[a.traffic for a in self.agents],
+            merged_accuracy=self.merged.evaluate(), traffic=[a.traffic for a in agents],
             merged_validation_accuracy=self.merged.validation_accuracy(),
             train_loss=sum(losses) / len(losses), rounds_done=self.rounds_done,
             communication_rounds=self.communication_rounds, wall_time_s=self.elapsed(),
         )
+        if len(self.live) < len(self.nodes):
+            record["agents"] = list(self.live)
+        return record
 
     def final_merge(self) -> float:
         """Exact global average to every agent, batch-norm re-estimation, merged accuracy."""
         spec = self.config.schedule.final_merge
-        average = global_average([agent.parameters_vector() for agent in self.agents])
-        buffers = average_buffers([agent.buffers() for agent in self.agents])
-        for agent in self.agents:
-            agent.load_parameters_vector(average)
-            agent.load_buffers(buffers)
-        self.merged.load(average, buffers)
-        if spec.bn == "local":
-            for agent in self.agents:
-                agent.reestimate_batchnorm(spec.bn_batches)
-            self.merged.load(average, average_buffers([agent.buffers() for agent in self.agents]))
-        elif spec.bn == "global":
-            self.merged.reestimate_on_global_sample(spec.bn_batches, self.config.seed)
-            for agent in self.agents:
-                agent.load_buffers(dict(self.merged.model.named_buffers()))
-        accuracy = self.merged.evaluate()
+        agents = self.live_agents()
+
+        def broadcast(params: torch.Tensor, buffers: dict[str, torch.Tensor]) -> None:
+            for agent in agents:
+                agent.load_parameters_vector(params)
+                agent.load_buffers(buffers)
+
+        def reestimate_local(batches: int) -> list[dict[str, torch.Tensor]]:
+            for agent in agents:
+                agent.reestimate_batchnorm(batches)
+            return [agent.buffers() for agent in agents]
+
+        states = [(agent.parameters_vector(), agent.buffers()) for agent in agents]
+        accuracy = merge_all(self.merged, states, broadcast, reestimate_local)
         self.events.append({"time_s": self.elapsed(), "kind": "merge_done",
                             "merged_test_accuracy": accuracy, "bn": spec.bn})
         return accuracy
@@ -131,11 +163,14 @@ class ReferenceEngine:
         bar = tqdm(total=plan.total_steps, initial=start_step, desc="raygossip", unit="step",
                    disable=True if not show else None, leave=False)
         for step in range(start_step, plan.total_steps):
-            for agent in self.agents:
-                agent.train_step()
+            for node in self.live_nodes():
+                node.local_step()
+            self.check_divergence()
             round_index = plan.round_after_step(step)
-            if round_index is not None:
+            if round_index is not None and self.aborted is None:
                 self.gossip_round(round_index)
+            if self.aborted is not None:
+                break
             if plan.is_eval_step(step):
                 record = self.evaluate(step)
                 records.append(record)
@@ -146,6 +181,10 @@ class ReferenceEngine:
                 self.checkpoint(checkpoint_dir, step, len(records))
             bar.update(1)
         bar.close()
+        if self.aborted is not None:
+            last = records[-1] if records else None
+            return {"records": records, "merged_accuracy": None, "last": last, "events": self.events,
+                    "aborted": self.aborted}
         last = records[-1]
         merged = self.final_merge() if self.config.schedule.final_merge.enabled else last["merged_test_accuracy"]
         return {"records": records, "merged_accuracy": merged, "last": last, "events": self.events}
@@ -154,7 +193,7 @@ class ReferenceEngine:
         return self.merged.state_dict()
 
     def traffic(self) -> list:
-        return [agent.traffic for agent in self.agents]
+        return [agent.traffic for agent in self.live_agents()]
 
     def agent_vectors(self) -> list[torch.Tensor]:
-        return [agent.parameters_vector() for agent in self.agents]
+        return [agent.parameters_vector() for agent in self.live_agents()]

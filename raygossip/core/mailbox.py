@@ -5,22 +5,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
-
-@dataclass
-class Letter:
-    sender: int
-    round: int
-    payload: Any  # the transport's handle (the message by value, or a Ray ObjectRef wrapped in a list)
-    sent_at: float
-    available_at: float
-    arrived_at: float = 0.0
-    seq: int | None = None  # how many letters the sender sent this receiver before this one (None: arrival order)
-    incarnation: int = 0  # which life of the sender wrote it (a restarted agent starts a new stream at seq 0)
-    final: bool = False  # the sender's last letter: it sends nothing more (its loop ended)
-    kind: str = "q"  # what the payload is (the transport's vocabulary)
+from .wire import Letter
 
 
 class Mailbox:

@@ -1,0 +1,594 @@
+"""One agent's gossip node: its round loop (send, wait, absorb, mix), peer table and counters, over a Transport.
+
+The node knows neither Ray nor processes. Both engines drive it: the reference engine steps its nodes one
+after another over an in-process transport; the Ray engine runs each node's loop in an actor thread over
+Ray calls or shared-memory channels. So the two share every line that decides which letters count.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Protocol
+
+import numpy as np
+import torch
+
+from ..algorithms.compressors import Compressed
+from ..algorithms.schedules import RoundPlan
+from .agent import AgentCore
+from .faults import MessageFate
+from .mailbox import Mailbox
+from .peers import PeerTable
+from .phases import PhaseClock
+from .plan import RunPlan
+from .timing import StepClock, link_delay
+from ..config import TimingConfig
+from .wire import Kind, Letter
+
+
+class Transport(Protocol):
+    """How one node's letters reach the others. `post` never blocks on the receiver's training."""
+
+    pulls: bool  # whether letters wait on links that `pull` must read (shared-memory channels)
+
+    def post(self, receiver: int, letter: Letter) -> None: ...
+
+    def pull(self, sender: int, satisfied: Callable[[], bool], deadline: float,
+             stopped: Callable[[], bool]) -> Iterator[Letter]: ...
+
+    def open(self, letters: list[Letter]) -> list[Compressed | None]: ...
+
+    def close(self, peer: int) -> None: ...
+
+
+class Supervisor(Protocol):
+    """The node's line to whoever supervises the run (the Ray engine's coordinator)."""
+
+    def event(self, event: dict) -> None: ...
+
+    def report(self, agent: int, step: int, accuracy: float | None, state: dict[str, torch.Tensor], loss: float,
+               traffic: dict, incarnation: int) -> None: ...
+
+    def keep_snapshot(self, agent: int, incarnation: int, tensors: dict[str, torch.Tensor], meta: dict) -> None: ...
+
+    def keep_checkpoint(self, agent: int, incarnation: int, step: int, tensors: dict[str, torch.Tensor],
+                        meta: dict) -> None: ...
+
+    def crash(self, agent: int, round_index: int, step: int) -> None: ...
+
+    def diverged(self, agent: int, incarnation: int, step: int, what: str) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeOptions:
+    """How a node runs: what the reference engine turns off (timing, faults) and what the Ray engine sets."""
+
+    mode: str = "sync"
+    staleness: int = 1
+    wait_timeout_s: float = 120.0
+    timing: TimingConfig | None = None  # None: no simulated step times or link delays
+    snapshot_every: int = 0  # keep a snapshot with the supervisor every this many rounds (0: never)
+    checkpoint_every: int = 0
+
+
+class GossipNode:
+    """One agent's loop and link state. The training thread calls run (or the steps in it); a control thread may
+    call the peer_* methods, release and stop meanwhile: they share `link_lock`, so the rule state and each
+    outgoing stream change atomically."""
+
+    def __init__(self, core: AgentCore, plan: RunPlan, transport: Transport, options: NodeOptions, *,
+                 supervisor: Supervisor | None = None, clock: StepClock | None = None,
+                 fate: MessageFate | None = None, kill_round: int | None = None, incarnation: int = 0,
+                 evaluation_set: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        self.core = core
+        self.agent_id = core.agent_id
+        self.plan = plan
+        self.transport = transport
+        self.options = options
+        self.supervisor = supervisor
+        self.clock = clock
+        self.fate = fate
+        self.kill_round = kill_round
+        self.incarnation = incarnation
+        self.evaluation_set = evaluation_set
+        self.rule = core.rule
+        self.peers = PeerTable(core.agent_id, plan.topology.mixing(0))
+        self.mailbox = Mailbox(list(range(plan.topology.n)))
+        self.link_lock = threading.Lock()
+        self.round_reached = core.step // plan.local_steps - 1
+        # a whole-model rule in bounded/async mode: a sender with nothing new in a round counts with its last model
+        self.reuse_last_models = self.rule.whole_models and options.mode != "sync"
+        self.last_models: dict[int, Compressed] = {}
+        self.finished_loop = False
+        self.barrier = threading.Event()
+        self.barrier_step = -1
+        self.stop_requested = threading.Event()
+        self.phases = PhaseClock()
+        self.link_delays: dict[int, list[float]] = {}
+        self.counters = dict.fromkeys(("timeouts", "stale_messages", "lost_messages", "resyncs", "reused_models",
+                                       "nonfinite_messages"), 0)
+        self.waited_s = 0.0
+        self.corrupt_rounds = {c.round for c in core.config.faults.corrupt if c.agent == core.agent_id}
+        self.divergence: dict | None = None  # {"step", "what"} once this agent's loss or parameters went non-finite
+        self._round_plan: tuple[int, RoundPlan | None] = (-1, None)
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self, checkpoints: bool = False, resync: bool = False) -> dict:
+        """The training loop to the end (or until stopped). checkpoints: stop at every checkpoint_every-th round
+        until the supervisor wrote the whole run's checkpoint; resync: first resend the whole public copy to every
+        neighbour (a restarted agent, or a run resumed from an asynchronous checkpoint)."""
+        plan = self.plan
+        cpu_began, process_began = time.thread_time(), time.process_time()
+        every = self.options.checkpoint_every if checkpoints else 0
+        if self.incarnation > 0 or resync:
+            self.announce()
+        for step in range(self.core.step, plan.total_steps):
+            if self.stop_requested.is_set():
+                break
+            self.local_step()
+            if self.divergence is not None:
+                break
+            round_index = plan.round_after_step(step)
+            if round_index is not None:
+                self.send_round(round_index)
+                if self.divergence is not None:
+                    break
+                self.finish_round(round_index)
+            if plan.is_eval_step(step):
+                with self.phases("report"):
+                    self.report_evaluation(step)
+            if every and round_index is not None and (round_index + 1) % every == 0 and step + 1 < plan.total_steps:
+                with self.phases("wait"):
+                    self.checkpoint_barrier(step)
+        self.finish()
+        if self.supervisor is not None:
+            self.supervisor.flush()  # every report is in before the end
+        self.phases.loop_cpu += time.thread_time() - cpu_began
+        self.phases.process_cpu += time.process_time() - process_began
+        return self.stats()
+
+    def local_step(self) -> None:
+        """One local optimizer step, stretched to its simulated duration when timing is simulated."""
+        started = time.perf_counter()
+        with self.phases("train"):
+            loss = self.core.train_step()
+        if not math.isfinite(loss):
+            self.diverge("loss")
+            return
+        if self.clock is not None and self.clock.active:
+            with self.phases("sleep"):
+                time.sleep(self.clock.extra_delay(time.perf_counter() - started))
+
+    def round_plan(self, round_index: int) -> RoundPlan | None:
+        if self._round_plan[0] != round_index:
+            self._round_plan = (round_index, self.plan.round_plan(round_index))
+        return self._round_plan[1]
+
+    def send_round(self, round_index: int) -> None:
+        """The first half of a round: this agent's message to its receivers (fault injection may end it here)."""
+        self.round_reached = round_index
+        if round_index == self.kill_round and self.supervisor is not None:
+            self.supervisor.crash(self.agent_id, round_index, self.core.step)
+        if round_index in self.corrupt_rounds:  # fault injection: this agent's parameters become NaN
+            self.core.flat.data[0] = float("nan")
+        round_plan = self.round_plan(round_index)
+        if round_plan is not None:
+            receivers = round_plan.receivers_of(self.agent_id)
+            if receivers and not bool(torch.isfinite(self.core.flat.data).all()):
+                self.diverge("parameters")
+                return
+            if receivers:  # filtered for dead peers inside send(), under link_lock (a peer may come back meanwhile)
+                with self.phases("send"):
+                    self.send(round_index, receivers)
+
+    def finish_round(self, round_index: int) -> None:
+        """The second half: wait as the mode says, absorb, mix; then a snapshot when one is due."""
+        round_plan = self.round_plan(round_index)
+        me = self.agent_id
+        if round_plan is not None:
+            senders = round_plan.senders_to(me)
+            if senders or me in round_plan.mixers:
+                self.receive(round_index, senders, round_plan)
+            if me in round_plan.mixers:
+                with self.phases("mix"), self.link_lock:
+                    self.core.mix(round_plan.weights[me][0] + self.peers.dropped_weight, self.plan.gamma(round_index))
+        every = self.options.snapshot_every
+        if every and (round_index + 1) % every == 0 and self.supervisor is not None:
+            self.keep_snapshot()
+
+    def finish(self) -> None:
+        """The loop ended: tell every live peer that nothing more comes."""
+        with self.link_lock:
+            self.finished_loop = True
+            for receiver in self.peers.live(self.peers.others):
+                self.post(receiver, Kind.FIN, self.plan.total_rounds, None, time.time(), 0.0)
+
+    def diverge(self, what: str) -> None:
+        """This agent's loss or parameters are no longer finite: it stops at once, sends nothing more, and tells
+        the supervisor (which aborts the run or drops the agent, as train.on_divergence says)."""
+        self.divergence = {"step": self.core.step, "what": what}
+        self.stop_requested.set()
+        if self.supervisor is not None:
+            self.supervisor.diverged(self.agent_id, self.incarnation, self.core.step, what)
+
+    def stop(self) -> int:
+        """Ask the training loop to stop after its current step (a bounded/async run's quorum finished)."""
+        self.stop_requested.set()
+        with self.mailbox.condition:
+            self.mailbox.condition.notify_all()
+        return self.core.step
+
+    # ------------------------------------------------------------ sending
+
+    def post(self, receiver: int, kind: Kind, round_index: int, payload: Any, sent_at: float,
+             available_at: float) -> None:
+        """Push one letter to `receiver`, next in this agent's stream to it (call with link_lock held)."""
+        letter = Letter(self.agent_id, round_index, kind, payload, sent_at, available_at,
+                        seq=self.peers.next_seq(receiver), incarnation=self.incarnation)
+        self.transport.post(receiver, letter)
+
+    def delay(self, nbytes: int) -> float:
+        return 0.0 if self.options.timing is None else link_delay(nbytes, self.options.timing)
+
+    def send(self, round_index: int, receivers: list[int]) -> None:
+        """Emit this round's message once and post it to every live receiver."""
+        with self.link_lock:
+            receivers = self.peers.live(receivers)
+            if not receivers:
+                return
+            message = self.core.emit(receivers)
+            sent_at = time.time()
+            available_at = sent_at + self.delay(message.nbytes)
+            for receiver in receivers:
+                lost, extra = self.fate() if self.fate is not None else (False, 0.0)
+                kind = Kind.LOST if lost else Kind.GOSSIP
+                self.post(receiver, kind, round_index, None if lost else message, sent_at, available_at + extra)
+
+    def announce(self) -> None:
+        """A restarted (or resumed) agent's first letters: its whole public copy, or a round mark for a rule
+        without public copies, to every receiver, which then replaces what it knew of this agent."""
+        with self.link_lock:
+            for receiver in self.peers.live(self.resync_receivers()):
+                self.post_resync(receiver)
+
+    def resync_receivers(self) -> list[int]:
+        """Who gets this agent's resync letters: its out-neighbours for a rule with public copies (a static
+        graph), else everyone (round marks are tiny, and the graph may change every round)."""
+        return self.peers.out_neighbours if self.rule.public_copies else self.peers.others
+
+    def post_resync(self, receiver: int) -> None:
+        now = time.time()
+        if not self.rule.public_copies:
+            self.post(receiver, Kind.MARK, self.round_reached, None, now, now)
+            return
+        x_hat = self.core.public_copy()
+        nbytes = x_hat.numel() * x_hat.element_size()
+        self.core.traffic.record([receiver], nbytes)
+        self.post(receiver, Kind.FULL, self.round_reached, Compressed({"x_hat": x_hat}, x_hat.numel()), now,
+                  now + self.delay(nbytes))
+
+    # ------------------------------------------------------------ receiving
+
+    def accept(self, letter: Letter) -> None:
+        """A letter from a transport (any thread)."""
+        self.mailbox.put(letter)
+
+    def wait_round(self, round_index: int) -> int | None:
+        """The round whose messages this mode must wait for (None: do not wait)."""
+        if self.options.mode == "sync":
+            return round_index
+        if self.options.mode == "bounded":
+            return round_index - self.options.staleness
+        return None
+
+    def expected_senders(self, round_index: int, known: list[int] | None) -> list[int]:
+        if known is not None:
+            return known
+        earlier = self.round_plan(round_index) if round_index == self._round_plan[0] else self.plan.round_plan(round_index)
+        return earlier.senders_to(self.agent_id) if earlier is not None else []
+
+    def receive(self, round_index: int, senders: list[int], round_plan: RoundPlan) -> None:
+        """Wait as the mode says (with a deadline), then absorb what arrived, in order per sender."""
+        wait_for = self.wait_round(round_index)
+        if wait_for is not None and wait_for >= 0:
+            expected = self.expected_senders(wait_for, senders if wait_for == round_index else None)
+            if expected:
+                self.wait_for(expected, wait_for, round_index)
+        with self.phases("absorb"):
+            self.absorb_ready(round_index, senders, round_plan)
+
+    def wait_for(self, expected: list[int], wait_for: int, round_index: int) -> None:
+        started = time.time()
+        deadline = started + self.options.wait_timeout_s
+        mailbox = self.mailbox
+        with self.phases("wait"):
+            if self.transport.pulls:  # letters by call or in memory are already in the mailbox
+                for j in expected:
+                    for letter in self.transport.pull(j, lambda: mailbox.has_round(j, wait_for, float("inf")),
+                                                      deadline, self.stop_requested.is_set):
+                        self.accept(letter)
+            ok = mailbox.wait_until(
+                lambda now: self.stop_requested.is_set() or all(mailbox.has_round(j, wait_for, now) for j in expected),
+                deadline,
+            )
+        self.waited_s += time.time() - started
+        if not ok and not self.stop_requested.is_set():
+            self.counters["timeouts"] += 1
+            self.event("wait_timeout", round=round_index,
+                       missing=[j for j in expected if not mailbox.has_round(j, wait_for, time.time())])
+
+    def absorb_ready(self, round_index: int, senders: list[int], round_plan: RoundPlan) -> None:
+        """Absorb every readable letter (rounds <= round_index in sync mode), in order per sender.
+
+        A whole-model rule in bounded and async mode: a sender of this round with nothing new (it is slower, or
+        its loop has ended) counts with the last model it sent, so that the agent keeps mixing instead of taking
+        local steps alone (which pulls it towards its own shard: the last rounds of a run whose neighbours
+        finished)."""
+        up_to = round_index if self.options.mode == "sync" else None
+        whole_models = self.rule.whole_models
+        weights = dict(round_plan.weights.get(self.agent_id, (1.0, {}))[1])
+        if self.rule.public_copies:
+            weights = self.peers.in_weights  # public copies need a static graph
+        taken: list[Letter] = []
+        quiet: list[int] = []
+        for sender in sorted(set(senders) | set(self.mailbox.queues)):
+            letters = self.mailbox.take_ready(sender, up_to)
+            self.counters["lost_messages"] += sum(letter.kind is Kind.LOST for letter in letters)
+            if whole_models:
+                letters = [letter for letter in letters if letter.kind is Kind.GOSSIP][-1:]  # the newest counts
+                if not letters and self.reuse_last_models and sender in senders:
+                    quiet.append(sender)
+            taken.extend(letter for letter in letters if letter.kind in (Kind.GOSSIP, Kind.FULL))
+        with self.link_lock:
+            self.apply_letters(taken, weights, round_index)
+            for sender in quiet:
+                last = self.last_models.get(sender)
+                weight = weights.get(sender, 0.0)
+                if last is not None and weight > 0.0 and sender not in self.peers.down:
+                    self.core.absorb(last, weight, sender)
+                    self.counters["reused_models"] += 1
+
+    def apply_letters(self, letters: list[Letter], weights: dict[int, float], round_index: int | None) -> None:
+        """Absorb gossip messages and apply full public copies (call with link_lock held)."""
+        for letter, message in zip(letters, self.transport.open(letters)):
+            weight = 0.0 if letter.sender in self.peers.dropped else weights.get(letter.sender, 0.0)
+            if message is None:  # its object-store copy died with its sender
+                self.counters["lost_messages"] += 1
+                continue
+            if not all(bool(torch.isfinite(a).all()) for a in message.arrays.values() if a.is_floating_point()):
+                self.counters["nonfinite_messages"] += 1  # a diverged sender's: never absorbed
+                continue
+            if letter.kind is Kind.FULL:
+                if self.core.link_copies is not None and weight > 0.0:
+                    self.core.resync_link(letter.sender, message.arrays["x_hat"], weight)
+                    self.counters["resyncs"] += 1
+                continue
+            self.record_delay(letter)
+            if round_index is not None and letter.round != round_index:
+                self.counters["stale_messages"] += 1
+            if self.reuse_last_models and letter.sender not in self.peers.dropped:
+                self.last_models[letter.sender] = message
+            if weight > 0.0:
+                self.core.absorb(message, weight, letter.sender)
+
+    def record_delay(self, letter: Letter) -> None:
+        if self.options.timing is None:
+            return
+        readable = max(letter.arrived_at, letter.available_at)
+        self.link_delays.setdefault(letter.sender, []).append(readable - letter.sent_at)
+
+    def drain(self, timeout_s: float) -> int:
+        """After the run: once every live in-neighbour's final letter arrived, absorb every message still queued."""
+        senders = [j for j in self.peers.in_weights if j not in self.peers.dropped]
+        deadline = time.time() + timeout_s
+        mailbox = self.mailbox
+        for j in senders:
+            for letter in self.transport.pull(j, lambda: mailbox.absent(j), deadline, lambda: False):
+                self.accept(letter)
+        mailbox.wait_until(
+            lambda now: all(j in mailbox.finished for j in senders)
+            and all(letter.available_at <= now for q in mailbox.queues.values() for letter in q),
+            deadline,
+        )
+        taken = [letter for sender in sorted(mailbox.queues) for letter in mailbox.take_ready(sender)
+                 if letter.kind in (Kind.GOSSIP, Kind.FULL)]
+        if self.rule.whole_models:
+            return len(taken)
+        with self.link_lock:
+            self.apply_letters(taken, {j: self.peers.in_weights[j] for j in senders}, None)
+        return len(taken)
+
+    # ------------------------------------------------------------ peers that die, come back or go
+
+    def peers_down(self, agents: list[int]) -> None:
+        """These peers died: stop waiting for them and sending to them."""
+        for j in agents:
+            self.transport.close(j)
+        with self.link_lock:
+            for j in agents:
+                self.peers.mark_down(j)
+                self.mailbox.mark_down(j)
+        for j in agents:
+            if self.peers.is_neighbour(j):
+                self.event("neighbour_down", neighbour=j, round=self.round_reached)
+
+    def peer_restarted(self, agent: int, incarnation: int) -> None:
+        """Peer `agent` came back: start a new stream to it with this agent's resync letter."""
+        self.transport.close(agent)
+        with self.link_lock:
+            if not self.peers.restarted(agent, incarnation):
+                return
+            if agent in self.resync_receivers():
+                self.post_resync(agent)
+                if self.finished_loop:
+                    self.post(agent, Kind.FIN, self.plan.total_rounds, None, time.time(), 0.0)
+
+    def peer_dropped(self, agent: int) -> None:
+        """Peer `agent` is gone for good: the rule forgets it and its weight goes to the self weight."""
+        self.transport.close(agent)
+        with self.link_lock:
+            self.forget(agent)
+
+    def forget(self, agent: int) -> None:
+        weight = self.peers.drop(agent)
+        if weight is None:
+            return
+        self.last_models.pop(agent, None)
+        self.mailbox.mark_down(agent, gone=True)
+        if weight > 0.0 and self.core.link_copies is not None:
+            self.core.drop_link(agent, weight)
+
+    def learn_peers(self, incarnations: dict[int, int], dropped: list[int], down: list[int]) -> None:
+        """A restarted agent learns who is dropped, down, and in which life each peer is."""
+        with self.link_lock:
+            self.peers.incarnation.update({int(j): int(i) for j, i in incarnations.items()})
+            for j in dropped:
+                self.forget(j)
+            for j in down:
+                self.peers.mark_down(j)
+                self.mailbox.mark_down(j)
+
+    # ------------------------------------------------------------ snapshots and checkpoints
+
+    def snapshot(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """AgentCore.snapshot(), taken while no resync or drop changes the rule state."""
+        with self.link_lock:
+            return self.core.snapshot()
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> int:
+        """Continue from a snapshot (a restarted agent, before it runs); returns the step it continues at."""
+        with self.link_lock:
+            self.core.restore(tensors, meta)
+            if self.core.link_copies is not None:  # the snapshot may predate drops this agent already knows of
+                for j in self.peers.dropped:
+                    self.core.drop_link(j, self.peers.in_weights.get(j, 0.0))
+        self.round_reached = self.core.step // self.plan.local_steps - 1
+        return self.core.step
+
+    def keep_snapshot(self) -> None:
+        tensors, meta = self.snapshot()
+        self.supervisor.keep_snapshot(self.agent_id, self.incarnation, tensors, meta)
+
+    def checkpoint_barrier(self, step: int) -> None:
+        """Give the supervisor this agent's state after `step`, then wait until it wrote the run's checkpoint
+        (nobody sends the next round's messages before every agent's state is in: a consistent cut)."""
+        self.offer_checkpoint(step)
+        self.await_release(step)
+
+    def offer_checkpoint(self, step: int) -> None:
+        tensors, meta = self.snapshot()
+        self.barrier.clear()
+        self.barrier_step = step
+        self.supervisor.keep_checkpoint(self.agent_id, self.incarnation, step, tensors, meta)
+
+    def await_release(self, step: int) -> None:
+        deadline = time.time() + self.options.wait_timeout_s
+        while not self.barrier.wait(0.2):
+            if self.stop_requested.is_set():
+                return
+            if time.time() > deadline:
+                self.event("checkpoint_timeout", step=step + 1)
+                return
+
+    def release(self, step: int) -> None:
+        """The checkpoint of `step` is written: the loop goes on (a late release of an earlier one is ignored)."""
+        if step == self.barrier_step:
+            self.barrier.set()
+
+    # ------------------------------------------------------------ reporting
+
+    def event(self, kind: str, **fields) -> None:
+        if self.supervisor is not None:
+            self.supervisor.event({"kind": kind, "agent": self.agent_id, "time": time.time(), **fields})
+
+    def evaluate(self) -> float:
+        x, y = self.evaluation_set
+        return self.core.evaluate(x, y, self.core.config.eval.batch_size)
+
+    def evaluation(self) -> tuple[float | None, dict[str, torch.Tensor], float, dict]:
+        """(local test accuracy or None, state tensors, mean loss since the last one, traffic counters)."""
+        accuracy = self.evaluate() if self.core.config.eval.local else None
+        return accuracy, self.state_tensors(), self.core.take_mean_loss(), self.traffic_counts()
+
+    def report_evaluation(self, step: int) -> None:
+        if self.supervisor is not None:
+            self.supervisor.report(self.agent_id, step, *self.evaluation(), self.incarnation)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Parameters and buffers (what records and the merge need)."""
+        tensors = {"params": self.core.parameters_vector()}
+        tensors.update({f"buffer.{k}": v for k, v in self.core.buffers().items()})
+        return tensors
+
+    def rule_tensors(self) -> dict[str, torch.Tensor]:
+        """The rule's state, the copies of the neighbours' public copies, and the parameters (for checks)."""
+        with self.link_lock:
+            out = {name: t.detach().clone() for name, t in self.core.state.tensors().items()}
+            out.update({f"link.{j}": t.clone() for j, t in (self.core.link_copies or {}).items()})
+            out["params"] = self.core.parameters_vector()
+        return out
+
+    def traffic_counts(self) -> dict:
+        traffic = self.core.traffic
+        return {"bytes_sent": traffic.bytes_sent, "messages_sent": traffic.messages_sent,
+                "per_link": dict(traffic.per_link), "per_link_messages": dict(traffic.per_link_messages)}
+
+    def stats(self) -> dict:
+        delays = {j: {"count": len(v), "min_s": min(v), "mean_s": float(np.mean(v)), "max_s": max(v)}
+                  for j, v in self.link_delays.items() if v}
+        return {"agent": self.agent_id, "incarnation": self.incarnation, "steps": self.core.step,
+                "waited_s": self.waited_s, **self.counters, "link_delays": delays,
+                "phase_s": dict(self.phases.wall),
+                "cpu_s": {**self.phases.cpu, "loop": self.phases.loop_cpu, "process": self.phases.process_cpu},
+                **self.traffic_counts()}
+
+
+def run_together(nodes: list[GossipNode], checkpoints: bool = False, resync: bool = False) -> list[dict]:
+    """The loops of several nodes of one process in sync mode, in lockstep on one thread: every node's local step,
+    then every node's send, then every node's receive and mix (the reference engine's order), so no node waits on
+    a thread switch to another. Every node must be at the same step. Returns each node's stats."""
+    plan = nodes[0].plan
+    cpu_began, process_began = time.thread_time(), time.process_time()
+    every = nodes[0].options.checkpoint_every if checkpoints else 0
+    for node in nodes:
+        if node.incarnation > 0 or resync:
+            node.announce()
+    for step in range(nodes[0].core.step, plan.total_steps):
+        live = [node for node in nodes if not node.stop_requested.is_set()]
+        if not live:
+            break
+        for node in live:
+            node.local_step()
+        live = [node for node in live if node.divergence is None]
+        round_index = plan.round_after_step(step)
+        if round_index is not None:
+            for node in live:
+                node.send_round(round_index)
+            live = [node for node in live if node.divergence is None]
+            for node in live:
+                node.finish_round(round_index)
+        if plan.is_eval_step(step):
+            for node in live:
+                with node.phases("report"):
+                    node.report_evaluation(step)
+        if every and round_index is not None and (round_index + 1) % every == 0 and step + 1 < plan.total_steps:
+            for node in live:
+                node.offer_checkpoint(step)
+            for node in live:
+                with node.phases("wait"):
+                    node.await_release(step)
+    for node in nodes:
+        node.finish()
+    if nodes[0].supervisor is not None:
+        nodes[0].supervisor.flush()
+    share = 1.0 / len(nodes)  # of the one thread's CPU
+    for node in nodes:
+        node.phases.loop_cpu += (time.thread_time() - cpu_began) * share
+        node.phases.process_cpu += (time.process_time() - process_began) * share
+    return [node.stats() for node in nodes]

@@ -1,0 +1,74 @@
+"""What an actor process needs before it hosts agents: the data as numpy, pinned threads, its device, its env."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+
+from raygossip.data.datasets import Dataset, Split
+
+# Messages up to this size (the default and largest runtime.inline_bytes) travel by value inside the deliver call
+# (one RPC, nothing to fetch); larger ones are put into the object store once and every receiver gets a reference
+# (where the two ways cost the same: bench/README.md).
+INLINE_BYTES = 1 << 20
+INLINE_LIMIT = INLINE_BYTES + (64 << 10)  # Ray's max_direct_call_object_size for that: + room for the envelope
+
+
+def actor_env(threads: int) -> dict[str, str]:
+    """Environment of actor worker processes on a cluster this driver did not start: native thread pools
+    pinned to the CPU share, and Ray's inline limit for call arguments raised to INLINE_LIMIT (else Ray
+    would put larger arguments into the object store itself, once per receiver)."""
+    pinned = str(max(1, threads))
+    return {"OMP_NUM_THREADS": pinned, "MKL_NUM_THREADS": pinned, "OPENBLAS_NUM_THREADS": pinned,
+            "RAY_max_direct_call_object_size": str(INLINE_LIMIT)}
+
+
+def process_start_time() -> float | None:
+    """When this process started (epoch seconds), from /proc on Linux; None elsewhere."""
+    try:
+        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+            ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+            booted = time.time() - float(uptime.read().split()[0])
+        return booted + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def pin_threads(threads: int) -> None:
+    """torch intra-op threads to the CPU share; one inter-op thread (an agent runs one op at a time)."""
+    torch.set_num_threads(max(1, threads))
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set, or inter-op work already ran in this process
+        pass
+
+
+def dataset_to_numpy(dataset: Dataset, test_x: torch.Tensor, test_y: torch.Tensor) -> dict[str, Any]:
+    """The arrays every actor needs, as numpy (zero-copy through the object store)."""
+    return {
+        "name": dataset.name, "num_classes": dataset.num_classes, "input_shape": tuple(dataset.input_shape),
+        "augment": dataset.augment, "train_x": dataset.train.x.numpy(), "train_y": dataset.train.y.numpy(),
+        "test_x": test_x.numpy(), "test_y": test_y.numpy(),
+    }
+
+
+def dataset_from_numpy(arrays: dict[str, Any]) -> tuple[Dataset, torch.Tensor, torch.Tensor]:
+    test_x, test_y = torch.from_numpy(arrays["test_x"]), torch.from_numpy(arrays["test_y"])
+    dataset = Dataset(
+        name=arrays["name"], train=Split(torch.from_numpy(arrays["train_x"]), torch.from_numpy(arrays["train_y"])),
+        test=Split(test_x, test_y), num_classes=arrays["num_classes"], input_shape=tuple(arrays["input_shape"]),
+        augment=arrays["augment"],
+    )
+    return dataset, test_x, test_y
+
+
+def pick_device(requested: str, num_gpus: float) -> torch.device:
+    """The device Ray assigned (a GPU share when num_gpus > 0), else CPU."""
+    if requested != "auto":
+        return torch.device(requested)
+    if num_gpus > 0 and torch.cuda.is_available():
+        return torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPU
+    return torch.device("cpu")
