@@ -290,7 +290,7 @@ class GossipNode:
     def expected_senders(self, round_index: int, known: list[int] | None) -> list[int]:
         if known is not None:
             return known
-        earlier = self.round_plan(round_index) if round_index == self._round_plan[0] else self.plan.round_plan(round_index)
+        earlier = self.plan.round_plan(round_index)
         return earlier.senders_to(self.agent_id) if earlier is not None else []
 
     def receive(self, round_index: int, senders: list[int], round_plan: RoundPlan) -> None:
