@@ -221,6 +221,9 @@ RANGE_ROWS: list[tuple[dict, str]] = [
     # runtime
     ({"runtime": {"engine": "ray", "staleness": -1}}, "runtime.staleness"),
     ({"runtime": {"engine": "ray", "agents_per_actor": 0}}, "runtime.agents_per_actor"),
+    ({"runtime": {"engine": "ray", "batched_steps": True}}, "runtime.batched_steps"),
+    ({"runtime": {"engine": "ray", "batched_steps": True, "agents_per_actor": 2, "mode": "bounded"}},
+     "runtime.batched_steps"),
     (nested("runtime.num_cpus_per_agent", 0), "runtime.num_cpus_per_agent"),
     (nested("runtime.num_gpus_per_agent", 1.5), "runtime.num_gpus_per_agent"),
     (nested("runtime.num_gpus_per_agent", -0.5), "runtime.num_gpus_per_agent"),
