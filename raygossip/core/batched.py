@@ -155,10 +155,11 @@ class BatchedSteps:
         train = cores[0].config.train
         stacked = torch.stack([core.flat.data for core in cores]).requires_grad_()
         logits = self.forward(stacked, x)
-        smoothing = train.label_smoothing  # one loss per agent, as train_step takes it: the same sums
-        losses = torch.stack([F.cross_entropy(out, target, label_smoothing=smoothing) for out, target in zip(logits, y)])
-        (grads,) = torch.autograd.grad(losses.sum(), stacked)
-        values = losses.detach().tolist()
+        smoothing, batch = train.label_smoothing, y.shape[1]
+        total = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum", label_smoothing=smoothing)
+        (grads,) = torch.autograd.grad(total / batch, stacked)  # each agent's mean loss: its own gradient
+        with torch.no_grad():  # each agent's loss as train_step takes it (the same sums)
+            values = [float(F.cross_entropy(out, target, label_smoothing=smoothing)) for out, target in zip(logits, y)]
         for core, grad, value in zip(cores, grads, values):
             for group in core.optimizer.param_groups:
                 group["lr"] = train.lr * core.lr_multiplier(core.step)
