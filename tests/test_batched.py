@@ -211,3 +211,20 @@ def test_a_sync_ray_run_with_batched_steps_gives_the_batched_reference_run_bit_f
         assert not [e for e in outcome["events"] if e["kind"] == "batched_steps_off"]
     finally:
         engine.close()
+
+
+def test_a_ray_run_says_once_why_its_actors_step_one_by_one(ray_cluster):
+    """Two actors of two agents each, a batch-norm model: only agent 0's actor puts the reason in the events."""
+    data = small(train__batch_size=8, train__epochs=1, train__steps_per_epoch=3, eval__test_samples=100)
+    data["data"] = {"name": "mnist", "root": MNIST_ROOT, "download": False, "partition": {"kind": "iid"}}
+    data["model"] = RESNET
+    data["runtime"].update(agents_per_actor=2, batched_steps=True)
+    config = load_config(base=data)
+    wait_for_idle_cluster()
+    engine = RayEngine(config, first_samples(prepare(config), 400))
+    try:
+        outcome = engine.run()
+        off = [e for e in outcome["events"] if e["kind"] == "batched_steps_off"]
+        assert [(e["agent"], e["reason"]) for e in off] == [(0, "BatchNorm2d keeps running statistics per agent")]
+    finally:
+        engine.close()
