@@ -72,6 +72,30 @@ def measure(workload: str, k: int, steps: int, warmup: int, repeat: int, clock) 
             "spread": {mode: (k * batch / max(s), k * batch / min(s)) for mode, s in seconds.items()}}
 
 
+def reference_runs(agents: int, k: int, steps: int, repeat: int) -> None:
+    """The reference engine, LeNet-5 on MNIST, D-PSGD on a ring: train time with and without batched_steps."""
+    from raygossip.engines.common import prepare
+    from raygossip.engines.reference import ReferenceEngine
+
+    def config(batched: bool):
+        return load_config(base={
+            "seed": 0, "data": {"name": "mnist", "root": DATA_ROOT, "partition": {"kind": "iid"}},
+            "model": {"name": "lenet5"}, "agents": {"count": agents}, "topology": {"name": "ring"},
+            "train": {"epochs": 1, "steps_per_epoch": steps, "batch_size": 32, "lr": 0.05, "momentum": 0.9},
+            "schedule": {"final_merge": {"enabled": False}}, "eval": {"every": 0, "test_samples": 1000, "local": False},
+            "runtime": {"engine": "reference", "progress": False, "agents_per_actor": k, "batched_steps": batched}})
+
+    setup = prepare(config(False))
+    for _ in range(repeat):
+        for batched in (False, True):
+            engine = ReferenceEngine(config(batched), setup)
+            wall, cpu = time.perf_counter(), time.process_time()
+            outcome = engine.run(progress=False)
+            print(f"reference engine, {agents} agents, groups of {k}, {steps} steps, batched_steps {batched}: "
+                  f"{time.perf_counter() - wall:.2f} s wall, {time.process_time() - cpu:.2f} s CPU, "
+                  f"merged accuracy {outcome['merged_accuracy']:.3f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
@@ -82,6 +106,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (an agent's, by default)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="cpu: samples per second of this thread's CPU time (steadier on a busy machine)")
+    parser.add_argument("--reference-agents", type=int, default=0,
+                        help="then also a reference-engine run of this many LeNet-5 agents in groups of the last k")
+    parser.add_argument("--reference-steps", type=int, default=40)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.perf_counter if args.clock == "wall" else time.thread_time
@@ -99,6 +126,9 @@ def main() -> None:
                       else "- | - |"), flush=True)
     print(f"samples/s ({args.clock} clock), medians of {args.repeat} x {args.steps} steps; "
           f"load after {os.getloadavg()[0]:.1f}")
+    if args.reference_agents:
+        reference_runs(args.reference_agents, int(args.k.split(",")[-1]), args.reference_steps, args.repeat)
+        print(f"load after {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

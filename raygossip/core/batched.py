@@ -159,7 +159,8 @@ class BatchedSteps:
         total = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum", label_smoothing=smoothing)
         (grads,) = torch.autograd.grad(total / batch, stacked)  # each agent's mean loss: its own gradient
         with torch.no_grad():  # each agent's loss as train_step takes it (the same sums)
-            values = [float(F.cross_entropy(out, target, label_smoothing=smoothing)) for out, target in zip(logits, y)]
+            values = torch.stack([F.cross_entropy(out, target, label_smoothing=smoothing)
+                                  for out, target in zip(logits, y)]).tolist()  # one device sync
         for core, grad, value in zip(cores, grads, values):
             for group in core.optimizer.param_groups:
                 group["lr"] = train.lr * core.lr_multiplier(core.step)
