@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", action="store_true", help="also time the reference engine per point")
     parser.add_argument("--timeout-s", type=float, default=1800.0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=None, help="a PNG of memory and start-up against agents, per k")
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(one_point(json.loads(args.one))))
@@ -184,7 +185,38 @@ def main(argv: list[str] | None = None) -> int:
                   f"{point['memory_gb']:>9.2f} {ref}", flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1))
+    if args.plot is not None:
+        plot(rows, args.plot, f"{args.model} on {args.data}, {args.steps} rounds")
     return 0
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for k in sorted({r["k"] for r in rows}):
+        done = [r for r in rows if r["k"] == k and "error" not in r]
+        if not done:
+            continue
+        agents = [r["agents"] for r in done]
+        axes[0].plot(agents, [r["memory_gb"] for r in done], marker="o", label=f"k = {k}")
+        axes[1].plot(agents, [r["startup_s"] for r in done], marker="o", label=f"k = {k}")
+        axes[2].plot(agents, [1e3 * r["train_s"] / r["rounds"] for r in done], marker="o", label=f"k = {k}")
+    reference = sorted({(r["agents"], r["reference_ms_per_round"]) for r in rows if "reference_ms_per_round" in r})
+    if reference:
+        axes[2].plot(*zip(*reference), marker="s", color="black", linestyle="--", label="reference engine")
+    for axis, label in zip(axes, ("memory (GB, PSS of the run's processes)", "start-up (s)", "train ms per round")):
+        axis.set_xlabel("agents")
+        axis.set_ylabel(label)
+        axis.set_xscale("log", base=2)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    fig.suptitle(f"Ray engine against agent count, k agents per actor ({title})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
 if __name__ == "__main__":

@@ -178,6 +178,7 @@ class RuntimeConfig:
     inline_bytes: int = 1048576
     transport: str = "auto"
     agents_per_actor: int = 1
+    batched_steps: bool = False
     finish_quorum: float = 0.5
     checkpoint_every: int = 0
     on_failure: str = "restart"
@@ -503,6 +504,10 @@ def validate(config: Config) -> None:
     _check(r.staleness >= 0, "runtime.staleness", f"must be >= 0, got {r.staleness}")
     _check(r.agents_per_actor >= 1, "runtime.agents_per_actor",
            f"must be >= 1 (agents one actor process hosts), got {r.agents_per_actor}")
+    _check(not r.batched_steps or r.agents_per_actor > 1, "runtime.batched_steps",
+           f"steps the agents of one actor together: needs runtime.agents_per_actor > 1, got {r.agents_per_actor}")
+    _check(not r.batched_steps or r.mode == "sync", "runtime.batched_steps",
+           f"steps an actor's agents in lockstep, which only sync mode does; got runtime.mode {r.mode!r}")
     _check(r.num_cpus_per_agent is None or r.num_cpus_per_agent > 0, "runtime.num_cpus_per_agent",
            "must be > 0 (or unset: an even share of the CPUs, at most 1)")
     _check(0 <= r.num_gpus_per_agent <= 1, "runtime.num_gpus_per_agent", "must be in [0, 1]")

@@ -19,6 +19,7 @@ import torch
 from ..algorithms.compressors import Compressed
 from ..algorithms.schedules import RoundPlan
 from .agent import AgentCore
+from .batched import BatchedSteps
 from .faults import MessageFate
 from .mailbox import Mailbox
 from .peers import PeerTable
@@ -290,7 +291,7 @@ class GossipNode:
     def expected_senders(self, round_index: int, known: list[int] | None) -> list[int]:
         if known is not None:
             return known
-        earlier = self.round_plan(round_index) if round_index == self._round_plan[0] else self.plan.round_plan(round_index)
+        earlier = self.plan.round_plan(round_index)
         return earlier.senders_to(self.agent_id) if earlier is not None else []
 
     def receive(self, round_index: int, senders: list[int], round_plan: RoundPlan) -> None:
@@ -549,10 +550,28 @@ class GossipNode:
                 **self.traffic_counts()}
 
 
-def run_together(nodes: list[GossipNode], checkpoints: bool = False, resync: bool = False) -> list[dict]:
+def step_together(nodes: list[GossipNode], batched: BatchedSteps) -> None:
+    """Every node's local step as one batched call (core.batched), its wall and CPU time shared evenly among them."""
+    started, cpu_began = time.perf_counter(), time.thread_time()
+    losses = batched.step([node.core for node in nodes])
+    wall, cpu = (time.perf_counter() - started) / len(nodes), (time.thread_time() - cpu_began) / len(nodes)
+    for node, loss in zip(nodes, losses):
+        node.phases.wall["train"] += wall
+        node.phases.cpu["train"] += cpu
+        if not math.isfinite(loss):
+            node.diverge("loss")
+            continue
+        if node.clock is not None and node.clock.active:
+            with node.phases("sleep"):
+                time.sleep(node.clock.extra_delay(wall))
+
+
+def run_together(nodes: list[GossipNode], checkpoints: bool = False, resync: bool = False,
+                 batched: BatchedSteps | None = None) -> list[dict]:
     """The loops of several nodes of one process in sync mode, in lockstep on one thread: every node's local step,
     then every node's send, then every node's receive and mix (the reference engine's order), so no node waits on
-    a thread switch to another. Every node must be at the same step. Returns each node's stats."""
+    a thread switch to another. Every node must be at the same step. Returns each node's stats. batched: the
+    nodes' BatchedSteps (runtime.batched_steps), to take their local steps as one call."""
     plan = nodes[0].plan
     cpu_began, process_began = time.thread_time(), time.process_time()
     every = nodes[0].options.checkpoint_every if checkpoints else 0
@@ -563,8 +582,11 @@ def run_together(nodes: list[GossipNode], checkpoints: bool = False, resync: boo
         live = [node for node in nodes if not node.stop_requested.is_set()]
         if not live:
             break
-        for node in live:
-            node.local_step()
+        if batched is not None:
+            step_together(live, batched)
+        else:
+            for node in live:
+                node.local_step()
         live = [node for node in live if node.divergence is None]
         round_index = plan.round_after_step(step)
         if round_index is not None:

@@ -15,6 +15,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from raygossip.algorithms.topology import build_topology
 from raygossip.config import Config, from_dict
 from raygossip.core.agent import AgentCore
+from raygossip.core.batched import BatchedSteps
 from raygossip.core.faults import MessageFate, kill_schedule
 from raygossip.core.node import GossipNode, NodeOptions, run_together
 from raygossip.core.plan import RunPlan
@@ -135,7 +136,11 @@ class AgentActor:
     def run_together(self, agents: list[int], checkpoints: bool = False, resync: bool = False) -> dict | list[dict]:
         """Sync mode: the loops of these hosted agents in lockstep on one thread (core.node.run_together); one
         return value per agent (call it with num_returns=len(agents))."""
-        stats = run_together([self.nodes[i] for i in agents], checkpoints, resync)
+        nodes = [self.nodes[i] for i in agents]
+        batched = BatchedSteps([node.core for node in nodes]) if self.config.runtime.batched_steps else None
+        if batched is not None and batched.reason is not None and 0 in agents:  # one model for all: said once
+            self.nodes[0].event("batched_steps_off", reason=batched.reason)
+        stats = run_together(nodes, checkpoints, resync, batched)
         out = [{**s, "sent_by_reference": self.transports[i].by_reference} for i, s in zip(agents, stats)]
         return out if len(out) > 1 else out[0]
 

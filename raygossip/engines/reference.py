@@ -8,7 +8,9 @@ import torch
 from tqdm import tqdm
 
 from raygossip.core.agent import AgentCore
-from raygossip.core.node import GossipNode, NodeOptions
+from raygossip.core.batched import BatchedSteps
+from raygossip.core.node import GossipNode, NodeOptions, step_together
+from raygossip.core.placement import agent_groups
 from raygossip.core.transports import InProcessTransport
 from raygossip.engines.common import (
     MergedModel, Observer, RunSetup, agent_threads, average_buffers, merge_all, network_record, prepare,
@@ -42,6 +44,10 @@ class ReferenceEngine:
         self.nodes = [nodes[i] for i in range(config.agents.count)]
         self.live = list(range(config.agents.count))  # agents not dropped (train.on_divergence: drop)
         self.aborted: dict | None = None
+        self.batched: list[tuple[list[GossipNode], BatchedSteps]] = []
+        if config.runtime.batched_steps:  # the Ray engine's actors, stepped as they step their agents
+            groups = agent_groups(self.setup.topology.mixing(0), config.runtime.agents_per_actor)
+            self.batched = [([self.nodes[i] for i in g], BatchedSteps([self.agents[i] for i in g])) for g in groups]
         self.merged = MergedModel(self.setup, self.device)
         self.events: list[dict] = []
         self.rounds_done = 0
@@ -159,12 +165,20 @@ class ReferenceEngine:
         self.started = time.perf_counter()
         if start_step == 0:
             self.events.append({"time_s": 0.0, "kind": "run_started", "engine": self.name})
+            if self.batched and self.batched[0][1].reason is not None:
+                self.events.append({"time_s": 0.0, "kind": "batched_steps_off", "reason": self.batched[0][1].reason})
         records = list(previous_records or [])
         bar = tqdm(total=plan.total_steps, initial=start_step, desc="raygossip", unit="step",
                    disable=True if not show else None, leave=False)
         for step in range(start_step, plan.total_steps):
-            for node in self.live_nodes():
-                node.local_step()
+            if self.batched:
+                for members, batched in self.batched:
+                    live = [node for node in members if node.agent_id in self.live]
+                    if live:
+                        step_together(live, batched)
+            else:
+                for node in self.live_nodes():
+                    node.local_step()
             self.check_divergence()
             round_index = plan.round_after_step(step)
             if round_index is not None and self.aborted is None:
