@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from typing import Any
 
@@ -22,7 +21,7 @@ from raygossip.engines.common import Observer, RunSetup, agent_threads
 from raygossip.core.agent import Traffic
 from raygossip.core.placement import agent_groups, edges_inside
 from raygossip.engines.agent_actor import spawn_host
-from raygossip.engines.ray_setup import INLINE_LIMIT, actor_env, dataset_to_numpy
+from raygossip.engines.ray_setup import actor_env, dataset_to_numpy
 from raygossip.engines.agent_states import split_state, traffic_of
 from raygossip.engines.coordinator import Coordinator
 from raygossip.errors import UserError
@@ -138,6 +137,10 @@ class RayEngine:
     def __init__(self, config: Config, setup: RunSetup) -> None:
         self.config = config
         self.setup = setup
+        show = config.runtime.progress
+        # what start-up is doing, on the line the training progress takes over (Ray, data, agents k of n)
+        self.startup_bar = tqdm(total=config.agents.count, desc="raygossip[ray] starting Ray", unit="agent",
+                                disable=True if not show else None, leave=False)
         self.started_ray = ensure_ray(config)
         self.startup_s = 0.0
         self.startup_phases: dict[str, float] = {}
@@ -161,7 +164,9 @@ class RayEngine:
             raise UserError("runtime.placement", f"{runtime.placement} placement of {len(bundles)} actors x "
                                                  f"{bundles[0]} could not be satisfied within {runtime.wait_timeout_s:g} s")
         self.startup_phases["placement_group_s"] = time.perf_counter() - began
+        self.startup_bar.set_description("raygossip[ray] shipping data")
         data = ray.put(dataset_to_numpy(setup.dataset, setup.test_x, setup.test_y))
+        self.startup_bar.set_description("raygossip[ray] starting agents")
         config_dict = to_dict(config)
         factors = slowdown_factors(runtime.timing, config.agents.count, config.seed)
         spe = setup.plan.steps_per_epoch
@@ -186,6 +191,7 @@ class RayEngine:
         self.transport, self.transport_reason = pick_transport(
             config, self.placement, len(links), node_object_store_bytes(self.placement[0]["node"]))
         if self.transport == "channels" and links:
+            self.startup_bar.set_description("raygossip[ray] opening channels")
             open_channels(self.agents, [p["node"] for p in self.placement], links)
         inside, total = edges_inside(self.groups, mixing)
         self.packing = {"agents_per_actor": runtime.agents_per_actor, "actors": len(self.groups),
@@ -193,6 +199,7 @@ class RayEngine:
                         "share_inside_actors": inside / total if total else 1.0}
         self.startup_phases.update(agent_startup_medians(self.placement, submitted))
         ray.get(self.coordinator.ready.remote())
+        self.startup_bar.close()
         self.factors = factors
         self.startup_s = time.perf_counter() - began
         self.startup_phases["coordinator_ready_s"] = self.startup_s
@@ -203,15 +210,15 @@ class RayEngine:
     def connect_hosts(self, peers: dict[int, Any]) -> list[dict]:
         """Wire every actor to the others and the coordinator as each finishes starting, showing how many agents
         are ready; returns the agents' placement facts, in agent order."""
-        show = self.config.runtime.progress
-        n = self.config.agents.count
         pending = {host.connect.remote(peers, self.coordinator, self.snapshot_dir): host for host in self.hosts}
-        bar = tqdm(total=n, desc="raygossip[ray] starting agents", unit="agent", disable=True if not show else None,
-                   leave=False)
+        bar = self.startup_bar
         infos: list[dict] = []
         deadline = time.time() + self.config.runtime.wait_timeout_s
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.time()))
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, min(0.5, deadline - time.time())))
+            if not ready and time.time() < deadline:
+                bar.refresh()  # the elapsed time goes on while the actors start
+                continue
             if not ready:
                 raise UserError("runtime.wait_timeout_s", f"{len(pending)} of {len(self.hosts)} agent actors did not "
                                                           f"start within {self.config.runtime.wait_timeout_s:g} s")
@@ -220,7 +227,6 @@ class RayEngine:
                 got = ray.get(ref)
                 infos.extend(got)
                 bar.update(len(got))
-        bar.close()
         return sorted(infos, key=lambda info: info["agent"])
 
     def restore(self, run_state: dict, agents: list[tuple[dict, dict]]) -> int:
@@ -342,6 +348,8 @@ class RayEngine:
 
     def close(self) -> None:
         """Kill the actors and free the placement group (and stop Ray if this engine started it)."""
+        if getattr(self, "startup_bar", None) is not None:
+            self.startup_bar.close()
         actors = [*getattr(self, "hosts", []), *getattr(self, "live", {}).values()]
         for actor in {id(a): a for a in actors}.values():
             ray.kill(actor)

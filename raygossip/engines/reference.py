@@ -190,7 +190,8 @@ class ReferenceEngine:
                 records.append(record)
                 if observer is not None:
                     observer(record)
-                bar.set_postfix(merged=f"{record['merged_test_accuracy']:.3f}", MB=f"{record['bytes_sent'] / 1e6:.1f}")
+                bar.set_postfix(round=record["round"], merged=f"{record['merged_test_accuracy']:.3f}",
+                               MB=f"{record['bytes_sent'] / 1e6:.1f}")
             if checkpoint_dir is not None and every and round_index is not None and (round_index + 1) % every == 0:
                 self.checkpoint(checkpoint_dir, step, len(records))
             bar.update(1)
