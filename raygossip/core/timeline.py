@@ -1,0 +1,345 @@
+"""A run's timeline compiled: the conditions in force at every round (slowdowns, links, partition, graph, gamma)."""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import numpy as np
+
+from ..config import CommunicationKindConfig, Config, TimelineEventConfig, TopologyConfig
+from ..errors import UserError
+from .timing import slowdown_factors
+
+
+@dataclass(frozen=True)
+class LinkState:
+    """One directed link's simulated conditions: latency, bandwidth (None: unlimited), loss rate."""
+
+    latency_s: float = 0.0
+    bandwidth_mbps: float | None = None
+    loss: float = 0.0
+
+    def delay(self, nbytes: int) -> float:
+        """Seconds a message of `nbytes` spends on this link: latency + bytes / bandwidth."""
+        seconds = self.latency_s
+        if self.bandwidth_mbps is not None:
+            seconds += nbytes * 8 / (self.bandwidth_mbps * 1e6)
+        return seconds
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """What is in force from one round on. topology, gamma, communication: None keeps the config's."""
+
+    factors: tuple[float, ...]
+    link: LinkState
+    links: tuple[tuple[tuple[int, int], LinkState], ...] = ()  # per directed link, overriding `link`
+    groups: tuple[tuple[int, ...], ...] | None = None  # a partition in force: no link between groups
+    absent: frozenset[int] = frozenset()  # agents that left
+    topology: TopologyConfig | None = None
+    gamma: float | None = None
+    communication: CommunicationKindConfig | None = None
+
+    def link_of(self, sender: int, receiver: int) -> LinkState:
+        return dict(self.links).get((sender, receiver), self.link)
+
+    def cut(self, i: int, j: int) -> bool:
+        """Whether the partition in force separates agents i and j."""
+        if self.groups is None:
+            return False
+        return group_index(self.groups, i) != group_index(self.groups, j)
+
+
+def group_index(groups: tuple[tuple[int, ...], ...], agent: int) -> int:
+    """The group an agent is in; agents in no listed group form one more group together."""
+    for k, members in enumerate(groups):
+        if agent in members:
+            return k
+    return len(groups)
+
+
+def cut_mixing(mixing: np.ndarray, groups: tuple[tuple[int, ...], ...] | None) -> np.ndarray:
+    """W with every link between groups removed, its weight added to the receiver's self weight (rows stay
+    stochastic). A fresh array; W itself when there is no partition."""
+    if groups is None:
+        return mixing
+    n = mixing.shape[0]
+    where = np.array([group_index(groups, i) for i in range(n)])
+    cross = where[:, None] != where[None, :]
+    out = np.where(cross, 0.0, mixing)
+    out[np.arange(n), np.arange(n)] += np.where(cross, mixing, 0.0).sum(axis=1)
+    return out
+
+
+# ---------------------------------------------------------------- the actions
+
+
+@dataclass(frozen=True)
+class Action:
+    """One timeline action: the event keys it takes (and needs), how it changes the conditions, and
+    whether it changes the graph (which CHOCO/AdaGossip's x_hat bookkeeping cannot follow)."""
+
+    keys: tuple[str, ...]
+    required: tuple[str, ...]
+    apply: Callable[[Conditions, TimelineEventConfig, "Base", str], Conditions]
+    doc: str
+    changes_graph: bool = False
+
+
+@dataclass(frozen=True)
+class Base:
+    """The config's own conditions, which `restore` and `heal` return to."""
+
+    n: int
+    factors: tuple[float, ...]
+    link: LinkState
+    rule: str
+
+
+def _agents(event: TimelineEventConfig, base: Base, where: str) -> list[int]:
+    agents = list(event.agents or [])
+    _require(bool(agents), f"{where}.agents", "must list at least one agent")
+    for k, agent in enumerate(agents):
+        _require(0 <= agent < base.n, f"{where}.agents[{k}]", f"must be an agent index in 0..{base.n - 1}, got {agent}")
+    _require(len(set(agents)) == len(agents), f"{where}.agents", f"lists an agent twice: {agents}")
+    return agents
+
+
+def _slow(c: Conditions, e: TimelineEventConfig, base: Base, where: str) -> Conditions:
+    _require(e.factor >= 1, f"{where}.factor", f"must be >= 1 (a compute slowdown), got {e.factor}")
+    factors = list(c.factors)
+    for agent in _agents(e, base, where):
+        factors[agent] = float(e.factor)
+    return replace(c, factors=tuple(factors))
+
+
+def _restore(c: Conditions, e: TimelineEventConfig, base: Base, where: str) -> Conditions:
+    factors = list(c.factors)
+    for agent in _agents(e, base, where):
+        factors[agent] = base.factors[agent]
+    return replace(c, factors=tuple(factors))
+
+
+def _partition(c: Conditions, e: TimelineEventConfig, base: Base, where: str) -> Conditions:
+    groups = [list(g) for g in e.groups]
+    _require(len(groups) >= 1 and all(groups), f"{where}.groups", "must list non-empty groups of agents")
+    seen: list[int] = []
+    for k, members in enumerate(groups):
+        for m, agent in enumerate(members):
+            _require(0 <= agent < base.n, f"{where}.groups[{k}][{m}]",
+                     f"must be an agent index in 0..{base.n - 1}, got {agent}")
+            _require(agent not in seen, f"{where}.groups[{k}][{m}]", f"agent {agent} is in two groups")
+            seen.append(agent)
+    _require(len(groups) >= 2 or len(seen) < base.n, f"{where}.groups",
+             "one group of every agent splits nothing; list two groups or more")
+    return replace(c, groups=tuple(tuple(sorted(g)) for g in groups))
+
+
+def _heal(c: Conditions, e: TimelineEventConfig, base: Base, where: str) -> Conditions:
+    _require(c.groups is not None, f"{where}.action", "heal with no partition in force")
+    return replace(c, groups=None)
+
+
+def _link(c: Conditions, e: TimelineEventConfig, base: Base, where: str) -> Conditions:
+    changes = {key: getattr(e, key) for key in ("latency_s", "bandwidth_mbps", "loss") if getattr(e, key) is not None}
+    _require(bool(changes), f"{where}.action", "link needs at least one of latency_s, bandwidth_mbps, loss")
+    _require(changes.get("latency_s", 0.0) >= 0, f"{where}.latency_s", f"must be >= 0, got {e.latency_s}")
+    _require(changes.get("bandwidth_mbps", 1.0) > 0, f"{where}.bandwidth_mbps", f"must be > 0, got {e.bandwidth_mbps}")
+    _require(0 <= changes.get("loss", 0.0) < 1, f"{where}.loss", f"must be in [0, 1), got {e.loss}")
+    if e.edges is None:  # every link, including those set one by one before
+        return replace(c, link=replace(c.link, **changes),
+                       links=tuple((pair, replace(state, **changes)) for pair, state in c.links))
+    links = dict(c.links)
+    _require(bool(e.edges), f"{where}.edges", "must list at least one edge [i, j] (or leave it out: every link)")
+    for k, edge in enumerate(e.edges):
+        _require(len(edge) == 2 and edge[0] != edge[1], f"{where}.edges[{k}]",
+                 f"must be a pair [i, j] of two different agents, got {edge}")
+        for agent in edge:
+            _require(0 <= agent < base.n, f"{where}.edges[{k}]", f"must hold agent indices in 0..{base.n - 1}, got {edge}")
+        i, j = edge
+        for pair in ((i, j), (j, i)):  # an edge is both directions of the link
+            links[pair] = replace(links.get(pair, c.link), **changes)
+    return replace(c, links=tuple(sorted(links.items())))
+
+
+def _topology(c: Conditions, e: TimelineEventConfig, base: Base, where: str) -> Conditions:
+    from ..algorithms.topology import build_topology
+
+    spec = e.topology
+    try:
+        topology = build_topology(spec.name, base.n, spec.weights, spec.params)
+    except UserError as error:
+        field = error.field if error.field.startswith("topology.") else "topology.name"  # (agents.count: its size)
+        raise UserError(f"{where}.{field}", error.message) from None
+    _require(not topology.time_varying or base.rule == "dpsgd", f"{where}.topology.name",
+             f"{spec.name!r} changes every round; {base.rule} needs a static graph")
+    return replace(c, topology=spec)
+
+
+def _gamma(c: Conditions, e: TimelineEventConfig, base: Base, where: str) -> Conditions:
+    _require(0 < e.value <= 1, f"{where}.value", f"must be an averaging rate in (0, 1], got {e.value}")
+    return replace(c, gamma=float(e.value))
+
+
+def _communication(c: Conditions, e: TimelineEventConfig, base: Base, where: str) -> Conditions:
+    from ..config import _validate_kind_keys
+
+    spec = e.communication
+    _validate_kind_keys(spec, f"{where}.communication")
+    _require(spec.kind != "allreduce" or base.rule == "dpsgd", f"{where}.communication.kind",
+             f"allreduce averages full models; {base.rule} sends compressed differences (use gossip.rule: dpsgd)")
+    return replace(c, communication=spec)
+
+
+def _kill(c: Conditions, e: TimelineEventConfig, base: Base, where: str) -> Conditions:
+    _agents(e, base, where)
+    return c
+
+
+ACTIONS: dict[str, Action] = {
+    "slow": Action(("agents", "factor"), ("agents", "factor"), _slow,
+                   "multiply these agents' simulated step time by factor (Ray engine)"),
+    "restore": Action(("agents",), ("agents",), _restore, "these agents' step time back to the config's"),
+    "partition": Action(("groups",), ("groups",), _partition,
+                        "no link between the groups (agents in none form one more)", changes_graph=True),
+    "heal": Action((), (), _heal, "end the partition", changes_graph=True),
+    "link": Action(("latency_s", "bandwidth_mbps", "loss", "edges"), (), _link,
+                   "latency, bandwidth, loss of every link or of the listed edges (Ray engine)"),
+    "topology": Action(("topology",), ("topology",), _topology, "switch the graph", changes_graph=True),
+    "gamma": Action(("value",), ("value",), _gamma, "the averaging rate from this round on"),
+    "communication": Action(("communication",), ("communication",), _communication,
+                            "the communication kind from this round on"),
+    "kill": Action(("agents",), ("agents",), _kill, "these agents' processes exit, as faults.kill (Ray engine)"),
+}
+"""Every timeline action by name: the config's allowed values come from here."""
+
+EVENT_KEYS = tuple(f.name for f in dataclasses.fields(TimelineEventConfig) if f.name not in ("round", "time_s", "action"))
+
+
+def _require(condition: bool, where: str, message: str) -> None:
+    if not condition:
+        raise UserError(where, message)
+
+
+# ---------------------------------------------------------------- compiling
+
+
+def base_conditions(config: Config) -> Base:
+    timing, n = config.runtime.timing, config.agents.count
+    factors = tuple(slowdown_factors(timing, n, config.seed)) if len(timing.slowdown or [1.0] * n) == n else (1.0,) * n
+    return Base(n, factors, LinkState(timing.latency_s, timing.bandwidth_mbps, 0.0), config.gossip.rule)
+
+
+def check_event(event: TimelineEventConfig, where: str, rule: str) -> Action:
+    """The event's action, after checking its keys (one UserError naming the first wrong one)."""
+    action = ACTIONS.get(event.action)
+    _require(action is not None, f"{where}.action",
+             f"unknown action {event.action!r} (allowed: {', '.join(ACTIONS)})")
+    for key in EVENT_KEYS:
+        given = getattr(event, key) is not None
+        _require(not given or key in action.keys, f"{where}.{key}",
+                 f"action {event.action} does not take {key} (it takes: {', '.join(action.keys) or 'no keys'})")
+        _require(given or key not in action.required, f"{where}.{key}", f"action {event.action} needs {key}")
+    _require((event.round is None) != (event.time_s is None), f"{where}.round",
+             "give exactly one of round (a communication round) and time_s (seconds of wall-clock time)")
+    _require(event.round is None or event.round >= 0, f"{where}.round", f"must be >= 0, got {event.round}")
+    _require(event.time_s is None, f"{where}.time_s",
+             "wall-clock events are not supported yet; give the event a round instead")
+    _require(not action.changes_graph or rule == "dpsgd", f"{where}.action",
+             f"{event.action} changes the graph; {rule} needs a static graph (x_hat bookkeeping): use gossip.rule: dpsgd")
+    return action
+
+
+class CompiledTimeline:
+    """The conditions in force at every round: one segment per round at which some event happens. Pure."""
+
+    def __init__(self, events: list[TimelineEventConfig], base: Base) -> None:
+        self.events = list(events)
+        self.base = base
+        conditions = Conditions(factors=base.factors, link=base.link)
+        self.starts: list[int] = [0]
+        self.segments: list[Conditions] = [conditions]
+        previous = 0
+        for k, event in enumerate(self.events):
+            where = f"timeline[{k}]"
+            action = check_event(event, where, base.rule)
+            _require(event.round >= previous, f"{where}.round",
+                     f"must not come before the previous event's round {previous}, got {event.round}")
+            previous = event.round
+            conditions = action.apply(conditions, event, base, where)
+            if self.starts[-1] == event.round:
+                self.segments[-1] = conditions
+            else:
+                self.starts.append(event.round)
+                self.segments.append(conditions)
+        self.rounds = frozenset(event.round for event in self.events)
+
+    def segment(self, round_index: int) -> int:
+        """The index of the segment in force at this round."""
+        return bisect.bisect_right(self.starts, round_index) - 1
+
+    def at(self, round_index: int) -> Conditions:
+        return self.segments[self.segment(round_index)]
+
+    def events_at(self, round_index: int) -> list[tuple[int, TimelineEventConfig]]:
+        """(index, event) of the events that take effect at this round."""
+        if round_index not in self.rounds:
+            return []
+        return [(k, e) for k, e in enumerate(self.events) if e.round == round_index]
+
+    def reporter(self, event: TimelineEventConfig) -> int:
+        """The agent that records this event on the Ray engine: the first it names, else agent 0."""
+        return min(event.agents) if event.agents else 0
+
+    def factor(self, agent: int, step: int, local_steps: int) -> float:
+        """The slowdown factor of local step `step` (it belongs to round step // local_steps)."""
+        return self.at(step // local_steps).factors[agent]
+
+    def slows(self, agent: int) -> bool:
+        """Whether this agent's factor ever differs from 1."""
+        return any(c.factors[agent] != 1.0 for c in self.segments)
+
+    def kills(self) -> dict[int, int]:
+        """agent -> the round its `kill` event names (the first one)."""
+        out: dict[int, int] = {}
+        for event in self.events:
+            if event.action == "kill":
+                for agent in event.agents:
+                    out.setdefault(agent, event.round)
+        return out
+
+    def check_rounds(self, total_rounds: int) -> None:
+        """Every event falls inside the run (UserError naming the first past its end)."""
+        for k, event in enumerate(self.events):
+            _require(event.round < total_rounds, f"timeline[{k}].round",
+                     f"must be below the run's {total_rounds} rounds, got {event.round}")
+
+    @property
+    def changes_timing(self) -> bool:
+        """Whether some event changes a slowdown or a link (what only simulated timing on Ray shows)."""
+        return any(e.action in ("slow", "restore", "link") for e in self.events)
+
+
+def compile_timeline(config: Config) -> CompiledTimeline:
+    """The config's timeline compiled (UserError naming the first wrong event)."""
+    return CompiledTimeline(config.timeline, base_conditions(config))
+
+
+def timeline_record(index: int, event: TimelineEventConfig, step: int) -> dict:
+    """The summary.json event of a timeline event that took effect at `step` (the first local step of its round)."""
+    keys = {k: getattr(event, k) for k in EVENT_KEYS if getattr(event, k) is not None}
+    for key in ("topology", "communication"):
+        if key in keys:
+            keys[key] = dataclasses.asdict(keys[key])
+    return {"kind": "timeline", "index": index, "round": event.round, "step": step, "action": event.action, **keys}
+
+
+def lost_on_link(loss: float, seed: int, sender: int, receiver: int, round_index: int, incarnation: int = 0) -> bool:
+    """Whether the timeline's loss rate drops this round's message on this link (seeded, the same every run)."""
+    if loss <= 0:
+        return False
+    return bool(np.random.default_rng([seed, sender, receiver, round_index, incarnation, 0x1055]).random() < loss)
+
