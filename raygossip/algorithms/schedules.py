@@ -140,7 +140,7 @@ def random_peers(mixing: np.ndarray, round_index: int, seed: int) -> np.ndarray:
     peers = np.empty(n, dtype=np.int64)
     for i in range(n):
         candidates = [j for j in range(n) if j != i and mixing[i, j] > 0]
-        peers[i] = candidates[rng.integers(len(candidates))]
+        peers[i] = candidates[rng.integers(len(candidates))] if candidates else -1  # -1: cut off (a partition)
     return peers
 
 
@@ -178,9 +178,9 @@ def plan_round(
         mixers = frozenset(int(i) for i in np.flatnonzero(active))
         for i in sorted(mixers):
             if peers is not None:
-                sources = [int(peers[i])]
-                row = {sources[0]: 0.5}
-                self_weight = 0.5
+                sources = [int(peers[i])] if peers[i] >= 0 else []
+                row = {j: 0.5 for j in sources}
+                self_weight = 0.5 if sources else 1.0
             else:
                 sources = [j for j in range(n) if j != i and mixing[i, j] > 0]
                 total = mixing[i, i] + sum(mixing[i, j] for j in sources)

@@ -24,6 +24,7 @@ from .peers import PeerTable
 from .phases import PhaseClock
 from .plan import RunPlan
 from .timing import StepClock, link_delay
+from .timeline import lost_on_link, timeline_record
 from ..config import TimingConfig
 from .wire import Kind, Letter
 
@@ -110,6 +111,8 @@ class GossipNode:
         self.counters = dict.fromkeys(("timeouts", "stale_messages", "lost_messages", "resyncs", "reused_models"), 0)
         self.waited_s = 0.0
         self._round_plan: tuple[int, RoundPlan | None] = (-1, None)
+        self.slowed = plan.timeline.slows(self.agent_id)  # a timeline changes this agent's step time
+        self.timeline_links = any(e.action == "link" for e in plan.timeline.events)
 
     # ------------------------------------------------------------ the loop
 
@@ -145,12 +148,24 @@ class GossipNode:
 
     def local_step(self) -> None:
         """One local optimizer step, stretched to its simulated duration when timing is simulated."""
+        step = self.core.step
+        self.note_timeline(step)
         started = time.perf_counter()
         with self.phases("train"):
             self.core.train_step()
-        if self.clock is not None and self.clock.active:
+        if self.clock is not None and (self.clock.active or self.slowed):
+            factor = self.plan.timeline.factor(self.agent_id, step, self.plan.local_steps) if self.slowed else None
             with self.phases("sleep"):
-                time.sleep(self.clock.extra_delay(time.perf_counter() - started))
+                time.sleep(self.clock.extra_delay(time.perf_counter() - started, factor))
+
+    def note_timeline(self, step: int) -> None:
+        """At a round's first step: record the timeline events that take effect now (those this agent reports)."""
+        if step % self.plan.local_steps:
+            return
+        timeline = self.plan.timeline
+        for index, event in timeline.events_at(step // self.plan.local_steps):
+            if timeline.reporter(event) == self.agent_id:
+                self.event(**timeline_record(index, event, step))
 
     def round_plan(self, round_index: int) -> RoundPlan | None:
         if self._round_plan[0] != round_index:
@@ -207,8 +222,20 @@ class GossipNode:
                         seq=self.peers.next_seq(receiver), incarnation=self.incarnation)
         self.transport.post(receiver, letter)
 
-    def delay(self, nbytes: int) -> float:
-        return 0.0 if self.options.timing is None else link_delay(nbytes, self.options.timing)
+    def delay(self, nbytes: int, receiver: int | None = None) -> float:
+        """Seconds on the link to `receiver` (simulated timing only): the timeline's link in force, or the config's."""
+        if self.options.timing is None:
+            return 0.0
+        if self.timeline_links and receiver is not None:
+            return self.plan.conditions(max(0, self.round_reached)).link_of(self.agent_id, receiver).delay(nbytes)
+        return link_delay(nbytes, self.options.timing)
+
+    def lost_on_link(self, receiver: int, round_index: int) -> bool:
+        """Whether a timeline `link` loss drops this round's message to `receiver` (seeded)."""
+        if not self.timeline_links:
+            return False
+        loss = self.plan.conditions(round_index).link_of(self.agent_id, receiver).loss
+        return lost_on_link(loss, self.core.config.seed, self.agent_id, receiver, round_index, self.incarnation)
 
     def send(self, round_index: int, receivers: list[int]) -> None:
         """Emit this round's message once and post it to every live receiver."""
@@ -218,9 +245,10 @@ class GossipNode:
                 return
             message = self.core.emit(receivers)
             sent_at = time.time()
-            available_at = sent_at + self.delay(message.nbytes)
             for receiver in receivers:
                 lost, extra = self.fate() if self.fate is not None else (False, 0.0)
+                lost = lost or self.lost_on_link(receiver, round_index)
+                available_at = sent_at + self.delay(message.nbytes, receiver)
                 kind = Kind.LOST if lost else Kind.GOSSIP
                 self.post(receiver, kind, round_index, None if lost else message, sent_at, available_at + extra)
 
@@ -245,7 +273,7 @@ class GossipNode:
         nbytes = x_hat.numel() * x_hat.element_size()
         self.core.traffic.record([receiver], nbytes)
         self.post(receiver, Kind.FULL, self.round_reached, Compressed({"x_hat": x_hat}, x_hat.numel()), now,
-                  now + self.delay(nbytes))
+                  now + self.delay(nbytes, receiver))
 
     # ------------------------------------------------------------ receiving
 

@@ -17,8 +17,9 @@ from ..algorithms.schedules import (
     plan_round,
     round_communicates,
 )
-from ..algorithms.topology import Topology
+from ..algorithms.topology import Topology, build_topology
 from ..config import CommunicationKindConfig, Config
+from .timeline import CompiledTimeline, Conditions, compile_timeline, cut_mixing
 
 
 def averaging_rate(config: Config) -> Schedule:
@@ -48,6 +49,27 @@ class RunPlan:
         object.__setattr__(self, "_rate", averaging_rate(self.config))
         object.__setattr__(self, "_gammas", {})
         object.__setattr__(self, "_plans", {})
+        object.__setattr__(self, "_timeline", compile_timeline(self.config))
+        object.__setattr__(self, "_topologies", {})  # timeline segment -> the topology it switched to
+
+    @property
+    def timeline(self) -> CompiledTimeline:
+        return self._timeline
+
+    def conditions(self, round_index: int) -> Conditions:
+        """What the timeline has in force at this round (slowdowns, links, partition, graph, gamma, communication)."""
+        return self._timeline.at(round_index)
+
+    def topology_at(self, round_index: int) -> Topology:
+        """The graph in force at this round: the config's, or the last one a timeline event switched to."""
+        segment = self._timeline.segment(round_index)
+        spec = self._timeline.segments[segment].topology
+        if spec is None:
+            return self.topology
+        built = self._topologies.get(segment)
+        if built is None:
+            built = self._topologies[segment] = build_topology(spec.name, self.topology.n, spec.weights, spec.params)
+        return built
 
     @property
     def total_steps(self) -> int:
@@ -80,6 +102,9 @@ class RunPlan:
         return every > 0 and (step + 1) % (every * self.steps_per_epoch) == 0
 
     def gamma(self, round_index: int) -> float:
+        override = self._timeline.at(round_index).gamma
+        if override is not None:
+            return override
         epoch = self.epoch_of_step(self.last_step_of_round(round_index))
         gamma = self._gammas.get(epoch)
         if gamma is None:
@@ -92,6 +117,9 @@ class RunPlan:
 
     def communication(self, round_index: int) -> CommunicationKindConfig:
         """The communication kind and its keys in force at this round: the phase it falls in, if phases are set."""
+        override = self._timeline.at(round_index).communication
+        if override is not None:
+            return override
         comm = self.config.schedule.communication
         if not comm.phases:
             return comm
@@ -102,18 +130,20 @@ class RunPlan:
 
         Without per-round coin flips (communication kind "probability"), random peers or a random topology, the
         plan of a communicating round depends on the round only through W(t) (or is the all-reduce), so it is built
-        once per position in the topology's period and reused with the round's index.
+        once per position in the topology's period (and timeline segment) and reused with the round's index.
         """
         spec = self.communication(round_index)
         params = {"start": spec.start, "width": spec.width, "sparse_every": spec.sparse_every}
         if not round_communicates(spec.kind, round_index, self.progress(round_index), params):
             return None
+        segment = self._timeline.segment(round_index)
+        topology = self.topology_at(round_index)
         if spec.kind == "allreduce":
-            key: int | str = "allreduce"
-        elif spec.kind == "probability" or spec.pull == "random_peer" or self.topology.period() == 0:
+            key: tuple = (segment, "allreduce")
+        elif spec.kind == "probability" or spec.pull == "random_peer" or topology.period() == 0:
             return _round_plan(self, round_index, spec)
         else:
-            key = round_index % self.topology.period()
+            key = (segment, round_index % topology.period())
         cached = self._plans.get(key)
         if cached is None:
             cached = self._plans[key] = _round_plan(self, round_index, spec)
@@ -130,7 +160,7 @@ def _round_plan(plan: RunPlan, round_index: int, spec: CommunicationKindConfig |
     active = active_agents(n, round_index, spec.p, seed) if spec.kind == "probability" else np.ones(n, dtype=bool)
     if not active.any():
         return None
-    mixing = plan.topology.mixing(round_index, seed)
+    mixing = cut_mixing(plan.topology_at(round_index).mixing(round_index, seed), plan.conditions(round_index).groups)
     return plan_round(mixing, round_index, rule=plan.config.gossip.rule, pull=spec.pull, active=active, seed=seed)
 
 

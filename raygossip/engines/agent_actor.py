@@ -57,7 +57,7 @@ class AgentActor:
         plan = RunPlan(config, topology, steps_per_epoch)
         self.device = pick_device(runtime.device, runtime.num_gpus_per_agent)
         planned = time.time()
-        kills = kill_schedule(config.faults, config.agents.count, plan.total_rounds, config.seed)
+        kills = {**plan.timeline.kills(), **kill_schedule(config.faults, config.agents.count, plan.total_rounds, config.seed)}
         self.nodes: dict[int, GossipNode] = {}
         self.transports: dict[int, RayTransport] = {}
         self.supervisor: RaySupervisor | None = None

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from raygossip.core.agent import AgentCore
 from raygossip.core.node import GossipNode, NodeOptions
+from raygossip.core.timeline import timeline_record
 from raygossip.core.transports import InProcessTransport
 from raygossip.engines.common import (
     MergedModel, Observer, RunSetup, agent_threads, average_buffers, merge_all, network_record, prepare,
@@ -58,6 +60,13 @@ class ReferenceEngine:
         for node in self.nodes:
             node.finish_round(round_index)
 
+    def note_timeline(self, step: int) -> None:
+        """At a round's first step: record the timeline events that take effect now (every one, on this engine)."""
+        plan = self.setup.plan
+        if step % plan.local_steps == 0:
+            for index, event in plan.timeline.events_at(step // plan.local_steps):
+                self.events.append({"time_s": self.elapsed(), **timeline_record(index, event, step)})
+
     # ------------------------------------------------------------ evaluation and merge
 
     def evaluate(self, step: int) -> dict:
@@ -71,7 +80,8 @@ class ReferenceEngine:
         return network_record(
             step=step, plan=self.setup.plan, vectors=vectors, local_accuracies=local,
             merged_accuracy=self.merged.evaluate(), traffic=[a.traffic for a in self.agents],
-            train_loss=sum(losses) / len(losses), rounds_done=self.rounds_done,
+            train_loss=float(np.mean(losses)),  # as the coordinator: from 8 agents on numpy sums pairwise, not as sum()
+            rounds_done=self.rounds_done,
             communication_rounds=self.communication_rounds, wall_time_s=self.elapsed(),
         )
 
@@ -131,6 +141,7 @@ class ReferenceEngine:
         bar = tqdm(total=plan.total_steps, initial=start_step, desc="raygossip", unit="step",
                    disable=True if not show else None, leave=False)
         for step in range(start_step, plan.total_steps):
+            self.note_timeline(step)
             for node in self.nodes:
                 node.local_step()
             round_index = plan.round_after_step(step)
