@@ -39,6 +39,13 @@ class Timeline:
     def heal(self) -> "Timeline":
         return self.event("heal")
 
+    def leave(self, agents: list[int]) -> "Timeline":
+        return self.event("leave", agents=list(agents))
+
+    def join(self, agents: list[int], start: str = "neighbour") -> "Timeline":
+        """Agents that left come back from a neighbour's current model (neighbour) or the initial one (scratch)."""
+        return self.event("join", agents=list(agents), start=start)
+
     def link(self, *, latency_s: float | None = None, bandwidth_mbps: float | None = None, loss: float | None = None,
              edges: list[list[int]] | None = None) -> "Timeline":
         return self.event("link", latency_s=latency_s, bandwidth_mbps=bandwidth_mbps, loss=loss,

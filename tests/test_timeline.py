@@ -215,12 +215,75 @@ def test_a_random_peer_cut_off_by_a_partition_keeps_its_own_model():
     assert all(0 not in edge for edge in plan.round_plan(3).edges)
 
 
+def test_agents_that_left_have_no_links_and_their_neighbours_keep_stochastic_rows():
+    plan = plan_of(Timeline().at(round=10).leave([5]).at(round=20).join([5]).build())
+    assert {edge for edge in plan.round_plan(10).edges if 5 in edge} == set()
+    assert 5 not in plan.round_plan(10).mixers and 5 in plan.round_plan(20).mixers
+    assert plan.round_plan(10).weights[4] == (pytest.approx(2 / 3), {3: pytest.approx(1 / 3)})
+    assert [plan.absent(5, step) for step in (9, 10, 19, 20)] == [False, True, True, False]
+    assert plan.joins(20) == {5: ("neighbour", 4)} and plan.joins(19) == {}
+
+
+def test_remove_absent_and_the_sponsor_of_a_joining_agent():
+    w = build_topology("ring", 8).mixing(0)
+    out = cut_mixing(w, None)
+    from raygossip.core.timeline import pick_sponsor, remove_absent
+
+    gone = remove_absent(w, frozenset({5, 6}))
+    assert np.allclose(gone.sum(axis=1), 1.0) and gone[5, 5] == 1.0 and gone[6, 6] == 1.0
+    assert gone[4, 5] == 0 and gone[7, 6] == 0 and gone[4, 4] == pytest.approx(2 / 3)
+    assert remove_absent(out, frozenset()) is out
+    everyone = frozenset(range(8))
+    assert pick_sponsor(w, everyone - {5}, 5) == 4
+    assert pick_sponsor(w, everyone - {4, 5}, 5) == 6
+    assert pick_sponsor(w, frozenset({0, 1}), 5) == 0  # no neighbour there: the lowest-numbered agent
+    assert pick_sponsor(w, frozenset(), 5) is None
+
+
+@pytest.mark.parametrize("timeline, field, phrase", [
+    ([{"round": 1, "action": "join", "agents": [5]}], "timeline[0].agents[0]", "there already"),
+    ([{"round": 1, "action": "leave", "agents": [5]}, {"round": 2, "action": "leave", "agents": [5]}],
+     "timeline[1].agents[0]", "already left"),
+    ([{"round": 1, "action": "leave", "agents": list(range(8))}], "timeline[0].agents", "must stay"),
+    ([{"round": 1, "action": "leave", "agents": [5]}, {"round": 2, "action": "join", "agents": [5], "start": "peer"}],
+     "timeline[1].start", "neighbour, scratch"),
+])
+def test_a_wrong_leave_or_join_is_one_line_naming_its_field(timeline, field, phrase):
+    with pytest.raises(UserError) as caught:
+        config_with(timeline)
+    assert caught.value.field == field and phrase in caught.value.message, str(caught.value)
+
+
+@pytest.mark.parametrize("start", ["neighbour", "scratch"])
+def test_a_joining_agent_starts_from_its_neighbours_model_or_the_initial_one(start):
+    base = quickstart()
+    base["train"].update(epochs=1, steps_per_epoch=8)
+    base["runtime"] = {"engine": "reference", "progress": False}
+    base["timeline"] = Timeline().at(round=2).leave([7]).at(round=4).join([7], start).build()
+    engine = ReferenceEngine(load_config(base=base))
+    initial = engine.agents[7].initial_state()["params"]
+    left_with = None
+    for step in range(4):
+        for node in engine.nodes:
+            node.local_step()
+        engine.gossip_round(step)
+        if step == 1:
+            left_with = engine.agents[7].parameters_vector()
+    assert engine.agents[7].step == 4 and not torch.equal(left_with, initial)
+    assert torch.equal(engine.agents[7].parameters_vector(), left_with)  # it took no step and mixed nothing while away
+    engine.nodes[7].timeline_step(4)
+    want = engine.agents[0].parameters_vector() if start == "neighbour" else initial  # agent 0: its first neighbour
+    assert torch.equal(engine.agents[7].parameters_vector(), want)
+    assert engine.agents[7].optimizer.state == {}
+
+
 # ---------------------------------------------------------------- both engines
 
 
 def must_show_config(engine: str) -> object:
-    """8 agents on a ring: agent 3 slow from round 20 to 60, the ring split into halves from 30 to 50; a record
-    every 5 rounds (strongly non-IID shards, so the halves drift apart while split)."""
+    """8 agents on a ring: agent 3 slow from round 20 to 60, the ring split into halves from 30 to 50, agent 5 away
+    from 40 to 70 (back from its neighbour 4's model); a record every 5 rounds (strongly non-IID shards, so the
+    halves drift apart while split)."""
     base = quickstart()
     base["model"] = {"name": "mlp", "hidden": [32]}
     base["data"]["partition"] = {"kind": "dirichlet", "alpha": 0.1}
@@ -230,9 +293,12 @@ def must_show_config(engine: str) -> object:
     base["eval"] = {"every": 1}
     base["runtime"] = {"engine": engine, "num_cpus_per_agent": 0.5, "agents_per_actor": 2, "progress": False,
                        "wait_timeout_s": 60.0}
-    base["timeline"] = (Timeline().at(round=20).slow([3], 4).at(round=30).partition(HALVES).at(round=50).heal()
-                        .at(round=60).restore([3]).build())
+    base["timeline"] = (Timeline().at(round=20).slow([3], 4).at(round=30).partition(HALVES).at(round=40).leave([5])
+                        .at(round=50).heal().at(round=60).restore([3]).at(round=70).join([5], "neighbour").build())
     return load_config(base=base)
+
+
+MUST_SHOW = [(20, "slow"), (30, "partition"), (40, "leave"), (50, "heal"), (60, "restore"), (70, "join")]
 
 
 def timeline_events(events: list[dict]) -> list[tuple[int, str]]:
@@ -246,9 +312,11 @@ def distance_at(records: list[dict], round_index: int) -> float:
 def test_a_partition_drives_the_agents_apart_until_it_heals_on_both_engines_alike(ray_cluster, tmp_path, monkeypatch):
     reference = ReferenceEngine(must_show_config("reference"))
     expected = reference.run(progress=False)
-    assert timeline_events(expected["events"]) == [(20, "slow"), (30, "partition"), (50, "heal"), (60, "restore")]
+    assert timeline_events(expected["events"]) == MUST_SHOW
     records = expected["records"]
     assert [r["round"] for r in records] == list(range(5, 81, 5))
+    away = [r["round"] for r in records if r.get("agents") == [0, 1, 2, 3, 4, 6, 7]]
+    assert away == [45, 50, 55, 60, 65, 70] and all("agents" not in r for r in records if r["round"] not in away)
     split = [distance_at(records, r) for r in (30, 35, 40, 45, 50)]
     assert split == sorted(split) and split[-1] > 3 * split[0]  # rising all through the partition
     assert distance_at(records, 55) < split[-1] / 3 and distance_at(records, 60) < distance_at(records, 55)
@@ -272,8 +340,8 @@ def test_a_partition_drives_the_agents_apart_until_it_heals_on_both_engines_alik
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "finished"
     events = [e for e in summary["events"] if e["kind"] == "timeline"]
-    assert timeline_events(events) == [(20, "slow"), (30, "partition"), (50, "heal"), (60, "restore")]
-    assert [(e["step"], e["agent"]) for e in events] == [(20, 3), (30, 0), (50, 0), (60, 3)]
+    assert timeline_events(events) == MUST_SHOW
+    assert [(e["step"], e["agent"]) for e in events] == [(20, 3), (30, 0), (40, 5), (50, 0), (60, 3), (70, 5)]
     assert events[0]["factor"] == 4 and events[1]["groups"] == HALVES and all(e["time_s"] >= 0 for e in events)
     for got, want in zip(captured["vectors"], reference.agent_vectors(), strict=True):
         assert torch.equal(got, want)
@@ -282,5 +350,6 @@ def test_a_partition_drives_the_agents_apart_until_it_heals_on_both_engines_alik
         for key in ("local_test_accuracy", "merged_test_accuracy", "bytes_sent", "messages_sent",
                     "consensus_distance", "train_loss", "gamma", "round", "communication_rounds"):
             assert got[key] == want[key], key
+        assert got.get("agents") == want.get("agents")
     sleep = [phases.get("sleep", 0.0) for phases in summary["phase_s_per_agent"]]
     assert sleep[3] > 0 and all(s == 0 for k, s in enumerate(sleep) if k != 3)  # only agent 3 was slowed

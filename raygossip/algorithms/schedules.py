@@ -144,13 +144,14 @@ def random_peers(mixing: np.ndarray, round_index: int, seed: int) -> np.ndarray:
     return peers
 
 
-def allreduce_plan(n: int, round_index: int) -> RoundPlan:
-    """An exact all-reduce as a D-PSGD round: every agent receives from every other, all weights 1/n (so gamma = 1
-    gives every agent the exact uniform average)."""
-    weight = 1.0 / n
-    edges = tuple((j, i) for j in range(n) for i in range(n) if i != j)
-    weights = {i: (weight, {j: weight for j in range(n) if j != i}) for i in range(n)}
-    return RoundPlan(round_index, tuple(sorted(edges)), frozenset(range(n)), weights)
+def allreduce_plan(n: int, round_index: int, agents: Sequence[int] | None = None) -> RoundPlan:
+    """An exact all-reduce as a D-PSGD round: every agent (of `agents`, default all) receives from every other, all
+    weights 1/n (so gamma = 1 gives every agent the exact uniform average)."""
+    agents = list(range(n)) if agents is None else sorted(agents)
+    weight = 1.0 / len(agents)
+    edges = tuple((j, i) for j in agents for i in agents if i != j)
+    weights = {i: (weight, {j: weight for j in agents if j != i}) for i in agents}
+    return RoundPlan(round_index, tuple(sorted(edges)), frozenset(agents), weights)
 
 
 def plan_round(

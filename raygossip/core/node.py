@@ -113,6 +113,7 @@ class GossipNode:
         self._round_plan: tuple[int, RoundPlan | None] = (-1, None)
         self.slowed = plan.timeline.slows(self.agent_id)  # a timeline changes this agent's step time
         self.timeline_links = any(e.action == "link" for e in plan.timeline.events)
+        self.leaves = any(e.action == "leave" for e in plan.timeline.events)
 
     # ------------------------------------------------------------ the loop
 
@@ -149,7 +150,8 @@ class GossipNode:
     def local_step(self) -> None:
         """One local optimizer step, stretched to its simulated duration when timing is simulated."""
         step = self.core.step
-        self.note_timeline(step)
+        if self.timeline_step(step):
+            return
         started = time.perf_counter()
         with self.phases("train"):
             self.core.train_step()
@@ -158,14 +160,74 @@ class GossipNode:
             with self.phases("sleep"):
                 time.sleep(self.clock.extra_delay(time.perf_counter() - started, factor))
 
-    def note_timeline(self, step: int) -> None:
-        """At a round's first step: record the timeline events that take effect now (those this agent reports)."""
-        if step % self.plan.local_steps:
-            return
-        timeline = self.plan.timeline
-        for index, event in timeline.events_at(step // self.plan.local_steps):
-            if timeline.reporter(event) == self.agent_id:
-                self.event(**timeline_record(index, event, step))
+    def timeline_step(self, step: int) -> bool:
+        """At a round's first step: record the timeline events that take effect now (those this agent reports), and
+        come back if this agent joins now. True when this agent is away during this step (a timeline's leave): it
+        only counts the step."""
+        timeline, local = self.plan.timeline, self.plan.local_steps
+        if step % local == 0:
+            round_index = step // local
+            for index, event in timeline.events_at(round_index):
+                if timeline.reporter(event) == self.agent_id:
+                    self.event(**timeline_record(index, event, step))
+            joining = self.plan.joins(round_index).get(self.agent_id) if self.leaves else None
+            if joining is not None:
+                self.join(round_index, *joining)
+        if self.leaves and self.plan.absent(self.agent_id, step):
+            self.core.step += 1
+            return True
+        return False
+
+    def join(self, round_index: int, start: str, sponsor: int | None) -> None:
+        """Come back at this round: from the model `sponsor` sent after the previous round (start: neighbour), or
+        from the initial model (scratch); either way with fresh optimizer and rule state, as a new device."""
+        arrays = self.await_state(sponsor, round_index) if start == "neighbour" and sponsor is not None else None
+        if arrays is None and start == "scratch":
+            arrays = self.core.initial_state()
+        with self.link_lock:
+            if arrays is not None:
+                self.core.load_parameters_vector(arrays["params"])
+                self.core.load_buffers({k[len("buffer."):]: v for k, v in arrays.items() if k.startswith("buffer.")})
+            self.core.optimizer.state.clear()
+            self.core.state = self.rule.init(self.core.flat.data)
+            self.last_models.clear()
+
+    def await_state(self, sponsor: int, round_index: int) -> dict[str, torch.Tensor] | None:
+        """The model `sponsor` sent this joining agent after round round_index - 1 (None: it never came)."""
+        mailbox = self.mailbox
+        away = sum(self.plan.absent(self.agent_id, s) for s in range(self.core.step))  # steps it was away
+        deadline = time.time() + self.options.wait_timeout_s * (1 + away // self.plan.local_steps)
+
+        def arrived(now: float) -> bool:
+            return any(l.kind is Kind.STATE and l.available_at <= now for l in mailbox.queues.get(sponsor, ()))
+
+        with self.phases("wait"):
+            if self.transport.pulls:
+                for letter in self.transport.pull(sponsor, lambda: arrived(float("inf")), deadline,
+                                                  self.stop_requested.is_set):
+                    self.accept(letter)
+            mailbox.wait_until(lambda now: self.stop_requested.is_set() or arrived(now) or sponsor in mailbox.down,
+                               deadline)
+        states = [l for l in mailbox.take_ready(sponsor, round_index - 1) if l.kind is Kind.STATE][-1:]
+        message = self.transport.open(states)[0] if states else None
+        if message is None:
+            self.event("join_timeout", round=round_index, sponsor=sponsor)
+            return None
+        return message.arrays
+
+    def send_states(self, round_index: int) -> None:
+        """After this round: this agent's model to each agent that joins at the next round from it."""
+        for agent, (start, sponsor) in self.plan.joins(round_index + 1).items():
+            if sponsor != self.agent_id:
+                continue
+            arrays = {"params": self.core.parameters_vector(),
+                      **{f"buffer.{k}": v for k, v in self.core.buffers().items()}}
+            nbytes = sum(t.numel() * t.element_size() for t in arrays.values())
+            now = time.time()
+            with self.link_lock:
+                self.core.traffic.record([agent], nbytes)
+                self.post(agent, Kind.STATE, round_index, Compressed(arrays, arrays["params"].numel()), now,
+                          now + self.delay(nbytes, agent))
 
     def round_plan(self, round_index: int) -> RoundPlan | None:
         if self._round_plan[0] != round_index:
@@ -195,6 +257,8 @@ class GossipNode:
             if me in round_plan.mixers:
                 with self.phases("mix"), self.link_lock:
                     self.core.mix(round_plan.weights[me][0] + self.peers.dropped_weight, self.plan.gamma(round_index))
+        if self.leaves:
+            self.send_states(round_index)
         every = self.options.snapshot_every
         if every and (round_index + 1) % every == 0 and self.supervisor is not None:
             self.keep_snapshot()

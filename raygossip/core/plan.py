@@ -19,7 +19,7 @@ from ..algorithms.schedules import (
 )
 from ..algorithms.topology import Topology, build_topology
 from ..config import CommunicationKindConfig, Config
-from .timeline import CompiledTimeline, Conditions, compile_timeline, cut_mixing
+from .timeline import CompiledTimeline, Conditions, compile_timeline, cut_mixing, pick_sponsor, remove_absent
 
 
 def averaging_rate(config: Config) -> Schedule:
@@ -59,6 +59,25 @@ class RunPlan:
     def conditions(self, round_index: int) -> Conditions:
         """What the timeline has in force at this round (slowdowns, links, partition, graph, gamma, communication)."""
         return self._timeline.at(round_index)
+
+    def absent(self, agent: int, step: int) -> bool:
+        """Whether this agent is away (a timeline's leave) during local step `step`."""
+        return agent in self._timeline.at(step // self.local_steps).absent
+
+    def joins(self, round_index: int) -> dict[int, tuple[str, int | None]]:
+        """Agents that come back at this round: agent -> (what it starts from, the agent whose model it takes)."""
+        out = {}
+        for _, event in self._timeline.events_at(round_index):
+            if event.action != "join":
+                continue
+            conditions = self.conditions(round_index)
+            before = self.conditions(round_index - 1).absent if round_index > 0 else frozenset()
+            there = frozenset(range(self.topology.n)) - before - conditions.absent
+            mixing = cut_mixing(self.topology_at(round_index).mixing(round_index, self.config.seed), conditions.groups)
+            for agent in event.agents:
+                start = event.start or "neighbour"
+                out[agent] = (start, pick_sponsor(mixing, there, agent) if start == "neighbour" else None)
+        return out
 
     def topology_at(self, round_index: int) -> Topology:
         """The graph in force at this round: the config's, or the last one a timeline event switched to."""
@@ -155,12 +174,15 @@ def _round_plan(plan: RunPlan, round_index: int, spec: CommunicationKindConfig |
     spec = plan.communication(round_index) if spec is None else spec
     n = plan.topology.n
     seed = plan.config.seed
+    conditions = plan.conditions(round_index)
     if spec.kind == "allreduce":
-        return allreduce_plan(n, round_index)
+        return allreduce_plan(n, round_index, [i for i in range(n) if i not in conditions.absent])
     active = active_agents(n, round_index, spec.p, seed) if spec.kind == "probability" else np.ones(n, dtype=bool)
+    active[list(conditions.absent)] = False
     if not active.any():
         return None
-    mixing = cut_mixing(plan.topology_at(round_index).mixing(round_index, seed), plan.conditions(round_index).groups)
+    mixing = remove_absent(cut_mixing(plan.topology_at(round_index).mixing(round_index, seed), conditions.groups),
+                           conditions.absent)
     return plan_round(mixing, round_index, rule=plan.config.gossip.rule, pull=spec.pull, active=active, seed=seed)
 
 

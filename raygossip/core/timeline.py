@@ -74,6 +74,32 @@ def cut_mixing(mixing: np.ndarray, groups: tuple[tuple[int, ...], ...] | None) -
     return out
 
 
+def remove_absent(mixing: np.ndarray, absent: frozenset[int]) -> np.ndarray:
+    """W without the agents that left: every weight on them goes to the receiver's self weight, and theirs is 1 on
+    themselves alone (rows stay stochastic). A fresh array; W itself when nobody is away."""
+    if not absent:
+        return mixing
+    n = mixing.shape[0]
+    away = np.zeros(n, dtype=bool)
+    away[list(absent)] = True
+    off = ~np.eye(n, dtype=bool) & (away[:, None] | away[None, :])
+    out = np.where(off, 0.0, mixing)
+    out[np.arange(n), np.arange(n)] += np.where(off, mixing, 0.0).sum(axis=1)
+    return out
+
+
+def pick_sponsor(mixing: np.ndarray, present: frozenset[int], agent: int) -> int | None:
+    """Whose model a joining agent starts from: its lowest-numbered in-neighbour that is there, else the
+    lowest-numbered agent that is there (None when nobody is)."""
+    neighbours = [j for j in sorted(present) if j != agent and mixing[agent, j] > 0]
+    others = [j for j in sorted(present) if j != agent]
+    return (neighbours or others or [None])[0]
+
+
+JOIN_STARTS = ("neighbour", "scratch")
+"""What a joining agent starts from: a neighbour's current model, or the initial model (as at round 0)."""
+
+
 # ---------------------------------------------------------------- the actions
 
 
@@ -194,6 +220,24 @@ def _communication(c: Conditions, e: TimelineEventConfig, base: Base, where: str
     return replace(c, communication=spec)
 
 
+def _leave(c: Conditions, e: TimelineEventConfig, base: Base, where: str) -> Conditions:
+    agents = _agents(e, base, where)
+    for k, agent in enumerate(agents):
+        _require(agent not in c.absent, f"{where}.agents[{k}]", f"agent {agent} has already left")
+    _require(len(c.absent | set(agents)) < base.n, f"{where}.agents", "at least one agent must stay")
+    return replace(c, absent=c.absent | frozenset(agents))
+
+
+def _join(c: Conditions, e: TimelineEventConfig, base: Base, where: str) -> Conditions:
+    agents = _agents(e, base, where)
+    for k, agent in enumerate(agents):
+        _require(agent in c.absent, f"{where}.agents[{k}]",
+                 f"agent {agent} is there already (a new agent first leaves at round 0)")
+    _require(e.start is None or e.start in JOIN_STARTS, f"{where}.start",
+             f"must be one of {', '.join(JOIN_STARTS)}; got {e.start!r}")
+    return replace(c, absent=c.absent - frozenset(agents))
+
+
 def _kill(c: Conditions, e: TimelineEventConfig, base: Base, where: str) -> Conditions:
     _agents(e, base, where)
     return c
@@ -212,6 +256,11 @@ ACTIONS: dict[str, Action] = {
     "gamma": Action(("value",), ("value",), _gamma, "the averaging rate from this round on"),
     "communication": Action(("communication",), ("communication",), _communication,
                             "the communication kind from this round on"),
+    "leave": Action(("agents",), ("agents",), _leave, "these agents go away: no steps, no messages, out of the "
+                    "records; their neighbours' weights on them go to their self weights", changes_graph=True),
+    "join": Action(("agents", "start"), ("agents",), _join, "agents that left come back, from a neighbour's current "
+                   "model (start: neighbour, the default) or from the initial model (start: scratch)",
+                   changes_graph=True),
     "kill": Action(("agents",), ("agents",), _kill, "these agents' processes exit, as faults.kill (Ray engine)"),
 }
 """Every timeline action by name: the config's allowed values come from here."""

@@ -518,7 +518,8 @@ class Coordinator:
             self._finish_record(step, reports)
 
     def _finish_record(self, step: int, reports: dict[int, Report]) -> None:
-        order = [i for i in sorted(reports) if i not in self.dropped]
+        counted = [i for i in sorted(reports) if i not in self.dropped]
+        order = [i for i in counted if not self.plan.absent(i, step)]  # (not away after a timeline's leave)
         states = [split_state(reports[i].state) for i in order]
         vectors = [params for params, _ in states]
         self.merged.load(global_average(vectors), average_buffers([buffers for _, buffers in states]))
@@ -527,12 +528,12 @@ class Coordinator:
         record = network_record(
             step=step, plan=self.plan, vectors=vectors,
             local_accuracies=None if accuracies[0] is None else accuracies,
-            merged_accuracy=self.merged.evaluate(), traffic=[traffic_of(reports[i].traffic) for i in order],
+            merged_accuracy=self.merged.evaluate(), traffic=[traffic_of(reports[i].traffic) for i in counted],
             train_loss=float(np.mean([reports[i].loss for i in order])), rounds_done=rounds_done,
             communication_rounds=self.communication_rounds(rounds_done),
             wall_time_s=time.time() - self.started,
         )
-        if self.dropped:
+        if len(order) < len(self.agents):
             record["agents"] = order
         with self.condition:
             self.book.publish(record)
@@ -560,7 +561,11 @@ class Coordinator:
     # ------------------------------------------------------------ the end
 
     def gather_states(self) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-        return [split_state(s) for s in ray.get([self.agents[i].get_state.remote(i) for i in self.live()])]
+        return [split_state(s) for s in ray.get([self.agents[i].get_state.remote(i) for i in self.there_at_end()])]
+
+    def there_at_end(self) -> list[int]:
+        """The live agents that are not away at the end (after a timeline's leave): what the merge averages."""
+        return [i for i in self.live() if not self.plan.absent(i, self.plan.total_steps - 1)]
 
     @ray.method(concurrency_group="control")
     def merged_state(self) -> dict[str, np.ndarray]:
@@ -580,7 +585,7 @@ class Coordinator:
             ray.get([host.load_state.remote([ref]) for host in self.hosts(live)])
 
         def reestimate_local(batches: int) -> list[dict[str, torch.Tensor]]:
-            estimates = ray.get([self.agents[i].reestimate_batchnorm.remote(i, batches) for i in live])
+            estimates = ray.get([self.agents[i].reestimate_batchnorm.remote(i, batches) for i in self.there_at_end()])
             return [{k[len("buffer."):]: torch.from_numpy(np.array(v)) for k, v in e.items()} for e in estimates]
 
         accuracy = merge_all(self.merged, self.gather_states(), broadcast, reestimate_local)

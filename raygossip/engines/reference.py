@@ -52,12 +52,11 @@ class ReferenceEngine:
 
     def gossip_round(self, round_index: int) -> None:
         self.rounds_done = round_index + 1
-        if self.setup.plan.round_plan(round_index) is None:
-            return
-        self.communication_rounds += 1
-        for node in self.nodes:
-            node.send_round(round_index)
-        for node in self.nodes:
+        if self.setup.plan.round_plan(round_index) is not None:
+            self.communication_rounds += 1
+            for node in self.nodes:
+                node.send_round(round_index)
+        for node in self.nodes:  # (a silent round: only what follows a round, e.g. a joining agent's model)
             node.finish_round(round_index)
 
     def note_timeline(self, step: int) -> None:
@@ -70,20 +69,30 @@ class ReferenceEngine:
     # ------------------------------------------------------------ evaluation and merge
 
     def evaluate(self, step: int) -> dict:
-        vectors = [agent.parameters_vector() for agent in self.agents]
+        losses = [agent.take_mean_loss() for agent in self.agents]
+        present = self.present(step)
+        agents = [self.agents[i] for i in present]
+        losses = [losses[i] for i in present]
+        vectors = [agent.parameters_vector() for agent in agents]
         batch = self.config.eval.batch_size
         local = None
         if self.config.eval.local:
-            local = [agent.evaluate(self.setup.test_x, self.setup.test_y, batch) for agent in self.agents]
-        self.merged.load(global_average(vectors), average_buffers([a.buffers() for a in self.agents]))
-        losses = [agent.take_mean_loss() for agent in self.agents]
-        return network_record(
+            local = [agent.evaluate(self.setup.test_x, self.setup.test_y, batch) for agent in agents]
+        self.merged.load(global_average(vectors), average_buffers([a.buffers() for a in agents]))
+        record = network_record(
             step=step, plan=self.setup.plan, vectors=vectors, local_accuracies=local,
             merged_accuracy=self.merged.evaluate(), traffic=[a.traffic for a in self.agents],
             train_loss=float(np.mean(losses)),  # as the coordinator: from 8 agents on numpy sums pairwise, not as sum()
             rounds_done=self.rounds_done,
             communication_rounds=self.communication_rounds, wall_time_s=self.elapsed(),
         )
+        if len(present) < len(self.agents):
+            record["agents"] = present
+        return record
+
+    def present(self, step: int) -> list[int]:
+        """The agents that are there (not away after a timeline's leave) at local step `step`."""
+        return [i for i in range(len(self.agents)) if not self.setup.plan.absent(i, step)]
 
     def final_merge(self) -> float:
         """Exact global average to every agent, batch-norm re-estimation, merged accuracy."""
@@ -94,12 +103,14 @@ class ReferenceEngine:
                 agent.load_parameters_vector(params)
                 agent.load_buffers(buffers)
 
-        def reestimate_local(batches: int) -> list[dict[str, torch.Tensor]]:
-            for agent in self.agents:
-                agent.reestimate_batchnorm(batches)
-            return [agent.buffers() for agent in self.agents]
+        there = [self.agents[i] for i in self.present(self.setup.plan.total_steps - 1)]  # the agents there at the end
 
-        states = [(agent.parameters_vector(), agent.buffers()) for agent in self.agents]
+        def reestimate_local(batches: int) -> list[dict[str, torch.Tensor]]:
+            for agent in there:
+                agent.reestimate_batchnorm(batches)
+            return [agent.buffers() for agent in there]
+
+        states = [(agent.parameters_vector(), agent.buffers()) for agent in there]
         accuracy = merge_all(self.merged, states, broadcast, reestimate_local)
         self.events.append({"time_s": self.elapsed(), "kind": "merge_done",
                             "merged_test_accuracy": accuracy, "bn": spec.bn})
