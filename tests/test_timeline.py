@@ -353,3 +353,19 @@ def test_a_partition_drives_the_agents_apart_until_it_heals_on_both_engines_alik
         assert got.get("agents") == want.get("agents")
     sleep = [phases.get("sleep", 0.0) for phases in summary["phase_s_per_agent"]]
     assert sleep[3] > 0 and all(s == 0 for k, s in enumerate(sleep) if k != 3)  # only agent 3 was slowed
+
+
+def test_the_same_timeline_runs_to_the_end_in_async_mode(ray_cluster, tmp_path):
+    """One agent per actor on two nodes (a joining agent's model crosses processes); agents at their own pace."""
+    config = must_show_config("ray")
+    config.runtime.mode, config.runtime.agents_per_actor, config.runtime.finish_quorum = "async", 1, 1.0
+    result = api.run(config, out_dir=tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps_per_agent"] == [80] * 8
+    events = sorted((e for e in summary["events"] if e["kind"] == "timeline"), key=lambda e: e["round"])
+    assert timeline_events(events) == MUST_SHOW and [e["step"] for e in events] == [20, 30, 40, 50, 60, 70]
+    assert not [e for e in summary["events"] if e["kind"] == "join_timeout"]
+    records = result.records
+    assert distance_at(records, 50) > 2 * distance_at(records, 30)  # apart while split
+    assert distance_at(records, 60) < distance_at(records, 50) / 2  # together again after the heal
+    assert [r["round"] for r in records if "agents" in r] == [45, 50, 55, 60, 65, 70]
