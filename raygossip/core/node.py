@@ -111,9 +111,6 @@ class GossipNode:
         self.counters = dict.fromkeys(("timeouts", "stale_messages", "lost_messages", "resyncs", "reused_models"), 0)
         self.waited_s = 0.0
         self._round_plan: tuple[int, RoundPlan | None] = (-1, None)
-        self.slowed = plan.timeline.slows(self.agent_id)  # a timeline changes this agent's step time
-        self.timeline_links = any(e.action == "link" for e in plan.timeline.events)
-        self.leaves = any(e.action == "leave" for e in plan.timeline.events)
 
     # ------------------------------------------------------------ the loop
 
@@ -155,8 +152,9 @@ class GossipNode:
         started = time.perf_counter()
         with self.phases("train"):
             self.core.train_step()
-        if self.clock is not None and (self.clock.active or self.slowed):
-            factor = self.plan.timeline.factor(self.agent_id, step, self.plan.local_steps) if self.slowed else None
+        slowed = self.plan.timeline.slows(self.agent_id)  # a timeline changes this agent's step time
+        if self.clock is not None and (self.clock.active or slowed):
+            factor = self.plan.timeline.factor(self.agent_id, step, self.plan.local_steps) if slowed else None
             with self.phases("sleep"):
                 time.sleep(self.clock.extra_delay(time.perf_counter() - started, factor))
 
@@ -169,11 +167,11 @@ class GossipNode:
             round_index = step // local
             for index, event in timeline.events_at(round_index):
                 if timeline.reporter(event) == self.agent_id:
-                    self.event(**timeline_record(index, event, step))
-            joining = self.plan.joins(round_index).get(self.agent_id) if self.leaves else None
+                    self.event(**timeline_record(index, event, round_index, step))
+            joining = self.plan.joins(round_index).get(self.agent_id) if timeline.has_leaves else None
             if joining is not None:
                 self.join(round_index, *joining)
-        if self.leaves and self.plan.absent(self.agent_id, step):
+        if timeline.has_leaves and self.plan.absent(self.agent_id, step):
             self.core.step += 1
             return True
         return False
@@ -257,7 +255,7 @@ class GossipNode:
             if me in round_plan.mixers:
                 with self.phases("mix"), self.link_lock:
                     self.core.mix(round_plan.weights[me][0] + self.peers.dropped_weight, self.plan.gamma(round_index))
-        if self.leaves:
+        if self.plan.timeline.has_leaves:
             self.send_states(round_index)
         every = self.options.snapshot_every
         if every and (round_index + 1) % every == 0 and self.supervisor is not None:
@@ -290,13 +288,13 @@ class GossipNode:
         """Seconds on the link to `receiver` (simulated timing only): the timeline's link in force, or the config's."""
         if self.options.timing is None:
             return 0.0
-        if self.timeline_links and receiver is not None:
+        if self.plan.timeline.has_links and receiver is not None:
             return self.plan.conditions(max(0, self.round_reached)).link_of(self.agent_id, receiver).delay(nbytes)
         return link_delay(nbytes, self.options.timing)
 
     def lost_on_link(self, receiver: int, round_index: int) -> bool:
         """Whether a timeline `link` loss drops this round's message to `receiver` (seeded)."""
-        if not self.timeline_links:
+        if not self.plan.timeline.has_links:
             return False
         loss = self.plan.conditions(round_index).link_of(self.agent_id, receiver).loss
         return lost_on_link(loss, self.core.config.seed, self.agent_id, receiver, round_index, self.incarnation)

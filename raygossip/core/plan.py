@@ -50,7 +50,7 @@ class RunPlan:
         object.__setattr__(self, "_gammas", {})
         object.__setattr__(self, "_plans", {})
         object.__setattr__(self, "_timeline", compile_timeline(self.config))
-        object.__setattr__(self, "_topologies", {})  # timeline segment -> the topology it switched to
+        object.__setattr__(self, "_topologies", {})  # the topologies timeline events switch to, by their keys
 
     @property
     def timeline(self) -> CompiledTimeline:
@@ -59,6 +59,12 @@ class RunPlan:
     def conditions(self, round_index: int) -> Conditions:
         """What the timeline has in force at this round (slowdowns, links, partition, graph, gamma, communication)."""
         return self._timeline.at(round_index)
+
+    def schedule(self, index: int, round_index: int) -> None:
+        """Wall-clock timeline event `index` is in force from this round on (the coordinator picked it when its time
+        came). Raises UserError, changing nothing, when it cannot be. Memos of the timeline before are never read
+        again: their keys hold its generation."""
+        object.__setattr__(self, "_timeline", self._timeline.schedule(index, round_index))
 
     def absent(self, agent: int, step: int) -> bool:
         """Whether this agent is away (a timeline's leave) during local step `step`."""
@@ -81,13 +87,13 @@ class RunPlan:
 
     def topology_at(self, round_index: int) -> Topology:
         """The graph in force at this round: the config's, or the last one a timeline event switched to."""
-        segment = self._timeline.segment(round_index)
-        spec = self._timeline.segments[segment].topology
+        spec = self._timeline.at(round_index).topology
         if spec is None:
             return self.topology
-        built = self._topologies.get(segment)
+        key = (spec.name, spec.weights, repr(spec.params))
+        built = self._topologies.get(key)
         if built is None:
-            built = self._topologies[segment] = build_topology(spec.name, self.topology.n, spec.weights, spec.params)
+            built = self._topologies[key] = build_topology(spec.name, self.topology.n, spec.weights, spec.params)
         return built
 
     @property
@@ -155,14 +161,15 @@ class RunPlan:
         params = {"start": spec.start, "width": spec.width, "sparse_every": spec.sparse_every}
         if not round_communicates(spec.kind, round_index, self.progress(round_index), params):
             return None
-        segment = self._timeline.segment(round_index)
+        timeline = self._timeline
+        segment = (timeline.generation, timeline.segment(round_index))
         topology = self.topology_at(round_index)
         if spec.kind == "allreduce":
-            key: tuple = (segment, "allreduce")
+            key: tuple = (*segment, "allreduce")
         elif spec.kind == "probability" or spec.pull == "random_peer" or topology.period() == 0:
             return _round_plan(self, round_index, spec)
         else:
-            key = (segment, round_index % topology.period())
+            key = (*segment, round_index % topology.period())
         cached = self._plans.get(key)
         if cached is None:
             cached = self._plans[key] = _round_plan(self, round_index, spec)

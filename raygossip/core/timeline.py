@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import math
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -295,36 +296,63 @@ def check_event(event: TimelineEventConfig, where: str, rule: str) -> Action:
     _require((event.round is None) != (event.time_s is None), f"{where}.round",
              "give exactly one of round (a communication round) and time_s (seconds of wall-clock time)")
     _require(event.round is None or event.round >= 0, f"{where}.round", f"must be >= 0, got {event.round}")
-    _require(event.time_s is None, f"{where}.time_s",
-             "wall-clock events are not supported yet; give the event a round instead")
+    _require(event.time_s is None or event.time_s >= 0, f"{where}.time_s", f"must be >= 0 seconds, got {event.time_s}")
     _require(not action.changes_graph or rule == "dpsgd", f"{where}.action",
              f"{event.action} changes the graph; {rule} needs a static graph (x_hat bookkeeping): use gossip.rule: dpsgd")
     return action
 
 
 class CompiledTimeline:
-    """The conditions in force at every round: one segment per round at which some event happens. Pure."""
+    """The conditions in force at every round: one segment per round at which some event happens. Pure.
 
-    def __init__(self, events: list[TimelineEventConfig], base: Base) -> None:
+    Round events are in force from their round. A wall-clock event (time_s) is in force only once it is
+    scheduled at a round (`scheduled`: event index -> round; the Ray engine's coordinator picks the round when its
+    time comes); while compiling without schedule, the wall-clock events are checked as if they came after every
+    round event, in the order of their times."""
+
+    def __init__(self, events: list[TimelineEventConfig], base: Base, scheduled: dict[int, int] | None = None,
+                 generation: int = 0) -> None:
         self.events = list(events)
         self.base = base
+        self.scheduled = dict(scheduled or {})
+        self.generation = generation  # RunPlan counts recompilations: memos of an older timeline are never read
+        actions = [check_event(event, f"timeline[{k}]", base.rule) for k, event in enumerate(self.events)]
+        self._check_order("round")
+        self._check_order("time_s")
+        self.effective = sorted((self.round_of(k), k) for k in range(len(self.events)) if self.round_of(k) is not None)
         conditions = Conditions(factors=base.factors, link=base.link)
         self.starts: list[int] = [0]
         self.segments: list[Conditions] = [conditions]
-        previous = 0
-        for k, event in enumerate(self.events):
-            where = f"timeline[{k}]"
-            action = check_event(event, where, base.rule)
-            _require(event.round >= previous, f"{where}.round",
-                     f"must not come before the previous event's round {previous}, got {event.round}")
-            previous = event.round
-            conditions = action.apply(conditions, event, base, where)
-            if self.starts[-1] == event.round:
+        for round_index, k in self.effective:
+            conditions = actions[k].apply(conditions, self.events[k], base, f"timeline[{k}]")
+            if self.starts[-1] == round_index:
                 self.segments[-1] = conditions
             else:
-                self.starts.append(event.round)
+                self.starts.append(round_index)
                 self.segments.append(conditions)
-        self.rounds = frozenset(event.round for event in self.events)
+        timed = sorted((e.time_s, k) for k, e in enumerate(self.events) if e.time_s is not None and k not in self.scheduled)
+        trial = conditions
+        for _, k in timed:  # (only to check them now: they are not in force)
+            trial = actions[k].apply(trial, self.events[k], base, f"timeline[{k}]")
+        self.rounds = frozenset(round_index for round_index, _ in self.effective)
+        self.slowed = frozenset(i for i in range(base.n) if any(c.factors[i] != 1.0 for c in self.segments))
+        self.has_links = any(self.events[k].action == "link" for _, k in self.effective)
+        self.has_leaves = any(self.events[k].action == "leave" for _, k in self.effective)
+
+    def _check_order(self, key: str) -> None:
+        previous, where = None, None
+        for k, event in enumerate(self.events):
+            value = getattr(event, key)
+            if value is None:
+                continue
+            _require(previous is None or value >= previous, f"timeline[{k}].{key}",
+                     f"must not come before the previous event's {key} {previous} (timeline[{where}]), got {value}")
+            previous, where = value, k
+
+    def round_of(self, index: int) -> int | None:
+        """The round event `index` is in force from (None: a wall-clock event not scheduled yet)."""
+        event = self.events[index]
+        return event.round if event.round is not None else self.scheduled.get(index)
 
     def segment(self, round_index: int) -> int:
         """The index of the segment in force at this round."""
@@ -337,7 +365,7 @@ class CompiledTimeline:
         """(index, event) of the events that take effect at this round."""
         if round_index not in self.rounds:
             return []
-        return [(k, e) for k, e in enumerate(self.events) if e.round == round_index]
+        return [(k, self.events[k]) for r, k in self.effective if r == round_index]
 
     def reporter(self, event: TimelineEventConfig) -> int:
         """The agent that records this event on the Ray engine: the first it names, else agent 0."""
@@ -349,27 +377,39 @@ class CompiledTimeline:
 
     def slows(self, agent: int) -> bool:
         """Whether this agent's factor ever differs from 1."""
-        return any(c.factors[agent] != 1.0 for c in self.segments)
+        return agent in self.slowed
 
     def kills(self) -> dict[int, int]:
-        """agent -> the round its `kill` event names (the first one)."""
+        """agent -> the round its first `kill` event in force names."""
         out: dict[int, int] = {}
-        for event in self.events:
-            if event.action == "kill":
-                for agent in event.agents:
-                    out.setdefault(agent, event.round)
+        for round_index, k in self.effective:
+            if self.events[k].action == "kill":
+                for agent in self.events[k].agents:
+                    out.setdefault(agent, round_index)
         return out
 
     def check_rounds(self, total_rounds: int) -> None:
-        """Every event falls inside the run (UserError naming the first past its end)."""
+        """Every round event falls inside the run (UserError naming the first past its end)."""
         for k, event in enumerate(self.events):
-            _require(event.round < total_rounds, f"timeline[{k}].round",
+            _require(event.round is None or event.round < total_rounds, f"timeline[{k}].round",
                      f"must be below the run's {total_rounds} rounds, got {event.round}")
 
     @property
-    def changes_timing(self) -> bool:
-        """Whether some event changes a slowdown or a link (what only simulated timing on Ray shows)."""
-        return any(e.action in ("slow", "restore", "link") for e in self.events)
+    def timed(self) -> list[tuple[float, int]]:
+        """(time_s, index) of the wall-clock events, in time order."""
+        return sorted((e.time_s, k) for k, e in enumerate(self.events) if e.time_s is not None)
+
+    def schedule(self, index: int, round_index: int) -> "CompiledTimeline":
+        """This timeline with wall-clock event `index` in force from `round_index` (UserError if it cannot be)."""
+        return CompiledTimeline(self.events, self.base, {**self.scheduled, index: round_index}, self.generation + 1)
+
+
+def schedule_round(steps: list[int], elapsed_s: float, local_steps: int, lead_s: float = 0.5) -> int:
+    """The round a wall-clock event is scheduled at: past the farthest agent's round by what the agents go through
+    in `lead_s` seconds at their pace so far (at least 2), so that no agent is there before it is told."""
+    farthest = max(steps) // local_steps
+    pace = farthest / elapsed_s if elapsed_s > 0 else 0.0
+    return farthest + max(2, math.ceil(pace * lead_s))
 
 
 def compile_timeline(config: Config) -> CompiledTimeline:
@@ -377,13 +417,16 @@ def compile_timeline(config: Config) -> CompiledTimeline:
     return CompiledTimeline(config.timeline, base_conditions(config))
 
 
-def timeline_record(index: int, event: TimelineEventConfig, step: int) -> dict:
-    """The summary.json event of a timeline event that took effect at `step` (the first local step of its round)."""
+def timeline_record(index: int, event: TimelineEventConfig, round_index: int, step: int) -> dict:
+    """The summary.json event of a timeline event that took effect at `step` (the first local step of its round);
+    a wall-clock event also says the time it was due at (scheduled_time_s)."""
     keys = {k: getattr(event, k) for k in EVENT_KEYS if getattr(event, k) is not None}
     for key in ("topology", "communication"):
         if key in keys:
             keys[key] = dataclasses.asdict(keys[key])
-    return {"kind": "timeline", "index": index, "round": event.round, "step": step, "action": event.action, **keys}
+    if event.time_s is not None:
+        keys["scheduled_time_s"] = event.time_s
+    return {"kind": "timeline", "index": index, "round": round_index, "step": step, "action": event.action, **keys}
 
 
 def lost_on_link(loss: float, seed: int, sender: int, receiver: int, round_index: int, incarnation: int = 0) -> bool:

@@ -64,7 +64,7 @@ class ReferenceEngine:
         plan = self.setup.plan
         if step % plan.local_steps == 0:
             for index, event in plan.timeline.events_at(step // plan.local_steps):
-                self.events.append({"time_s": self.elapsed(), **timeline_record(index, event, step)})
+                self.events.append({"time_s": self.elapsed(), **timeline_record(index, event, step // plan.local_steps, step)})
 
     # ------------------------------------------------------------ evaluation and merge
 
@@ -148,6 +148,9 @@ class ReferenceEngine:
         self.started = time.perf_counter()
         if start_step == 0:
             self.events.append({"time_s": 0.0, "kind": "run_started", "engine": self.name})
+            self.events.extend({"time_s": 0.0, "kind": "timeline_ignored", "index": index, "scheduled_time_s": due,
+                                "reason": "a wall-clock event (only the Ray engine has a wall clock)"}
+                               for due, index in plan.timeline.timed)
         records = list(previous_records or [])
         bar = tqdm(total=plan.total_steps, initial=start_step, desc="raygossip", unit="step",
                    disable=True if not show else None, leave=False)
