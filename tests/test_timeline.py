@@ -372,6 +372,28 @@ def test_the_same_timeline_runs_to_the_end_in_async_mode(ray_cluster, tmp_path):
     assert [r["round"] for r in records if "agents" in r] == [45, 50, 55, 60, 65, 70]
 
 
+def test_link_and_kill_events_on_the_ray_engine(ray_cluster, tmp_path):
+    """A lossy link and a slow edge from round 5, agent 2 killed at round 10 (then restarted from its snapshot)."""
+    base = quickstart()
+    base["agents"] = {"count": 4}
+    base["model"] = {"name": "mlp", "hidden": [16]}
+    base["train"].update(epochs=3, steps_per_epoch=10)
+    base["eval"] = {"every": 1}
+    base["runtime"] = {"engine": "ray", "num_cpus_per_agent": 0.5, "progress": False, "wait_timeout_s": 60.0,
+                       "snapshot_every": 4, "timing": {"latency_s": 0.001}}
+    base["timeline"] = (Timeline().at(round=5).link(loss=0.3).link(latency_s=0.2, edges=[[0, 1]])
+                        .at(round=10).kill([2]).build())
+    api.run(load_config(base=base), out_dir=tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["lost_messages"] > 0
+    assert timeline_events(summary["events"]) == [(5, "link"), (5, "link"), (10, "kill")]
+    assert [(e["agent"], e["round"]) for e in summary["events"] if e["kind"] == "fault_injected"] == [(2, 10)]
+    assert [e["agent"] for e in summary["events"] if e["kind"] == "agent_restarted"] == [2]
+    delays = {e["agent"]: e["links"] for e in summary["events"] if e["kind"] == "link_delays"}
+    slow, other = delays[1]["0"], delays[1]["2"]  # what agent 1 saw of its links from 0 and 2: only 0-1 is slow
+    assert slow["min_s"] < 0.1 and slow["mean_s"] > 0.15 > other["mean_s"]  # (slow from round 5 of 30 on)
+
+
 # ---------------------------------------------------------------- wall-clock events (Ray engine)
 
 

@@ -78,6 +78,7 @@ class Coordinator:
         self.book = RecordBook()
         self.record_lock = threading.Lock()
         self.events: list[dict] = []
+        self.timeline_recorded: set[int] = set()  # timeline events (by index) an agent recorded
         self.condition = threading.Condition()
         self.started = time.time()
         self.finished: list[dict] | None = None
@@ -513,6 +514,11 @@ class Coordinator:
     def record_events(self, events: list[dict]) -> None:
         stamped = []
         for event in events:
+            if event.get("kind") == "timeline":  # once: a restarted agent goes through its last rounds again
+                with self.condition:
+                    if event["index"] in self.timeline_recorded:
+                        continue
+                    self.timeline_recorded.add(event["index"])
             event = dict(event)
             event["time_s"] = event.pop("time", time.time()) - self.started
             stamped.append(event)
