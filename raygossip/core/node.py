@@ -24,7 +24,7 @@ from .peers import PeerTable
 from .phases import PhaseClock
 from .plan import RunPlan
 from .timing import StepClock, link_delay
-from .timeline import lost_on_link, timeline_record
+from .node_timeline import TimelineSteps
 from ..config import TimingConfig
 from .wire import Kind, Letter
 
@@ -74,7 +74,7 @@ class NodeOptions:
     checkpoint_every: int = 0
 
 
-class GossipNode:
+class GossipNode(TimelineSteps):
     """One agent's loop and link state. The training thread calls run (or the steps in it); a control thread may
     call the peer_* methods, release and stop meanwhile: they share `link_lock`, so the rule state and each
     outgoing stream change atomically."""
@@ -152,80 +152,10 @@ class GossipNode:
         started = time.perf_counter()
         with self.phases("train"):
             self.core.train_step()
-        slowed = self.plan.timeline.slows(self.agent_id)  # a timeline changes this agent's step time
-        if self.clock is not None and (self.clock.active or slowed):
-            factor = self.plan.timeline.factor(self.agent_id, step, self.plan.local_steps) if slowed else None
+        factor = self.step_factor(step)  # a timeline's, if it changes this agent's step time
+        if self.clock is not None and (self.clock.active or factor is not None):
             with self.phases("sleep"):
                 time.sleep(self.clock.extra_delay(time.perf_counter() - started, factor))
-
-    def timeline_step(self, step: int) -> bool:
-        """At a round's first step: record the timeline events that take effect now (those this agent reports), and
-        come back if this agent joins now. True when this agent is away during this step (a timeline's leave): it
-        only counts the step."""
-        timeline, local = self.plan.timeline, self.plan.local_steps
-        if step % local == 0:
-            round_index = step // local
-            for index, event in timeline.events_at(round_index):
-                if timeline.reporter(event) == self.agent_id:
-                    self.event(**timeline_record(index, event, round_index, step))
-            joining = self.plan.joins(round_index).get(self.agent_id) if timeline.has_leaves else None
-            if joining is not None:
-                self.join(round_index, *joining)
-        if timeline.has_leaves and self.plan.absent(self.agent_id, step):
-            self.core.step += 1
-            return True
-        return False
-
-    def join(self, round_index: int, start: str, sponsor: int | None) -> None:
-        """Come back at this round: from the model `sponsor` sent after the previous round (start: neighbour), or
-        from the initial model (scratch); either way with fresh optimizer and rule state, as a new device."""
-        arrays = self.await_state(sponsor, round_index) if start == "neighbour" and sponsor is not None else None
-        if arrays is None and start == "scratch":
-            arrays = self.core.initial_state()
-        with self.link_lock:
-            if arrays is not None:
-                self.core.load_parameters_vector(arrays["params"])
-                self.core.load_buffers({k[len("buffer."):]: v for k, v in arrays.items() if k.startswith("buffer.")})
-            self.core.optimizer.state.clear()
-            self.core.state = self.rule.init(self.core.flat.data)
-            self.last_models.clear()
-
-    def await_state(self, sponsor: int, round_index: int) -> dict[str, torch.Tensor] | None:
-        """The model `sponsor` sent this joining agent after round round_index - 1 (None: it never came)."""
-        mailbox = self.mailbox
-        away = sum(self.plan.absent(self.agent_id, s) for s in range(self.core.step))  # steps it was away
-        deadline = time.time() + self.options.wait_timeout_s * (1 + away // self.plan.local_steps)
-
-        def arrived(now: float) -> bool:
-            return any(l.kind is Kind.STATE and l.available_at <= now for l in mailbox.queues.get(sponsor, ()))
-
-        with self.phases("wait"):
-            if self.transport.pulls:
-                for letter in self.transport.pull(sponsor, lambda: arrived(float("inf")), deadline,
-                                                  self.stop_requested.is_set):
-                    self.accept(letter)
-            mailbox.wait_until(lambda now: self.stop_requested.is_set() or arrived(now) or sponsor in mailbox.down,
-                               deadline)
-        states = [l for l in mailbox.take_ready(sponsor, round_index - 1) if l.kind is Kind.STATE][-1:]
-        message = self.transport.open(states)[0] if states else None
-        if message is None:
-            self.event("join_timeout", round=round_index, sponsor=sponsor)
-            return None
-        return message.arrays
-
-    def send_states(self, round_index: int) -> None:
-        """After this round: this agent's model to each agent that joins at the next round from it."""
-        for agent, (start, sponsor) in self.plan.joins(round_index + 1).items():
-            if sponsor != self.agent_id:
-                continue
-            arrays = {"params": self.core.parameters_vector(),
-                      **{f"buffer.{k}": v for k, v in self.core.buffers().items()}}
-            nbytes = sum(t.numel() * t.element_size() for t in arrays.values())
-            now = time.time()
-            with self.link_lock:
-                self.core.traffic.record([agent], nbytes)
-                self.post(agent, Kind.STATE, round_index, Compressed(arrays, arrays["params"].numel()), now,
-                          now + self.delay(nbytes, agent))
 
     def round_plan(self, round_index: int) -> RoundPlan | None:
         if self._round_plan[0] != round_index:
@@ -255,8 +185,7 @@ class GossipNode:
             if me in round_plan.mixers:
                 with self.phases("mix"), self.link_lock:
                     self.core.mix(round_plan.weights[me][0] + self.peers.dropped_weight, self.plan.gamma(round_index))
-        if self.plan.timeline.has_leaves:
-            self.send_states(round_index)
+        self.send_states(round_index)  # (to an agent that joins from this one at the next round)
         every = self.options.snapshot_every
         if every and (round_index + 1) % every == 0 and self.supervisor is not None:
             self.keep_snapshot()
@@ -288,16 +217,8 @@ class GossipNode:
         """Seconds on the link to `receiver` (simulated timing only): the timeline's link in force, or the config's."""
         if self.options.timing is None:
             return 0.0
-        if self.plan.timeline.has_links and receiver is not None:
-            return self.plan.conditions(max(0, self.round_reached)).link_of(self.agent_id, receiver).delay(nbytes)
-        return link_delay(nbytes, self.options.timing)
-
-    def lost_on_link(self, receiver: int, round_index: int) -> bool:
-        """Whether a timeline `link` loss drops this round's message to `receiver` (seeded)."""
-        if not self.plan.timeline.has_links:
-            return False
-        loss = self.plan.conditions(round_index).link_of(self.agent_id, receiver).loss
-        return lost_on_link(loss, self.core.config.seed, self.agent_id, receiver, round_index, self.incarnation)
+        timed = self.link_delay_to(receiver, nbytes) if receiver is not None else None
+        return link_delay(nbytes, self.options.timing) if timed is None else timed
 
     def send(self, round_index: int, receivers: list[int]) -> None:
         """Emit this round's message once and post it to every live receiver."""

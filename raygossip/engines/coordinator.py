@@ -22,6 +22,7 @@ from raygossip.engines.ray_setup import dataset_from_numpy, pin_threads
 from raygossip.engines.common import MergedModel, RunSetup, average_buffers, merge_all, network_record
 from raygossip.engines.records import RecordBook, Report
 from raygossip.engines.snapshots import make_snapshot_dir, read_snapshot
+from raygossip.engines.timeline_clock import run_clock
 
 
 def split_state(arrays: dict[str, np.ndarray]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -130,34 +131,8 @@ class Coordinator:
         for members in recipe["groups"]:
             self.runs.update(self.launch([i for i in members if i not in self.dropped], checkpoints, resync))
         self.event("run_started", agents=len(self.runs))
-        if self.plan.timeline.timed:
-            threading.Thread(target=self.run_clock, daemon=True).start()
-
-    def run_clock(self) -> None:
-        """The timeline's wall-clock events: when one's time comes, schedule it a little past the farthest agent's
-        round (core.timeline.schedule_round) and tell every live agent; one that cannot be (past the run's end, or
-        not valid there) is recorded as skipped."""
-        from raygossip.core.timeline import schedule_round
-        from raygossip.errors import UserError
-
-        for due, index in self.plan.timeline.timed:
-            while self.finished is None and self.aborted is None and time.time() < self.started + due:
-                time.sleep(min(0.05, max(0.0, self.started + due - time.time())))
-            if self.finished is not None or self.aborted is not None:
-                return
-            live = self.live()
-            steps = [p for p in self.gather([self.agents[i].position.remote(i) for i in live]) if p is not None]
-            round_index = schedule_round(steps or [0], time.time() - self.started, self.plan.local_steps)
-            action = self.config.timeline[index].action
-            try:
-                if round_index >= self.plan.total_rounds:
-                    raise UserError(f"timeline[{index}].time_s", f"round {round_index} is past the run's end")
-                self.plan.schedule(index, round_index)
-            except UserError as error:
-                self.event("timeline_skipped", index=index, action=action, reason=str(error))
-                continue
-            self.gather([host.schedule_event.remote(index, round_index) for host in self.hosts(live)])
-            self.event("timeline_scheduled", index=index, action=action, round=round_index, scheduled_time_s=due)
+        if self.plan.timeline.timed:  # wall-clock timeline events
+            threading.Thread(target=run_clock, args=(self,), daemon=True).start()
 
     def gather(self, refs: list[Any]) -> list[Any]:
         """Results of calls to agents, None for an agent that died meanwhile (its own run reference tells the
