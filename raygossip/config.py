@@ -212,6 +212,26 @@ class FaultsConfig:
 
 
 @dataclass(kw_only=True)
+class TimelineEventConfig:
+    """One timeline event: at a round, an action and the keys it takes (core.timeline.ACTIONS says which)."""
+
+    round: int | None = None
+    time_s: float | None = None
+    action: str
+    agents: list[int] | None = None
+    factor: float | None = None
+    groups: list[list[int]] | None = None
+    start: str | None = None
+    latency_s: float | None = None
+    bandwidth_mbps: float | None = None
+    loss: float | None = None
+    edges: list[list[int]] | None = None
+    topology: TopologyConfig | None = None
+    value: float | None = None
+    communication: CommunicationKindConfig | None = None
+
+
+@dataclass(kw_only=True)
 class EvalConfig:
     every: int = 1
     test_samples: int | None = None
@@ -236,6 +256,7 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    timeline: list[TimelineEventConfig] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- strict loading
@@ -523,6 +544,7 @@ def validate(config: Config) -> None:
            f"got {r.snapshot_every}")
     _check(r.max_restarts >= 0, "runtime.max_restarts", f"must be >= 0, got {r.max_restarts}")
     _validate_faults(config)
+    _validate_timeline(config)
     _check(0 < r.finish_quorum <= 1, "runtime.finish_quorum",
            f"must be in (0, 1] (fraction of agents whose finishing ends a bounded/async run), got {r.finish_quorum}")
     tm = r.timing
@@ -627,6 +649,25 @@ def _validate_faults(config: Config) -> None:
     injected = f.kill or f.kill_fraction > 0 or f.drop_messages > 0 or f.delay_messages > 0
     _check(not injected or config.runtime.engine == "ray", "faults",
            "fault injection needs runtime.engine: ray (the reference engine has no processes to kill)")
+
+
+def _validate_timeline(config: Config) -> None:
+    """The timeline's events (core.timeline compiles them), and what only the Ray engine can run."""
+    from raygossip.core.timeline import compile_timeline
+
+    timeline = compile_timeline(config)
+    killed = {kill.agent for kill in config.faults.kill}
+    for k, event in enumerate(timeline.events):
+        where = f"timeline[{k}]"
+        ray_only = event.action == "kill" or (event.loss or 0.0) > 0
+        _check(not ray_only or config.runtime.engine == "ray", f"{where}.action",
+               f"{event.action} injects faults, which need runtime.engine: ray (the reference engine has no processes "
+               "to kill nor lossy links)")
+        if event.action == "kill":
+            twice = sorted(set(event.agents) & killed)
+            _check(not twice, f"{where}.agents", f"agent {twice[0] if twice else ''} is killed twice (faults.kill or "
+                                                 "an earlier kill event)")
+            killed |= set(event.agents)
 
 
 MAX_AGENTS = 4096

@@ -509,6 +509,10 @@ def _every_section_changed() -> dict:
         "eval": {"every": 2, "test_samples": 500, "local": False, "batch_size": 250},
         "faults": {"kill": [{"agent": 2, "round": 5}], "kill_fraction": 0.2, "kill_round": 4, "drop_messages": 0.1,
                    "delay_messages": 0.2, "delay_s": 0.05},
+        "timeline": [{"round": 2, "action": "slow", "agents": [1], "factor": 3.0},
+                     {"round": 4, "action": "link", "loss": 0.1, "edges": [[0, 1]]},
+                     {"round": 5, "action": "communication", "communication": {"kind": "probability", "p": 0.5}},
+                     {"round": 6, "action": "gamma", "value": 0.5}, {"round": 6, "action": "kill", "agents": [3]}],
     }
 
 

@@ -140,17 +140,18 @@ def random_peers(mixing: np.ndarray, round_index: int, seed: int) -> np.ndarray:
     peers = np.empty(n, dtype=np.int64)
     for i in range(n):
         candidates = [j for j in range(n) if j != i and mixing[i, j] > 0]
-        peers[i] = candidates[rng.integers(len(candidates))]
+        peers[i] = candidates[rng.integers(len(candidates))] if candidates else -1  # -1: cut off (a partition)
     return peers
 
 
-def allreduce_plan(n: int, round_index: int) -> RoundPlan:
-    """An exact all-reduce as a D-PSGD round: every agent receives from every other, all weights 1/n (so gamma = 1
-    gives every agent the exact uniform average)."""
-    weight = 1.0 / n
-    edges = tuple((j, i) for j in range(n) for i in range(n) if i != j)
-    weights = {i: (weight, {j: weight for j in range(n) if j != i}) for i in range(n)}
-    return RoundPlan(round_index, tuple(sorted(edges)), frozenset(range(n)), weights)
+def allreduce_plan(n: int, round_index: int, agents: Sequence[int] | None = None) -> RoundPlan:
+    """An exact all-reduce as a D-PSGD round: every agent (of `agents`, default all) receives from every other, all
+    weights 1/n (so gamma = 1 gives every agent the exact uniform average)."""
+    agents = list(range(n)) if agents is None else sorted(agents)
+    weight = 1.0 / len(agents)
+    edges = tuple((j, i) for j in agents for i in agents if i != j)
+    weights = {i: (weight, {j: weight for j in agents if j != i}) for i in agents}
+    return RoundPlan(round_index, tuple(sorted(edges)), frozenset(agents), weights)
 
 
 def plan_round(
@@ -178,9 +179,9 @@ def plan_round(
         mixers = frozenset(int(i) for i in np.flatnonzero(active))
         for i in sorted(mixers):
             if peers is not None:
-                sources = [int(peers[i])]
-                row = {sources[0]: 0.5}
-                self_weight = 0.5
+                sources = [int(peers[i])] if peers[i] >= 0 else []
+                row = {j: 0.5 for j in sources}
+                self_weight = 0.5 if sources else 1.0
             else:
                 sources = [j for j in range(n) if j != i and mixing[i, j] > 0]
                 total = mixing[i, i] + sum(mixing[i, j] for j in sources)

@@ -261,6 +261,14 @@ class AgentCore:
     def parameters_vector(self) -> torch.Tensor:
         return self.flat.data.detach().clone()
 
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        """The model every agent started from (parameters and buffers), rebuilt without touching torch's RNG."""
+        with torch.random.fork_rng(devices=[]):
+            model = make_model(self.config, self.dataset)
+        arrays = {"params": torch.cat([p.detach().reshape(-1) for p in model.parameters()])}
+        arrays.update({f"buffer.{k}": v.detach().clone() for k, v in model.named_buffers()})
+        return arrays
+
     def load_parameters_vector(self, vector: torch.Tensor) -> None:
         self.flat.data.copy_(vector.to(self.flat.data.device))
 

@@ -26,6 +26,7 @@ from .peers import PeerTable
 from .phases import PhaseClock
 from .plan import RunPlan
 from .timing import StepClock, link_delay
+from .node_timeline import TimelineSteps
 from ..config import TimingConfig
 from .wire import Kind, Letter
 
@@ -77,7 +78,7 @@ class NodeOptions:
     checkpoint_every: int = 0
 
 
-class GossipNode:
+class GossipNode(TimelineSteps):
     """One agent's loop and link state. The training thread calls run (or the steps in it); a control thread may
     call the peer_* methods, release and stop meanwhile: they share `link_lock`, so the rule state and each
     outgoing stream change atomically."""
@@ -156,15 +157,19 @@ class GossipNode:
 
     def local_step(self) -> None:
         """One local optimizer step, stretched to its simulated duration when timing is simulated."""
+        step = self.core.step
+        if self.timeline_step(step):
+            return
         started = time.perf_counter()
         with self.phases("train"):
             loss = self.core.train_step()
         if not math.isfinite(loss):
             self.diverge("loss")
             return
-        if self.clock is not None and self.clock.active:
+        factor = self.step_factor(step)  # a timeline's, if it changes this agent's step time
+        if self.clock is not None and (self.clock.active or factor is not None):
             with self.phases("sleep"):
-                time.sleep(self.clock.extra_delay(time.perf_counter() - started))
+                time.sleep(self.clock.extra_delay(time.perf_counter() - started, factor))
 
     def round_plan(self, round_index: int) -> RoundPlan | None:
         if self._round_plan[0] != round_index:
@@ -199,6 +204,7 @@ class GossipNode:
             if me in round_plan.mixers:
                 with self.phases("mix"), self.link_lock:
                     self.core.mix(round_plan.weights[me][0] + self.peers.dropped_weight, self.plan.gamma(round_index))
+        self.send_states(round_index)  # (to an agent that joins from this one at the next round)
         every = self.options.snapshot_every
         if every and (round_index + 1) % every == 0 and self.supervisor is not None:
             self.keep_snapshot()
@@ -234,8 +240,12 @@ class GossipNode:
                         seq=self.peers.next_seq(receiver), incarnation=self.incarnation)
         self.transport.post(receiver, letter)
 
-    def delay(self, nbytes: int) -> float:
-        return 0.0 if self.options.timing is None else link_delay(nbytes, self.options.timing)
+    def delay(self, nbytes: int, receiver: int | None = None) -> float:
+        """Seconds on the link to `receiver` (simulated timing only): the timeline's link in force, or the config's."""
+        if self.options.timing is None:
+            return 0.0
+        timed = self.link_delay_to(receiver, nbytes) if receiver is not None else None
+        return link_delay(nbytes, self.options.timing) if timed is None else timed
 
     def send(self, round_index: int, receivers: list[int]) -> None:
         """Emit this round's message once and post it to every live receiver."""
@@ -245,9 +255,10 @@ class GossipNode:
                 return
             message = self.core.emit(receivers)
             sent_at = time.time()
-            available_at = sent_at + self.delay(message.nbytes)
             for receiver in receivers:
                 lost, extra = self.fate() if self.fate is not None else (False, 0.0)
+                lost = lost or self.lost_on_link(receiver, round_index)
+                available_at = sent_at + self.delay(message.nbytes, receiver)
                 kind = Kind.LOST if lost else Kind.GOSSIP
                 self.post(receiver, kind, round_index, None if lost else message, sent_at, available_at + extra)
 
@@ -272,7 +283,7 @@ class GossipNode:
         nbytes = x_hat.numel() * x_hat.element_size()
         self.core.traffic.record([receiver], nbytes)
         self.post(receiver, Kind.FULL, self.round_reached, Compressed({"x_hat": x_hat}, x_hat.numel()), now,
-                  now + self.delay(nbytes))
+                  now + self.delay(nbytes, receiver))
 
     # ------------------------------------------------------------ receiving
 

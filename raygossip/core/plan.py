@@ -17,8 +17,9 @@ from ..algorithms.schedules import (
     plan_round,
     round_communicates,
 )
-from ..algorithms.topology import Topology
+from ..algorithms.topology import Topology, build_topology
 from ..config import CommunicationKindConfig, Config
+from .timeline import CompiledTimeline, Conditions, compile_timeline, cut_mixing, pick_sponsor, remove_absent
 
 
 def averaging_rate(config: Config) -> Schedule:
@@ -48,6 +49,52 @@ class RunPlan:
         object.__setattr__(self, "_rate", averaging_rate(self.config))
         object.__setattr__(self, "_gammas", {})
         object.__setattr__(self, "_plans", {})
+        object.__setattr__(self, "_timeline", compile_timeline(self.config))
+        object.__setattr__(self, "_topologies", {})  # the topologies timeline events switch to, by their keys
+
+    @property
+    def timeline(self) -> CompiledTimeline:
+        return self._timeline
+
+    def conditions(self, round_index: int) -> Conditions:
+        """What the timeline has in force at this round (slowdowns, links, partition, graph, gamma, communication)."""
+        return self._timeline.at(round_index)
+
+    def schedule(self, index: int, round_index: int) -> None:
+        """Wall-clock timeline event `index` is in force from this round on (the coordinator picked it when its time
+        came). Raises UserError, changing nothing, when it cannot be. Memos of the timeline before are never read
+        again: their keys hold its generation."""
+        object.__setattr__(self, "_timeline", self._timeline.schedule(index, round_index))
+
+    def absent(self, agent: int, step: int) -> bool:
+        """Whether this agent is away (a timeline's leave) during local step `step`."""
+        return agent in self._timeline.at(step // self.local_steps).absent
+
+    def joins(self, round_index: int) -> dict[int, tuple[str, int | None]]:
+        """Agents that come back at this round: agent -> (what it starts from, the agent whose model it takes)."""
+        out = {}
+        for _, event in self._timeline.events_at(round_index):
+            if event.action != "join":
+                continue
+            conditions = self.conditions(round_index)
+            before = self.conditions(round_index - 1).absent if round_index > 0 else frozenset()
+            there = frozenset(range(self.topology.n)) - before - conditions.absent
+            mixing = cut_mixing(self.topology_at(round_index).mixing(round_index, self.config.seed), conditions.groups)
+            for agent in event.agents:
+                start = event.start or "neighbour"
+                out[agent] = (start, pick_sponsor(mixing, there, agent) if start == "neighbour" else None)
+        return out
+
+    def topology_at(self, round_index: int) -> Topology:
+        """The graph in force at this round: the config's, or the last one a timeline event switched to."""
+        spec = self._timeline.at(round_index).topology
+        if spec is None:
+            return self.topology
+        key = (spec.name, spec.weights, repr(spec.params))
+        built = self._topologies.get(key)
+        if built is None:
+            built = self._topologies[key] = build_topology(spec.name, self.topology.n, spec.weights, spec.params)
+        return built
 
     @property
     def total_steps(self) -> int:
@@ -80,6 +127,9 @@ class RunPlan:
         return every > 0 and (step + 1) % (every * self.steps_per_epoch) == 0
 
     def gamma(self, round_index: int) -> float:
+        override = self._timeline.at(round_index).gamma
+        if override is not None:
+            return override
         epoch = self.epoch_of_step(self.last_step_of_round(round_index))
         gamma = self._gammas.get(epoch)
         if gamma is None:
@@ -92,6 +142,9 @@ class RunPlan:
 
     def communication(self, round_index: int) -> CommunicationKindConfig:
         """The communication kind and its keys in force at this round: the phase it falls in, if phases are set."""
+        override = self._timeline.at(round_index).communication
+        if override is not None:
+            return override
         comm = self.config.schedule.communication
         if not comm.phases:
             return comm
@@ -102,18 +155,21 @@ class RunPlan:
 
         Without per-round coin flips (communication kind "probability"), random peers or a random topology, the
         plan of a communicating round depends on the round only through W(t) (or is the all-reduce), so it is built
-        once per position in the topology's period and reused with the round's index.
+        once per position in the topology's period (and timeline segment) and reused with the round's index.
         """
         spec = self.communication(round_index)
         params = {"start": spec.start, "width": spec.width, "sparse_every": spec.sparse_every}
         if not round_communicates(spec.kind, round_index, self.progress(round_index), params):
             return None
+        timeline = self._timeline
+        segment = (timeline.generation, timeline.segment(round_index))
+        topology = self.topology_at(round_index)
         if spec.kind == "allreduce":
-            key: int | str = "allreduce"
-        elif spec.kind == "probability" or spec.pull == "random_peer" or self.topology.period() == 0:
+            key: tuple = (*segment, "allreduce")
+        elif spec.kind == "probability" or spec.pull == "random_peer" or topology.period() == 0:
             return _round_plan(self, round_index, spec)
         else:
-            key = round_index % self.topology.period()
+            key = (*segment, round_index % topology.period())
         cached = self._plans.get(key)
         if cached is None:
             cached = self._plans[key] = _round_plan(self, round_index, spec)
@@ -125,12 +181,15 @@ def _round_plan(plan: RunPlan, round_index: int, spec: CommunicationKindConfig |
     spec = plan.communication(round_index) if spec is None else spec
     n = plan.topology.n
     seed = plan.config.seed
+    conditions = plan.conditions(round_index)
     if spec.kind == "allreduce":
-        return allreduce_plan(n, round_index)
+        return allreduce_plan(n, round_index, [i for i in range(n) if i not in conditions.absent])
     active = active_agents(n, round_index, spec.p, seed) if spec.kind == "probability" else np.ones(n, dtype=bool)
+    active[list(conditions.absent)] = False
     if not active.any():
         return None
-    mixing = plan.topology.mixing(round_index, seed)
+    mixing = remove_absent(cut_mixing(plan.topology_at(round_index).mixing(round_index, seed), conditions.groups),
+                           conditions.absent)
     return plan_round(mixing, round_index, rule=plan.config.gossip.rule, pull=spec.pull, active=active, seed=seed)
 
 

@@ -29,11 +29,12 @@ class StepClock:
         self.factor = factor
         self.rng = np.random.default_rng([seed, agent_id, 0x717])
 
-    def extra_delay(self, measured_s: float) -> float:
-        """Seconds to sleep after a step that took `measured_s`: base time (or the real one) x factor x jitter."""
+    def extra_delay(self, measured_s: float, factor: float | None = None) -> float:
+        """Seconds to sleep after a step that took `measured_s`: base time (or the real one) x factor x jitter.
+        factor: the one in force for this step (a timeline's), else the agent's own."""
         nominal = self.base if self.base > 0 else measured_s
         noise = 1.0 + self.jitter * abs(float(self.rng.standard_normal())) if self.jitter > 0 else 1.0
-        return max(0.0, nominal * self.factor * noise - measured_s)
+        return max(0.0, nominal * (self.factor if factor is None else factor) * noise - measured_s)
 
     @property
     def active(self) -> bool:

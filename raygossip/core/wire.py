@@ -20,6 +20,7 @@ class Kind(str, Enum):
     MARK = "mark"  # a rule without public copies after a restart: the sender is at this round
     LOST = "lost"  # dropped by fault injection: it takes the place of the message in the stream
     FIN = "fin"  # the sender's loop ended: nothing more comes
+    STATE = "state"  # the sender's whole model, for an agent that joins (a timeline's join) at the next round
 
 
 @dataclass

@@ -58,7 +58,7 @@ class AgentActor:
         plan = RunPlan(config, topology, steps_per_epoch)
         self.device = pick_device(runtime.device, runtime.num_gpus_per_agent)
         planned = time.time()
-        kills = kill_schedule(config.faults, config.agents.count, plan.total_rounds, config.seed)
+        kills = {**plan.timeline.kills(), **kill_schedule(config.faults, config.agents.count, plan.total_rounds, config.seed)}
         self.nodes: dict[int, GossipNode] = {}
         self.transports: dict[int, RayTransport] = {}
         self.supervisor: RaySupervisor | None = None
@@ -147,6 +147,17 @@ class AgentActor:
     @ray.method(concurrency_group="control")
     def stop(self, agent: int) -> int:
         return self.nodes[agent].stop()
+
+    @ray.method(concurrency_group="control")
+    def schedule_event(self, index: int, round_index: int) -> None:
+        """A wall-clock timeline event is in force from this round on (the hosted agents share one plan)."""
+        plan = next(iter(self.nodes.values())).plan
+        plan.schedule(index, round_index)
+        event = plan.config.timeline[index]
+        if event.action == "kill":  # (first life only, as faults.kill)
+            for i in event.agents:
+                if i in self.nodes and self.nodes[i].incarnation == 0 and self.nodes[i].kill_round is None:
+                    self.nodes[i].kill_round = round_index
 
     @ray.method(concurrency_group="control")
     def position(self, agent: int) -> int:

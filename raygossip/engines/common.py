@@ -100,6 +100,7 @@ def preflight(config: Config, dataset: Dataset, shards: list[np.ndarray], plan: 
             if fault.round >= plan.total_rounds:
                 raise UserError(f"faults.{name}[{k}].round",
                                 f"must be below the run's {plan.total_rounds} rounds, got {fault.round}")
+    plan.timeline.check_rounds(plan.total_rounds)
     if config.faults.kill_round is not None and config.faults.kill_round >= plan.total_rounds:
         raise UserError("faults.kill_round", f"must be below the run's {plan.total_rounds} rounds, "
                                              f"got {config.faults.kill_round}")

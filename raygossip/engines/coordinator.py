@@ -23,6 +23,7 @@ from raygossip.engines.run_checkpoints import Checkpoints
 from raygossip.engines.supervision import Supervision
 from raygossip.engines.agent_states import split_state, traffic_of
 from raygossip.engines.snapshots import make_snapshot_dir
+from raygossip.engines.timeline_clock import run_clock
 
 
 @ray.remote(concurrency_groups={"report": 1, "control": 2})
@@ -62,6 +63,7 @@ class Coordinator(Supervision, Checkpoints):
         self.book = RecordBook()
         self.record_lock = threading.Lock()
         self.events: list[dict] = []
+        self.timeline_recorded: set[int] = set()  # timeline events (by index) an agent recorded
         self.condition = threading.Condition()
         self.started = time.time()
         self.finished: list[dict] | None = None
@@ -113,6 +115,8 @@ class Coordinator(Supervision, Checkpoints):
         for members in recipe["groups"]:
             self.runs.update(self.launch([i for i in members if i not in self.dropped], checkpoints, resync))
         self.event("run_started", agents=len(self.runs))
+        if self.plan.timeline.timed:  # wall-clock timeline events
+            threading.Thread(target=run_clock, args=(self,), daemon=True).start()
 
     def gather(self, refs: list[Any]) -> list[Any]:
         """Results of calls to agents, None for an agent that died meanwhile (its own run reference tells the
@@ -263,6 +267,11 @@ class Coordinator(Supervision, Checkpoints):
     def record_events(self, events: list[dict]) -> None:
         stamped = []
         for event in events:
+            if event.get("kind") == "timeline":  # once: a restarted agent goes through its last rounds again
+                with self.condition:
+                    if event["index"] in self.timeline_recorded:
+                        continue
+                    self.timeline_recorded.add(event["index"])
             event = dict(event)
             event["time_s"] = event.pop("time", time.time()) - self.started
             stamped.append(event)
@@ -296,7 +305,8 @@ class Coordinator(Supervision, Checkpoints):
             self._finish_record(step, reports)
 
     def _finish_record(self, step: int, reports: dict[int, Report]) -> None:
-        order = [i for i in sorted(reports) if i not in self.dropped]
+        counted = [i for i in sorted(reports) if i not in self.dropped]
+        order = [i for i in counted if not self.plan.absent(i, step)]  # (not away after a timeline's leave)
         states = [split_state(reports[i].state) for i in order]
         vectors = [params for params, _ in states]
         self.merged.load(global_average(vectors), average_buffers([buffers for _, buffers in states]))
@@ -305,13 +315,13 @@ class Coordinator(Supervision, Checkpoints):
         record = network_record(
             step=step, plan=self.plan, vectors=vectors,
             local_accuracies=None if accuracies[0] is None else accuracies,
-            merged_accuracy=self.merged.evaluate(), traffic=[traffic_of(reports[i].traffic) for i in order],
+            merged_accuracy=self.merged.evaluate(), traffic=[traffic_of(reports[i].traffic) for i in counted],
             merged_validation_accuracy=self.merged.validation_accuracy(),
             train_loss=float(np.mean([reports[i].loss for i in order])), rounds_done=rounds_done,
             communication_rounds=self.communication_rounds(rounds_done),
             wall_time_s=time.time() - self.started,
         )
-        if self.dropped:
+        if len(order) < len(self.agents):
             record["agents"] = order
         with self.condition:
             self.book.publish(record)
@@ -339,7 +349,11 @@ class Coordinator(Supervision, Checkpoints):
     # ------------------------------------------------------------ the end
 
     def gather_states(self) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-        return [split_state(s) for s in ray.get([self.agents[i].get_state.remote(i) for i in self.live()])]
+        return [split_state(s) for s in ray.get([self.agents[i].get_state.remote(i) for i in self.there_at_end()])]
+
+    def there_at_end(self) -> list[int]:
+        """The live agents that are not away at the end (after a timeline's leave): what the merge averages."""
+        return [i for i in self.live() if not self.plan.absent(i, self.plan.total_steps - 1)]
 
     @ray.method(concurrency_group="control")
     def merged_state(self) -> dict[str, np.ndarray]:
@@ -359,7 +373,7 @@ class Coordinator(Supervision, Checkpoints):
             ray.get([host.load_state.remote([ref]) for host in self.hosts(live)])
 
         def reestimate_local(batches: int) -> list[dict[str, torch.Tensor]]:
-            estimates = ray.get([self.agents[i].reestimate_batchnorm.remote(i, batches) for i in live])
+            estimates = ray.get([self.agents[i].reestimate_batchnorm.remote(i, batches) for i in self.there_at_end()])
             return [{k[len("buffer."):]: torch.from_numpy(np.array(v)) for k, v in e.items()} for e in estimates]
 
         accuracy = merge_all(self.merged, self.gather_states(), broadcast, reestimate_local)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -11,6 +12,7 @@ from raygossip.core.agent import AgentCore
 from raygossip.core.batched import BatchedSteps
 from raygossip.core.node import GossipNode, NodeOptions, step_together
 from raygossip.core.placement import agent_groups
+from raygossip.core.timeline import timeline_record
 from raygossip.core.transports import InProcessTransport
 from raygossip.engines.common import (
     MergedModel, Observer, RunSetup, agent_threads, average_buffers, merge_all, network_record, prepare,
@@ -58,14 +60,20 @@ class ReferenceEngine:
 
     def gossip_round(self, round_index: int) -> None:
         self.rounds_done = round_index + 1
-        if self.setup.plan.round_plan(round_index) is None:
-            return
-        self.communication_rounds += 1
-        for node in self.live_nodes():
-            node.send_round(round_index)
-        self.check_divergence()
-        for node in self.live_nodes():
+        if self.setup.plan.round_plan(round_index) is not None:
+            self.communication_rounds += 1
+            for node in self.live_nodes():
+                node.send_round(round_index)
+            self.check_divergence()
+        for node in self.live_nodes():  # (a silent round: only what follows a round, e.g. a joining agent's model)
             node.finish_round(round_index)
+
+    def note_timeline(self, step: int) -> None:
+        """At a round's first step: record the timeline events that take effect now (every one, on this engine)."""
+        plan = self.setup.plan
+        if step % plan.local_steps == 0:
+            for index, event in plan.timeline.events_at(step // plan.local_steps):
+                self.events.append({"time_s": self.elapsed(), **timeline_record(index, event, step // plan.local_steps, step)})
 
     def live_nodes(self) -> list[GossipNode]:
         return [self.nodes[i] for i in self.live]
@@ -93,24 +101,31 @@ class ReferenceEngine:
     # ------------------------------------------------------------ evaluation and merge
 
     def evaluate(self, step: int) -> dict:
-        agents = self.live_agents()
+        losses = {i: self.agents[i].take_mean_loss() for i in self.live}
+        present = self.present(step)
+        agents = [self.agents[i] for i in present]
+        losses = [losses[i] for i in present]
         vectors = [agent.parameters_vector() for agent in agents]
         batch = self.config.eval.batch_size
         local = None
         if self.config.eval.local:
             local = [agent.evaluate(self.setup.test_x, self.setup.test_y, batch) for agent in agents]
         self.merged.load(global_average(vectors), average_buffers([a.buffers() for a in agents]))
-        losses = [agent.take_mean_loss() for agent in agents]
         record = network_record(
             step=step, plan=self.setup.plan, vectors=vectors, local_accuracies=local,
-            merged_accuracy=self.merged.evaluate(), traffic=[a.traffic for a in agents],
+            merged_accuracy=self.merged.evaluate(), traffic=[self.agents[i].traffic for i in self.live],
             merged_validation_accuracy=self.merged.validation_accuracy(),
-            train_loss=sum(losses) / len(losses), rounds_done=self.rounds_done,
+            train_loss=float(np.mean(losses)),  # as the coordinator: from 8 agents on numpy sums pairwise, not as sum()
+            rounds_done=self.rounds_done,
             communication_rounds=self.communication_rounds, wall_time_s=self.elapsed(),
         )
-        if len(self.live) < len(self.nodes):
-            record["agents"] = list(self.live)
+        if len(present) < len(self.agents):
+            record["agents"] = present
         return record
+
+    def present(self, step: int) -> list[int]:
+        """The agents that are there at local step `step`: not dropped, and not away after a timeline's leave."""
+        return [i for i in self.live if not self.setup.plan.absent(i, step)]
 
     def final_merge(self) -> float:
         """Exact global average to every agent, batch-norm re-estimation, merged accuracy."""
@@ -122,12 +137,14 @@ class ReferenceEngine:
                 agent.load_parameters_vector(params)
                 agent.load_buffers(buffers)
 
-        def reestimate_local(batches: int) -> list[dict[str, torch.Tensor]]:
-            for agent in agents:
-                agent.reestimate_batchnorm(batches)
-            return [agent.buffers() for agent in agents]
+        there = [self.agents[i] for i in self.present(self.setup.plan.total_steps - 1)]  # the agents there at the end
 
-        states = [(agent.parameters_vector(), agent.buffers()) for agent in agents]
+        def reestimate_local(batches: int) -> list[dict[str, torch.Tensor]]:
+            for agent in there:
+                agent.reestimate_batchnorm(batches)
+            return [agent.buffers() for agent in there]
+
+        states = [(agent.parameters_vector(), agent.buffers()) for agent in there]
         accuracy = merge_all(self.merged, states, broadcast, reestimate_local)
         self.events.append({"time_s": self.elapsed(), "kind": "merge_done",
                             "merged_test_accuracy": accuracy, "bn": spec.bn})
@@ -167,10 +184,14 @@ class ReferenceEngine:
             self.events.append({"time_s": 0.0, "kind": "run_started", "engine": self.name})
             if self.batched and self.batched[0][1].reason is not None:
                 self.events.append({"time_s": 0.0, "kind": "batched_steps_off", "reason": self.batched[0][1].reason})
+            self.events.extend({"time_s": 0.0, "kind": "timeline_ignored", "index": index, "scheduled_time_s": due,
+                                "reason": "a wall-clock event (only the Ray engine has a wall clock)"}
+                               for due, index in plan.timeline.timed)
         records = list(previous_records or [])
         bar = tqdm(total=plan.total_steps, initial=start_step, desc="raygossip", unit="step",
                    disable=True if not show else None, leave=False)
         for step in range(start_step, plan.total_steps):
+            self.note_timeline(step)
             if self.batched:
                 for members, batched in self.batched:
                     live = [node for node in members if node.agent_id in self.live]
