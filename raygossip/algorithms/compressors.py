@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import itertools
 import math
 from dataclasses import dataclass
@@ -54,17 +56,21 @@ class Compressed:
         """Exact wire payload size: sum of numel * element_size over the arrays."""
         return sum(a.numel() * a.element_size() for a in self.arrays.values())
 
-    def to_numpy(self) -> dict[str, np.ndarray]:
-        """CPU numpy copies of the arrays (what is put into Ray's object store)."""
-        return {k: v.detach().to("cpu", copy=True).numpy() for k, v in self.arrays.items()}
+    def to_wire(self) -> tuple[int, dict[str, np.ndarray]]:
+        """(numel, the arrays as numpy) for another process; CPU tensors without a copy (compressors return fresh
+        tensors, and every transport copies them before the sender could change them)."""
+        return self.numel, {k: v.detach().cpu().numpy() for k, v in self.arrays.items()}
 
     @staticmethod
-    def from_numpy(
-        arrays: dict[str, np.ndarray], numel: int, device: torch.device | str = "cpu"
-    ) -> "Compressed":
-        """Rebuild a message on `device` from numpy arrays (read-only arrays are copied)."""
-        tensors = {k: torch.tensor(np.asarray(a), device=device) for k, a in arrays.items()}
-        return Compressed(tensors, int(numel))
+    def from_wire(numel: int, arrays: dict[str, np.ndarray], device: torch.device | str = "cpu") -> "Compressed":
+        """A received message on `device`; on the CPU without a copy, read-only arrays (Ray's object store hands
+        them out so) included: decompressors only read them."""
+        device = torch.device(device)
+        if device.type != "cpu":
+            return Compressed({k: torch.tensor(np.asarray(a), device=device) for k, a in arrays.items()}, int(numel))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return Compressed({k: torch.from_numpy(np.asarray(a)) for k, a in arrays.items()}, int(numel))
 
 
 class Compressor(NamedTuple):

@@ -6,10 +6,6 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-import numpy as np
-import torch
-
-from ..algorithms.compressors import Compressed
 
 
 class Kind(str, Enum):
@@ -30,7 +26,7 @@ class Letter:
     sender: int
     round: int
     kind: Kind
-    payload: Any  # a Compressed in memory; on the wire, see to_wire
+    payload: Any  # a Compressed (or None) in memory; on the wire what the transport made of it (to_wire)
     sent_at: float
     available_at: float  # not readable before (simulated link delay)
     seq: int | None = None  # letters the sender sent this receiver before this one (None: arrival order)
@@ -43,7 +39,7 @@ class Letter:
 
     def to_wire(self, payload: Any = None) -> tuple:
         """A plain tuple for another process; `payload` replaces the Compressed (the sender converts it once
-        for all its receivers: see wire_payload)."""
+        for all its receivers: Compressed.to_wire)."""
         return (self.sender, self.incarnation, self.seq, self.round, self.kind.value, payload, self.sent_at,
                 self.available_at)
 
@@ -52,16 +48,3 @@ class Letter:
         sender, incarnation, seq, round_index, kind, _, sent_at, available_at = wire
         return Letter(sender, round_index, Kind(kind), payload, sent_at, available_at, seq=seq,
                       incarnation=incarnation)
-
-
-def wire_payload(message: Compressed) -> tuple[int, dict[str, np.ndarray]]:
-    """A message as (numel, numpy arrays) for another process; CPU tensors without a copy (compressors return
-    fresh tensors, and the transport copies them before anything could change them)."""
-    return message.numel, {k: v.detach().cpu().numpy() for k, v in message.arrays.items()}
-
-
-def message_from_wire(numel: int, arrays: dict[str, np.ndarray], device: torch.device) -> Compressed:
-    """A received message as tensors on `device`; on CPU without a copy (decompressors only read them)."""
-    if device.type != "cpu":
-        return Compressed({k: torch.tensor(np.asarray(a), device=device) for k, a in arrays.items()}, int(numel))
-    return Compressed({k: torch.from_numpy(np.asarray(a)) for k, a in arrays.items()}, int(numel))

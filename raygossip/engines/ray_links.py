@@ -14,7 +14,7 @@ import ray
 import torch
 
 from raygossip.algorithms.compressors import Compressed
-from raygossip.core.wire import Letter, message_from_wire, wire_payload
+from raygossip.core.wire import Letter
 from raygossip.engines.channels import ChannelLinks
 from raygossip.engines.snapshots import write_snapshot
 
@@ -59,7 +59,7 @@ class RayTransport:
             return None
         if self.packed[0] is message:
             return self.packed[1]
-        numel, arrays = wire_payload(message)
+        numel, arrays = message.to_wire()
         if message.nbytes <= self.inline_bytes or self.links.out:  # a channel takes any size
             packed = ("value", numel, arrays)
         else:
@@ -94,7 +94,7 @@ class RayTransport:
                 out.append(payload)
                 continue
             pair = next(fetched_iter) if _by_reference(payload) else payload[1:]
-            out.append(None if pair is None else message_from_wire(pair[0], pair[1], self.device))
+            out.append(None if pair is None else Compressed.from_wire(pair[0], pair[1], self.device))
         return out
 
     def close(self, peer: int) -> None:
