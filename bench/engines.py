@@ -1,7 +1,7 @@
 """Run one config on the reference engine and on the Ray engine in one process and compare their speed.
 
     python bench/engines.py [--agents 8] [--model lenet5] [--data mnist] [--epochs 1] [--steps N] [--repeat R]
-                            [--agents-per-actor K]
+                            [--agents-per-actor K] [--batched-steps]
 
 Sync mode, D-PSGD every step on a ring, final merge off and one small evaluation at the end, so the
 training seconds are (almost) all local steps and gossip. Start-up (data, agents, Ray, actors) is
@@ -47,6 +47,7 @@ def bench_config(args: argparse.Namespace) -> dict:
         runtime["snapshot_every"] = args.snapshot_every
     runtime["transport"] = args.transport
     runtime["agents_per_actor"] = args.agents_per_actor
+    runtime["batched_steps"] = args.batched_steps
     return {
         "name": "bench-engines",
         "seed": 0,
@@ -174,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transport", default="auto", choices=("auto", "calls"),
                         help="runtime.transport of the Ray run (auto: shared-memory channels on one node)")
     parser.add_argument("--agents-per-actor", type=int, default=1, help="runtime.agents_per_actor of the Ray run")
+    parser.add_argument("--batched-steps", action="store_true",
+                        help="runtime.batched_steps (both engines: an actor's agents step as one call)")
     parser.add_argument("--reference-threads", type=int, default=None,
                         help="runtime.torch_threads of the reference run (default: what a Ray agent gets, 1 here)")
     parser.add_argument("--repeat", type=int, default=1, help="run the pair R times, report medians")
@@ -195,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     engines = [name.strip() for name in args.engines.split(",") if name.strip()]
     print(f"reference engine torch threads: {args.reference_threads or 'as a Ray agent (runtime.torch_threads)'}")
     print(f"config: {config.agents.count} agents, {config.model.name} on {config.data.name}, ring, dpsgd every step, "
-          f"sync, Ray transport {args.transport}, {args.agents_per_actor} agents per actor; {plan.total_steps} steps x batch {config.train.batch_size} = {samples} samples, {rounds} rounds; "
+          f"sync, Ray transport {args.transport}, {args.agents_per_actor} agents per actor{', batched steps' if args.batched_steps else ''}; {plan.total_steps} steps x batch {config.train.batch_size} = {samples} samples, {rounds} rounds; "
           f"{os.cpu_count()} cores; data prepared in {prepare_s:.2f} s")
     results: dict[str, list[dict]] = {name: [] for name in engines}
     for repeat in range(args.repeat):
