@@ -34,25 +34,22 @@ def make_nodes(gossip: dict, mode: str = "sync", track_links: bool = False) -> l
     return [nodes[i] for i in range(4)]
 
 
-def step_round(nodes: list[GossipNode], round_index: int, senders=None) -> None:
+def step_round(nodes: list[GossipNode], round_index: int, senders=None) -> list[torch.Tensor]:
+    """One local step and one gossip round of these nodes; returns their parameters after the local step."""
     for node in nodes:
         node.local_step()
+    halves = [node.core.parameters_vector() for node in nodes]
     for node in nodes:
         if senders is None or node.agent_id in senders:
             node.send_round(round_index)
     for node in nodes:
         node.finish_round(round_index)
+    return halves
 
 
 def test_dpsgd_with_gamma_one_averages_each_agent_with_its_two_ring_neighbours():
     nodes = make_nodes({"rule": "dpsgd"})
-    for node in nodes:
-        node.local_step()
-    halves = [node.core.parameters_vector() for node in nodes]
-    for node in nodes:
-        node.send_round(0)
-    for node in nodes:
-        node.finish_round(0)
+    halves = step_round(nodes, 0)
     for i, node in enumerate(nodes):
         want = (halves[i] + halves[(i - 1) % 4] + halves[(i + 1) % 4]) / 3
         torch.testing.assert_close(node.core.parameters_vector(), want)
@@ -63,13 +60,7 @@ def test_a_dropped_peer_gives_its_weight_to_the_self_weight():
     live = nodes[:3]
     for node in live:
         node.peer_dropped(3)
-    for node in live:
-        node.local_step()
-    halves = [node.core.parameters_vector() for node in live]
-    for node in live:
-        node.send_round(0)
-    for node in live:
-        node.finish_round(0)
+    halves = step_round(live, 0)
     # agent 0 hears from 1 (1/3) and keeps 3's third for itself: (2 x0 + x1) / 3
     torch.testing.assert_close(live[0].core.parameters_vector(), (2 * halves[0] + halves[1]) / 3)
     assert nodes[0].peers.dropped_weight == nodes[0].peers.in_weights[3]
