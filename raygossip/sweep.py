@@ -161,21 +161,25 @@ def trial(params: dict) -> None:
     run(config, out_dir=spec["run_dir"], observer=report, progress=False)
 
 
-def trial_resources(config: Config, cluster_cpus: float) -> tuple[dict, int | None]:
-    """(Tune resources of one trial, the most trials at a time). A reference trial takes the CPUs its torch threads
-    use; a Ray-engine trial's agents reserve their own placement group when the trial starts (RayEngine makes it), so
-    the trial itself takes no CPU and as many run at a time as the agents' CPUs fit in the cluster."""
+def trial_resources(config: Config, cluster_cpus: float) -> tuple[Any, int | None]:
+    """(Tune resources of one trial, the most trials at a time, None: as many as Tune can place). A reference
+    trial takes the CPUs its torch threads use. A Ray-engine trial reserves its agents' actors through a placement
+    group factory: an empty head bundle for the trial's driver and one bundle per actor, exactly the bundles
+    RayEngine would ask for, which it then finds as its current placement group and uses instead of its own."""
+    from ray import tune
+
     from raygossip.engines.common import agent_threads
+    from raygossip.engines.ray_engine import agent_bundles, cpus_per_agent
 
     runtime = config.runtime
     if runtime.engine == "reference":
         return {"cpu": min(float(agent_threads(runtime)), cluster_cpus)}, None
-    per_agent = runtime.num_cpus_per_agent or max(0.01, min(1.0, cluster_cpus / config.agents.count))
+    per_agent = cpus_per_agent(config, cluster_cpus)
     need = per_agent * config.agents.count
     if need > cluster_cpus + 1e-9:
         raise UserError("runtime.num_cpus_per_agent", f"{config.agents.count} agents x {per_agent:g} CPU = "
                                                       f"{need:g} CPUs, but the cluster has {cluster_cpus:g}")
-    return {"cpu": 0, "memory": 1}, max(1, math.floor(cluster_cpus / need + 1e-9))  # Ray wants a non-zero bundle
+    return tune.PlacementGroupFactory([{}, *agent_bundles(config, per_agent)], strategy=runtime.placement), None
 
 
 # ---------------------------------------------------------------- ranking

@@ -123,7 +123,7 @@ def test_ray_engine_trials_reproduce_the_reference_engine(ray_cluster, tmp_path)
     from raygossip.engines.reference import ReferenceEngine
 
     data = tiny()
-    data["runtime"].update(engine="ray", num_cpus_per_agent=0.5)
+    data["runtime"].update(engine="ray", num_cpus_per_agent=0.5, agents_per_actor=2)
     data["schedule"]["averaging_rate"] = {"kind": "constant"}  # gossip.gamma is then the averaging rate
     # one trial at a time: two Ray runs at once oversubscribe this test cluster's CPUs, and a sync agent that waits
     # past runtime.wait_timeout_s goes on without the missing letter (seen once: 6 wait timeouts, other numbers)
@@ -134,6 +134,8 @@ def test_ray_engine_trials_reproduce_the_reference_engine(ray_cluster, tmp_path)
         summary = json.loads((Path(t["run_dir"]) / "summary.json").read_text())
         assert summary["engine"] == "ray"
         assert summary["wait_timeouts"] == 0
+        # the agents ran in the placement group Tune reserved for the trial (one bundle per actor), not one of their own
+        assert summary["placement"]["placement_group"] == "tune trial"
         config = load_config(Path(t["run_dir"]) / "config.yaml")
         assert config.runtime.progress is False and Path(config.data.root).is_absolute()
         expected = ReferenceEngine(config).run(progress=False)["records"]

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
@@ -81,12 +81,12 @@ def actor_runtime_env(threads: int) -> dict | None:
     return {"env_vars": actor_env(threads)}
 
 
-def cpus_per_agent(config: Config) -> float:
-    """runtime.num_cpus_per_agent, or an even share of the cluster's CPUs (at most 1) when unset, rounded down to
-    Ray's resource precision (1e-4), so that 256 agents fit on 2 CPUs."""
+def cpus_per_agent(config: Config, total: float | None = None) -> float:
+    """runtime.num_cpus_per_agent, or an even share of the cluster's `total` CPUs (at most 1) when unset, rounded
+    down to Ray's resource precision (1e-4), so that 256 agents fit on 2 CPUs."""
     if config.runtime.num_cpus_per_agent is not None:
         return config.runtime.num_cpus_per_agent
-    total = ray.cluster_resources().get("CPU", 1.0)
+    total = ray.cluster_resources().get("CPU", 1.0) if total is None else total
     return max(1e-4, math.floor(min(1.0, total / config.agents.count) * 1e4) / 1e4)
 
 
@@ -102,6 +102,32 @@ def check_resources(config: Config, cpus: float) -> None:
         raise UserError("runtime.num_gpus_per_agent",
                         f"{config.agents.count} agents x {config.runtime.num_gpus_per_agent} GPU = {need_gpu:g} GPUs, "
                         f"but the cluster has {resources.get('GPU', 0):g}")
+
+
+def group_sizes(config: Config) -> list[int]:
+    """How many agents each actor hosts: runtime.agents_per_actor each, the last actor the rest (core.placement)."""
+    n, k = config.agents.count, max(1, config.runtime.agents_per_actor)
+    return [k] * (n // k) + ([n % k] if n % k else [])
+
+
+def agent_bundles(config: Config, cpus: float) -> list[dict[str, float]]:
+    """One placement-group bundle per actor: its agents' CPUs (and GPUs)."""
+    gpus = config.runtime.num_gpus_per_agent
+    return [{"CPU": cpus * size, **({"GPU": gpus * size} if gpus > 0 else {})} for size in group_sizes(config)]
+
+
+def reserved_group(bundles: list[dict[str, float]]) -> Any:
+    """The placement group this process runs in (a Ray Tune trial's, from sweep.trial_resources) when its bundles
+    are exactly `bundles`, so the run's actors use what Tune reserved; None otherwise (the run makes its own)."""
+    current = get_current_placement_group()
+    if current is None:
+        return None
+    specs = [{key: value for key, value in spec.items() if key in ("CPU", "GPU") and value} for spec in current.bundle_specs]
+    want = [{key: value for key, value in bundle.items() if value} for bundle in bundles]
+    same = len(specs) == len(want) and all(
+        spec.keys() == bundle.keys() and all(math.isclose(spec[k], bundle[k], rel_tol=1e-9, abs_tol=1e-9) for k in spec)
+        for spec, bundle in zip(specs, want))
+    return current if same else None
 
 
 def wait_released(group, free_cpus: float, deadline_s: float) -> bool:
@@ -152,17 +178,17 @@ class RayEngine:
         mixing = setup.topology.mixing(0)
         self.groups = agent_groups(mixing, runtime.agents_per_actor)
         self.group_of = {i: g for g, members in enumerate(self.groups) for i in members}
-        bundles = [{"CPU": cpus * len(members)} for members in self.groups]
-        if runtime.num_gpus_per_agent > 0:
-            for bundle, members in zip(bundles, self.groups):
-                bundle["GPU"] = runtime.num_gpus_per_agent * len(members)
+        bundles = agent_bundles(config, cpus)
+        assert [len(members) for members in self.groups] == group_sizes(config)
         self.free_cpus_before = ray.available_resources().get("CPU", 0.0)
-        self.group = placement_group(bundles, strategy=runtime.placement)
-        ready, _ = ray.wait([self.group.ready()], timeout=runtime.wait_timeout_s)
-        if not ready:
-            remove_placement_group(self.group)
-            raise UserError("runtime.placement", f"{runtime.placement} placement of {len(bundles)} actors x "
-                                                 f"{bundles[0]} could not be satisfied within {runtime.wait_timeout_s:g} s")
+        self.group, self.owns_group = reserved_group(bundles), False  # a Tune trial's placement group, if it fits
+        if self.group is None:
+            self.group, self.owns_group = placement_group(bundles, strategy=runtime.placement), True
+            ready, _ = ray.wait([self.group.ready()], timeout=runtime.wait_timeout_s)
+            if not ready:
+                remove_placement_group(self.group)
+                raise UserError("runtime.placement", f"{runtime.placement} placement of {len(bundles)} actors x "
+                                                     f"{bundles[0]} could not be satisfied within {runtime.wait_timeout_s:g} s")
         self.startup_phases["placement_group_s"] = time.perf_counter() - began
         self.startup_bar.set_description("raygossip[ray] shipping data")
         data = ray.put(dataset_to_numpy(setup.dataset, setup.test_x, setup.test_y))
@@ -196,7 +222,8 @@ class RayEngine:
         inside, total = edges_inside(self.groups, mixing)
         self.packing = {"agents_per_actor": runtime.agents_per_actor, "actors": len(self.groups),
                         "groups": self.groups, "links_inside_actors": inside, "links": total,
-                        "share_inside_actors": inside / total if total else 1.0}
+                        "share_inside_actors": inside / total if total else 1.0,
+                        "placement_group": "run" if self.owns_group else "tune trial"}
         self.startup_phases.update(agent_startup_medians(self.placement, submitted))
         ray.get(self.coordinator.ready.remote())
         self.startup_bar.close()
@@ -356,7 +383,7 @@ class RayEngine:
             except (ray.exceptions.RayError, TimeoutError):
                 pass
             ray.kill(coordinator)
-        if getattr(self, "group", None) is not None:
+        if getattr(self, "group", None) is not None and self.owns_group:
             remove_placement_group(self.group)
             wait_released(self.group, self.free_cpus_before, deadline_s=5.0)
             self.group = None
