@@ -323,24 +323,34 @@ class GossipNode(TimelineSteps):
             self.absorb_ready(round_index, senders, round_plan)
 
     def wait_for(self, expected: list[int], wait_for: int, round_index: int) -> None:
+        """Wait until every expected sender's letter of round `wait_for` is here (or the sender is absent: dead,
+        dropped, away). Sync and bounded runs never go on without it, so that a slow machine cannot change a sync
+        run's numbers: past runtime.wait_timeout_s a `wait_timeout` event names the missing senders and the wait goes
+        on; a peer that died is reported absent by the supervisor, and a run in which no agent steps any more is
+        stopped by the coordinator (`run_stalled`)."""
         started = time.time()
-        deadline = started + self.options.wait_timeout_s
         mailbox = self.mailbox
-        with self.phases("wait"):
-            if self.transport.pulls:  # letters by call or in memory are already in the mailbox
-                for j in expected:
-                    for letter in self.transport.pull(j, lambda: mailbox.has_round(j, wait_for, float("inf")),
-                                                      deadline, self.stop_requested.is_set):
-                        self.accept(letter)
-            ok = mailbox.wait_until(
-                lambda now: self.stop_requested.is_set() or all(mailbox.has_round(j, wait_for, now) for j in expected),
-                deadline,
-            )
+        timed_out = False
+        while True:
+            deadline = time.time() + self.options.wait_timeout_s
+            with self.phases("wait"):
+                if self.transport.pulls:  # letters by call or in memory are already in the mailbox
+                    for j in expected:
+                        for letter in self.transport.pull(j, lambda: mailbox.has_round(j, wait_for, float("inf")),
+                                                          deadline, self.stop_requested.is_set):
+                            self.accept(letter)
+                ok = mailbox.wait_until(
+                    lambda now: self.stop_requested.is_set() or all(mailbox.has_round(j, wait_for, now) for j in expected),
+                    deadline,
+                )
+            if ok or self.stop_requested.is_set():
+                break
+            if not timed_out:
+                timed_out = True
+                self.counters["timeouts"] += 1
+                self.event("wait_timeout", round=round_index,
+                           missing=[j for j in expected if not mailbox.has_round(j, wait_for, time.time())])
         self.waited_s += time.time() - started
-        if not ok and not self.stop_requested.is_set():
-            self.counters["timeouts"] += 1
-            self.event("wait_timeout", round=round_index,
-                       missing=[j for j in expected if not mailbox.has_round(j, wait_for, time.time())])
 
     def absorb_ready(self, round_index: int, senders: list[int], round_plan: RoundPlan) -> None:
         """Absorb every readable letter (rounds <= round_index in sync mode), in order per sender.
