@@ -253,19 +253,22 @@ def test_timeline_scenario_variants_compare_the_three_modes_around_one_event_win
             assert config.timeline[0].bandwidth_mbps < config.timeline[1].bandwidth_mbps
 
 
-def test_churn_smoke_async_run_leaves_and_rejoins_on_the_ray_engine(ray_cluster, tmp_path):
-    variants = [v for v in churn.variants("smoke") if v[0] == "async, join from neighbour"]
+def test_churn_smoke_run_leaves_and_rejoins_on_the_ray_engine(ray_cluster, tmp_path):
+    variants = [v for v in churn.variants("smoke") if v[0] == "sync, join from neighbour"]
     (outcome,) = common.run_variants(variants, [0], tmp_path, log=None)
     assert_run_folders([outcome], tmp_path)
     summary = outcome.summary
-    assert summary["status"] == "finished" and summary["engine"] == "ray" and summary["mode"] == "async"
+    assert summary["status"] == "finished" and summary["engine"] == "ray" and summary["mode"] == "sync"
     events = [e for e in summary["events"] if e["kind"] == "timeline"]
     start, end = (e.round for e in outcome.config.timeline)
     assert [(e["action"], e["round"], e["agents"]) for e in events] == [("leave", start, [1]), ("join", end, [1])]
-    assert events[0]["time_s"] <= events[1]["time_s"]
+    # The join took effect when the sponsor's model of round end - 1 came: after the others' rounds start..end-1
+    # (each step at least step_time_s), not as soon as the away agent had skipped through them.
+    step_time = outcome.config.runtime.timing.step_time_s
+    assert events[1]["time_s"] - events[0]["time_s"] >= (end - start - 1) * step_time
     assert not [e for e in summary["events"] if e["kind"] == "join_timeout"]
     away = [r for r in outcome.records if start < r["round"] <= end]
     assert away and all(r["agents"] == [0, 2, 3] for r in away)  # records leave the agent out while it is away
     assert "agents" not in outcome.records[-1]
     table = churn.report([outcome])
-    assert "| async, join from neighbour | 0 |" in table and "leave@%d, join@%d" % (start, end) in table
+    assert "| sync, join from neighbour | 0 |" in table and "leave@%d, join@%d" % (start, end) in table
