@@ -50,9 +50,12 @@ def variants(scale: str = "cpu", overrides: Sequence[str] = ()) -> list[Variant]
 def report(outcomes: Sequence[Outcome]) -> str:
     start, end = timeline_modes.window_of(outcomes)
     extra = [
-        timeline_modes.consensus_column(f"consensus before (<= r{start})", -1, start),
-        timeline_modes.consensus_column(f"consensus away (r{start}-{end})", start, end),
+        timeline_modes.consensus_column(f"consensus at r{start} (leave)", -1, start, how="last"),
+        timeline_modes.consensus_column(f"consensus away (r{start}-{end}), mean", start, end),
         timeline_modes.consensus_column("consensus first after join", end, None, how="first"),
+        timeline_modes.record_column(f"merged at r{end} (join)", "merged_test_accuracy", -1, end, how="last", digits=4),
+        timeline_modes.record_column("merged first after join", "merged_test_accuracy", end, None, how="first",
+                                     digits=4),
         timeline_modes.consensus_column("consensus at end", end, None, how="last"),
     ]
     return timeline_modes.report(outcomes, extra) + "\n" + timeline_modes.events_note(outcomes)

@@ -11,8 +11,11 @@ beside the wall time, and the family adds its own columns (consensus distance be
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 from scenarios import common
@@ -82,20 +85,24 @@ def records_between(run: Outcome, low: int, high: int | None) -> list[dict]:
     return [r for r in run.records if r["round"] > low and (high is None or r["round"] <= high)]
 
 
-def consensus_column(header: str, low: int, high: int | None, how: str = "mean") -> common.Column:
-    """Consensus distance over the records after round `low` up to `high`: their mean, max or last value."""
+def record_column(header: str, key: str, low: int, high: int | None, how: str = "mean", digits: int = 3) -> common.Column:
+    """A metrics key over the records after round `low` up to `high`: their mean, max, first or last value."""
     pick: dict[str, Callable[[list[float]], float]] = {"mean": statistics.fmean, "max": max,
                                                        "first": lambda v: v[0], "last": lambda v: v[-1]}
 
     def cell(runs: list[Outcome]) -> str:
         values = []
         for run in runs:
-            found = [r["consensus_distance"] for r in records_between(run, low, high)
-                     if r.get("consensus_distance") is not None]
+            found = [r[key] for r in records_between(run, low, high) if r.get(key) is not None]
             values.append(pick[how](found) if found else None)
-        return common.pm(values, 3)
+        return common.pm(values, digits)
 
     return header, cell
+
+
+def consensus_column(header: str, low: int, high: int | None, how: str = "mean") -> common.Column:
+    """Consensus distance over the records after round `low` up to `high` (see record_column)."""
+    return record_column(header, "consensus_distance", low, high, how)
 
 
 def window_of(outcomes: Sequence[Outcome]) -> tuple[int, int]:
@@ -154,3 +161,41 @@ def ray_only(args: argparse.Namespace) -> str:
         raise common.UserError("--engine", "the timeline scenarios compare sync, bounded and async modes, which "
                                            "exist only on the Ray engine (leave --engine unset or use ray)")
     return "ray"
+
+
+def load_outcomes(folder: str | Path, order: Sequence[str] = ()) -> list[Outcome]:
+    """The outcomes of a scenario's run folders (out/<label>-seed<k>), to redo its table without rerunning;
+    in the order of the labels in `order` (then by label), seeds ascending."""
+    from raygossip.config import load_config
+    from raygossip.results import read_metrics
+
+    outcomes = []
+    for run in sorted(Path(folder).iterdir()):
+        if not (run / "summary.json").is_file():
+            continue
+        config = load_config(run / "config.yaml")
+        summary = json.loads((run / "summary.json").read_text())
+        outcomes.append(Outcome(config.label, config.seed, config, summary, read_metrics(run / "metrics.jsonl"), run,
+                                float(summary.get("wall_time_s", 0.0))))
+    rank = {label: k for k, label in enumerate(order)}
+    return sorted(outcomes, key=lambda o: (rank.get(o.label, len(rank)), o.label, o.seed))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m scenarios.timeline_modes FAMILY FOLDER`: print a timeline family's table from its run folders."""
+    import importlib
+
+    parser = argparse.ArgumentParser(prog="python -m scenarios.timeline_modes", description=main.__doc__)
+    parser.add_argument("family", choices=FAMILIES)
+    parser.add_argument("folder", type=Path)
+    args = parser.parse_args(argv)
+    module = importlib.import_module(f"scenarios.{args.family}")
+    labels = [label for label, _ in module.variants("cpu")]
+    print(module.report(load_outcomes(args.folder, labels)), end="")
+    return 0
+
+
+FAMILIES = ("churn", "partition_heal", "straggler_recovery", "bandwidth_collapse")
+
+if __name__ == "__main__":
+    sys.exit(main())
