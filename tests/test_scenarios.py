@@ -271,4 +271,4 @@ def test_churn_smoke_run_leaves_and_rejoins_on_the_ray_engine(ray_cluster, tmp_p
     assert away and all(r["agents"] == [0, 2, 3] for r in away)  # records leave the agent out while it is away
     assert "agents" not in outcome.records[-1]
     table = churn.report([outcome])
-    assert "| sync, join from neighbour | 0 |" in table and "leave@%d, join@%d" % (start, end) in table
+    assert "| sync, join from neighbour | 0 |" in table and f"leave@{start}, join@{end}" in table
