@@ -16,11 +16,13 @@ from raygossip.config import load_config  # noqa: E402
 from raygossip.core.plan import RunPlan  # noqa: E402
 from raygossip.algorithms.topology import build_topology  # noqa: E402
 from scenarios import (  # noqa: E402
-    adagossip_vs_choco, ars_vs_constant, common, failures, late_communication, stragglers, topologies,
+    adagossip_vs_choco, ars_vs_constant, bandwidth_collapse, churn, common, failures, late_communication,
+    partition_heal, straggler_recovery, stragglers, timeline_modes, topologies,
 )
 
 REFERENCE_SCENARIOS = [ars_vs_constant, adagossip_vs_choco, topologies]
-ALL_SCENARIOS = [*REFERENCE_SCENARIOS, late_communication, stragglers, failures]
+TIMELINE_SCENARIOS = [churn, partition_heal, straggler_recovery, bandwidth_collapse]
+ALL_SCENARIOS = [*REFERENCE_SCENARIOS, late_communication, stragglers, failures, *TIMELINE_SCENARIOS]
 CONFIG_FILES = sorted((REPO / "configs").rglob("*.yaml"))
 
 
@@ -209,3 +211,64 @@ def test_failures_smoke_reports_failures_only_where_injected(ray_cluster, tmp_pa
 def test_failures_refuses_the_reference_engine(capsys):
     assert failures.main(["--scale", "smoke", "--engine", "reference", "--out", "unused"]) == 2
     assert "Ray engine" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- timeline scenarios
+
+
+TIMELINE_ACTIONS = {"churn": ["leave", "join"], "partition_heal": ["partition", "heal"],
+                    "straggler_recovery": ["slow", "restore"], "bandwidth_collapse": ["link", "link"]}
+
+
+@pytest.mark.parametrize("scale", common.SCALES)
+@pytest.mark.parametrize("module", TIMELINE_SCENARIOS, ids=short)
+def test_timeline_scenario_variants_compare_the_three_modes_around_one_event_window(module, scale):
+    variants = dict(module.variants(scale))
+    assert {config.runtime.engine for config in variants.values()} == {"ray"}
+    timed = {label: config for label, config in variants.items() if config.timeline}
+    assert {config.runtime.mode for config in timed.values()} == {"sync", "bounded", "async"}
+    assert {config.runtime.staleness for config in timed.values()} == {timeline_modes.STALENESS}
+    rounds = failures.total_rounds(common.deep_merge(timeline_modes.base(scale)[0], {}))
+    for label, config in timed.items():
+        events = config.timeline
+        assert [e.action for e in events] == TIMELINE_ACTIONS[short(module)], label
+        assert all(e.time_s is None for e in events)  # at round boundaries: sync stays deterministic
+        assert 0 < events[0].round < events[1].round < rounds, label
+        if config.gossip.rule != "dpsgd":  # CHOCO only where the family is about compression, with link events
+            assert short(module) == "bandwidth_collapse" and config.gossip.compressor.name == "top_k"
+    n = next(iter(variants.values())).agents.count
+    if module is churn:
+        leave = next(iter(timed.values())).timeline[0]
+        assert len(leave.agents) == max(1, n // 4) and {e.timeline[1].start for e in timed.values()} == {
+            "neighbour", "scratch"}
+    if module is partition_heal:
+        groups = next(iter(timed.values())).timeline[0].groups
+        assert sorted(a for g in groups for a in g) == list(range(n)) and len(groups) == 2
+    if module is straggler_recovery:
+        assert {config.timeline[0].factor for config in timed.values()} == {straggler_recovery.FACTOR}
+    if module is bandwidth_collapse:
+        assert {config.gossip.rule for config in timed.values()} == {"dpsgd", "choco"}
+        for config in timed.values():
+            assert config.runtime.timing.bandwidth_mbps == bandwidth_collapse.BANDWIDTH_MBPS  # timing simulated
+            assert config.timeline[0].bandwidth_mbps < config.timeline[1].bandwidth_mbps
+
+
+def test_churn_smoke_run_leaves_and_rejoins_on_the_ray_engine(ray_cluster, tmp_path):
+    variants = [v for v in churn.variants("smoke") if v[0] == "sync, join from neighbour"]
+    (outcome,) = common.run_variants(variants, [0], tmp_path, log=None)
+    assert_run_folders([outcome], tmp_path)
+    summary = outcome.summary
+    assert summary["status"] == "finished" and summary["engine"] == "ray" and summary["mode"] == "sync"
+    events = [e for e in summary["events"] if e["kind"] == "timeline"]
+    start, end = (e.round for e in outcome.config.timeline)
+    assert [(e["action"], e["round"], e["agents"]) for e in events] == [("leave", start, [1]), ("join", end, [1])]
+    # The join took effect when the sponsor's model of round end - 1 came: after the others' rounds start..end-1
+    # (each step at least step_time_s), not as soon as the away agent had skipped through them.
+    step_time = outcome.config.runtime.timing.step_time_s
+    assert events[1]["time_s"] - events[0]["time_s"] >= (end - start - 1) * step_time
+    assert not [e for e in summary["events"] if e["kind"] == "join_timeout"]
+    away = [r for r in outcome.records if start < r["round"] <= end]
+    assert away and all(r["agents"] == [0, 2, 3] for r in away)  # records leave the agent out while it is away
+    assert "agents" not in outcome.records[-1]
+    table = churn.report([outcome])
+    assert "| sync, join from neighbour | 0 |" in table and f"leave@{start}, join@{end}" in table

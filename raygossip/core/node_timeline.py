@@ -24,12 +24,12 @@ class TimelineSteps:
         timeline, local = self.plan.timeline, self.plan.local_steps
         if step % local == 0:
             round_index = step // local
+            joining = self.plan.joins(round_index).get(self.agent_id) if timeline.has_leaves else None
+            if joining is not None:  # first, so that the join's time_s is when it came back, not when it got here
+                self.join(round_index, *joining)
             for index, event in timeline.events_at(round_index):
                 if timeline.reporter(event) == self.agent_id:
                     self.event(**timeline_record(index, event, round_index, step))
-            joining = self.plan.joins(round_index).get(self.agent_id) if timeline.has_leaves else None
-            if joining is not None:
-                self.join(round_index, *joining)
         if timeline.has_leaves and self.plan.absent(self.agent_id, step):
             self.core.step += 1
             return True
