@@ -102,32 +102,59 @@ def gap_recovered(outcomes: Sequence[Outcome], label: str) -> tuple[float | None
     return common.mean_std(values)
 
 
-def report(outcomes: Sequence[Outcome]) -> str:
-    extra = [
-        common.summary_column("merged acc before merge", "merged_test_accuracy_before_merge"),
-        common.summary_column("comm rounds", "communication_rounds", 0),
-    ]
+def slope(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Least-squares slope of ys against xs."""
+    return statistics.covariance(xs, ys) / statistics.variance(xs)
+
+
+def spearman(ys: Sequence[float]) -> float:
+    """Rank correlation of ys with their order (Pearson on the ranks; ties rank low), 0 when all are equal."""
+    ranks = [sorted(ys).index(y) for y in ys]
+    return statistics.correlation(range(len(ys)), ranks) if len(set(ys)) > 1 else 0.0
+
+
+def window_trend(outcomes: Sequence[Outcome]) -> str:
+    """Merged accuracy against the window's position: slope and rank correlation of the seed means, and per seed."""
     groups = common.by_label(outcomes)
+    windows = [(s, {r.seed: r.summary["merged_test_accuracy"] for r in groups.get(window_label(s), [])})
+               for s in POSITIONS]
+    windows = [(s, v) for s, v in windows if v]
+    seeds = sorted(set.intersection(*[set(v) for _, v in windows])) if windows else []
+    if len(windows) < 3 or not seeds:
+        return ""
+    xs, ys = [s for s, _ in windows], [statistics.fmean(v[seed] for seed in seeds) for _, v in windows]
+    best = max(zip(xs, ys), key=lambda w: w[1])[0]
+    text = (f"\nWindow position against merged acc (means over the seeds every window has, "
+            f"{', '.join(map(str, seeds))}): slope {slope(xs, ys) / 10:+.4f} per tenth of training, "
+            f"Spearman {spearman(ys):+.2f}; best window {window_label(best)}")
+    per_seed = [[v[seed] for _, v in windows] for seed in seeds] if len(windows) == len(POSITIONS) else []
+    if per_seed:
+        slopes = [slope(xs, seed_ys) / 10 for seed_ys in per_seed]
+        ranks = [spearman(seed_ys) for seed_ys in per_seed]
+        last_minus_first = [seed_ys[-1] - seed_ys[0] for seed_ys in per_seed]
+        text += (f". Per seed: slope per tenth {common.pm(slopes)}, Spearman "
+                 f"{', '.join(f'{r:+.2f}' for r in ranks)}, last window - first {common.pm(last_minus_first)}")
+    return text + ".\n"
+
+
+def report(outcomes: Sequence[Outcome]) -> str:
+    extra = [common.summary_column("merged val acc", "merged_validation_accuracy"),
+             common.summary_column("comm rounds", "communication_rounds", 0)]
+    groups = common.by_label(outcomes)
+    parallel = [r.summary["merged_test_accuracy"] for r in groups.get(EVERY_ROUND, [])]
     rows = []
-    for label in (NO_COMMUNICATION, NO_WINDOW, *[window_label(s) for s in POSITIONS]):
+    for label in (NO_COMMUNICATION, NO_WINDOW):
         if label in groups:
             mean, std = gap_recovered(outcomes, label)
-            rows.append([label, "n/a" if mean is None else f"{mean:.1%} ± {std:.1%}"])
-    windows = [(s, [r.summary["merged_test_accuracy"] for r in groups.get(window_label(s), [])]) for s in POSITIONS]
-    windows = [(s, v) for s, v in windows if v]
-    trend = ""
-    if len(windows) >= 3:
-        xs, ys = [s for s, _ in windows], [statistics.fmean(v) for _, v in windows]
-        slope = statistics.covariance(xs, ys) / statistics.variance(xs)
-        ranks = [sorted(ys).index(y) for y in ys]  # Spearman: Pearson on the ranks (xs are in order already)
-        rank = statistics.correlation(range(len(ys)), ranks) if len(set(ys)) > 1 else 0.0
-        best = max(windows, key=lambda w: statistics.fmean(w[1]))[0]
-        trend = (f"\nWindow position against merged acc: least-squares slope {slope:+.4f} per unit of training "
-                 f"(+{slope / 10:.4f} per tenth), Spearman {rank:+.2f}; best window {window_label(best)}.\n")
-    return (common.summary_table(outcomes, extra) + trend
+            runs = groups[label]
+            rows.append([label, common.pm([r.summary.get("mean_local_test_accuracy") for r in runs]),
+                         common.pm([r.summary["merged_test_accuracy"] for r in runs]), common.pm(parallel),
+                         "n/a" if mean is None else f"{mean:.1%} ± {std:.1%}"])
+    return (common.summary_table(outcomes, extra) + window_trend(outcomes)
             + "\nGap to parallel SGD closed by the final merge, (merged - mean local) / (all-reduce every round "
               "- mean local), per seed:\n\n"
-            + common.markdown(["variant", "gap recovered"], rows)
+            + common.markdown(["variant", "mean local (no merge)", "merged", "all-reduce every round",
+                               "gap recovered"], rows)
             + "\nMergeability: accuracy of the global average of the agents' models over training "
               "(mean over seeds; the final merge comes after the last column):\n\n"
             + common.curve_table(outcomes, "merged_test_accuracy")

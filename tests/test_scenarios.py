@@ -142,7 +142,7 @@ def test_late_communication_script_main_writes_tables(tmp_path, capsys):
     assert late_communication.main(["--scale", "smoke", "--seeds", "0", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "Mergeability" in printed and "| r=0.2 + all-reduce 90%-100% | 0 |" in printed
-    assert "Gap to parallel SGD" in printed and "Spearman" in printed
+    assert "Gap to parallel SGD" in printed and "Spearman" in printed and "| no communication | " in printed
     folders = sorted(p.name for p in out.iterdir())
     assert len(folders) == len(late_communication.variants("smoke")) and all((out / f / "summary.json").is_file()
                                                                            for f in folders)
