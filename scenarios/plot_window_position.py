@@ -44,7 +44,7 @@ def plot(groups: dict[str, list[dict]], out: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(10, 4.2))
     points = sorted((int(m.group(1)) + int(m.group(2))) / 200 for label in groups
                     if (m := WINDOW.search(label)))
     for key, style, name in (("merged_test_accuracy", "o-", "merged (after the final merge)"),
@@ -72,7 +72,7 @@ def plot(groups: dict[str, list[dict]], out: Path, title: str) -> None:
     ax.set_xticks(points or [0.05 + k / 10 for k in range(10)])
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial.png")
