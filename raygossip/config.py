@@ -565,9 +565,6 @@ def validate(config: Config) -> None:
     _check(e.batch_size >= 1, "eval.batch_size", "must be >= 1")
     _check(0 <= e.validation_fraction < 1, "eval.validation_fraction",
            f"must be in [0, 1) (the held-out fraction of the training set; 0: none), got {e.validation_fraction}")
-    _check(e.validation_fraction == 0 or not config.data.partition.resample, "eval.validation_fraction",
-           "data.partition.resample draws every batch from the whole training set, the held-out part too; "
-           "turn one of them off")
     _check(config.data.partition.alpha > 0, "data.partition.alpha", f"must be > 0, got {config.data.partition.alpha}")
     _check(config.data.partition.shards_per_agent >= 1, "data.partition.shards_per_agent", "must be >= 1")
     _validate_partition(config)

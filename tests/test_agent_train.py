@@ -95,6 +95,25 @@ def test_resample_batches_are_fresh_draws_and_continue_after_a_snapshot(digits):
     assert not torch.equal(other.next_batch()[1], agent(digits, partition_spec=spec).next_batch()[1])
 
 
+def test_resample_never_draws_the_held_out_validation_part(digits):
+    from raygossip.data.partition import holdout_split
+
+    base = {"seed": 2, "agents": {"count": 4}, "train": {"batch_size": 64},
+            "data": {"partition": {"kind": "preference", "alpha": 0.5, "resample": True}}}
+    config = load_config(base={**base, "eval": {"validation_fraction": 0.3}})
+    train, held_out = holdout_split(len(digits.train), 0.3, 2)
+    core = AgentCore(1, config, digits, np.arange(8), total_steps=50)
+    pools, p = agent_preference(digits.train.y.numpy()[train], 4, 2, 0.5, 1)
+    for draw in range(5):
+        index = train[resample_batch(pools, p, 64, seed=2, agent=1, draw=draw)]  # training part only
+        assert not np.isin(index, held_out).any()
+        x, y = core.next_batch()
+        assert torch.equal(x, digits.train.x[torch.from_numpy(index)]) and torch.equal(y, digits.train.y[index])
+    plain = AgentCore(1, load_config(base=base), digits, np.arange(8), total_steps=50)
+    pools, p = agent_preference(digits.train.y.numpy(), 4, 2, 0.5, 1)  # no hold-out: the whole set, as before
+    assert torch.equal(plain.next_batch()[1], digits.train.y[resample_batch(pools, p, 64, seed=2, agent=1, draw=0)])
+
+
 def test_without_resample_the_shard_is_walked_as_before(digits):
     core = agent(digits, partition_spec={"kind": "preference", "alpha": 0.5})
     batches = len(core.shard) // 16

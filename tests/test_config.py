@@ -302,8 +302,6 @@ def test_cross_field_messages_say_why():
         (nested("runtime.timing.slowdown", [1.0]), "one factor per agent (8)"),
         ({"agents": {"count": 16}, "topology": {"name": "dyck"}}, "32"),
         ({"topology": {"name": "edges", "params": {"edges": TWO_SQUARES}}}, "disconnected"),
-        ({"eval": {"validation_fraction": 0.1}, "data": {"partition": {"kind": "preference", "resample": True}}},
-         "the held-out part too"),
     ]
     for mapping, phrase in cases:
         with pytest.raises(UserError) as caught:

@@ -17,7 +17,7 @@ from raygossip.core.plan import RunPlan  # noqa: E402
 from raygossip.algorithms.topology import build_topology  # noqa: E402
 from scenarios import (  # noqa: E402
     adagossip_vs_choco, ars_vs_constant, bandwidth_collapse, churn, common, failures, late_communication,
-    partition_heal, straggler_recovery, stragglers, timeline_modes, topologies,
+    partition_heal, plot_window_position, straggler_recovery, stragglers, timeline_modes, topologies,
 )
 
 REFERENCE_SCENARIOS = [ars_vs_constant, adagossip_vs_choco, topologies]
@@ -93,19 +93,29 @@ def test_ars_variants_scale_the_ramp_to_training_length():
     assert local.schedule.communication.kind == "none" and not local.schedule.final_merge.enabled
 
 
-def test_late_communication_budgets_are_a_quarter_of_the_rounds():
-    variants = dict(late_communication.variants("cpu"))
-    counts = {}
-    for label, config in variants.items():
+@pytest.mark.parametrize("scale", ["smoke", "cpu"])
+def test_late_communication_windows_hold_a_tenth_of_the_rounds_and_r02_elsewhere(scale):
+    kinds = {}
+    for label, config in late_communication.variants(scale):
+        assert config.topology.name == "random" and config.topology.params["r"] == 0.2, label
+        assert config.schedule.final_merge.enabled, label
         topology = build_topology(config.topology.name, config.agents.count, config.topology.weights,
                                   config.topology.params)
         plan = RunPlan(config, topology, config.train.steps_per_epoch)
-        counts[label] = sum(plan.round_plan(r) is not None for r in range(plan.total_rounds))
-    total = counts["every round (100%)"]
-    for label, count in counts.items():
-        if label.startswith("budget 25%") and "random" not in label:
-            assert abs(count - total / 4) <= 1, (label, count, total)
-    assert counts["single global merge only"] == 0 and counts["no communication, no merge"] == 0
+        kinds[label] = [plan.communication(r).kind for r in range(plan.total_rounds)]
+    rounds = len(kinds["r=0.2, no window"])
+    for k, start in enumerate(late_communication.POSITIONS):
+        window = [r for r, kind in enumerate(kinds[late_communication.window_label(start)]) if kind == "allreduce"]
+        assert window == list(range(k * rounds // 10, (k + 1) * rounds // 10))  # the k-th tenth, the same width
+        assert kinds[late_communication.window_label(start)].count("every") == rounds - len(window)
+    assert set(kinds["r=0.2, no window"]) == {"every"} and set(kinds["no communication"]) == {"none"}
+    assert set(kinds["all-reduce every round"]) == {"allreduce"}
+    if scale == "cpu":
+        config = dict(late_communication.variants("cpu"))["r=0.2, no window"]
+        train = config.train
+        assert (config.agents.count, train.local_steps, train.optimizer, train.momentum, train.lr_schedule.kind,
+                train.label_smoothing, train.grad_clip_value) == (16, 50, "sgd", 0.9, "constant", 0.1, 1.0)
+        assert config.data.partition.kind == "preference" and config.data.partition.resample
 
 
 # ---------------------------------------------------------------- smoke runs
@@ -132,14 +142,20 @@ def test_late_communication_script_main_writes_tables(tmp_path, capsys):
     out = tmp_path / "late"
     assert late_communication.main(["--scale", "smoke", "--seeds", "0", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "Mergeability" in printed and "| budget 25%: late (last 25%) | 0 |" in printed
+    assert "Mergeability" in printed and "| r=0.2 + all-reduce 90%-100% | 0 |" in printed
+    assert "Gap to parallel SGD" in printed and "Spearman" in printed and "| no communication | " in printed
     folders = sorted(p.name for p in out.iterdir())
     assert len(folders) == len(late_communication.variants("smoke")) and all((out / f / "summary.json").is_file()
                                                                            for f in folders)
     assert (tmp_path / "late.md").read_text().count("\n| ") > 10
     summaries = {f: json.loads((out / f / "summary.json").read_text()) for f in folders}
-    assert summaries["single-global-merge-only-seed0"]["final_merge"] is True
-    assert summaries["no-communication-no-merge-seed0"]["final_merge"] is False
+    assert summaries["no-communication-seed0"]["bytes_sent"] == 0
+    assert summaries["no-communication-seed0"]["final_merge"] is True
+    every = summaries["all-reduce-every-round-seed0"]
+    assert every["merged_test_accuracy"] == pytest.approx(every["mean_local_test_accuracy"])  # one model after each
+    assert "merged_validation_accuracy" in every
+    png = tmp_path / "window.png"
+    assert plot_window_position.main([str(out), "--out", str(png)]) == 0 and png.stat().st_size > 1000
 
 
 def test_stragglers_smoke_on_the_ray_engine_with_an_observer(ray_cluster, tmp_path):

@@ -102,19 +102,24 @@ class AgentCore:
         """The next minibatch of this agent's shard, reshuffled every pass.
 
         With data.partition.resample (kind preference) every minibatch is drawn afresh from the agent's class
-        preference over the whole training set instead: batch number `cursor`, a pure function of (seed, agent,
-        cursor), so a restored snapshot continues the same stream.
+        preference over the whole training set instead (less the eval.validation_fraction held out): batch number
+        `cursor`, a pure function of (seed, agent, cursor), so a restored snapshot continues the same stream.
         """
         size = self.config.train.batch_size
         spec = self.config.data.partition
         if spec.kind == "preference" and spec.resample:
-            from ..data.partition import agent_preference, resample_batch
+            from ..data.partition import agent_preference, holdout_split, resample_batch
 
             if getattr(self, "_preference", None) is None:  # derived once from the labels and the seed
-                labels, n = self.dataset.train.y.numpy(), self.config.agents.count
-                self._preference = agent_preference(labels, n, self.config.seed, spec.alpha, self.agent_id)
-            pools, preference = self._preference
-            index = torch.from_numpy(resample_batch(pools, preference, size, self.config.seed, self.agent_id, self.cursor))
+                labels, n, seed = self.dataset.train.y.numpy(), self.config.agents.count, self.config.seed
+                pool = None  # the whole training set
+                if self.config.eval.validation_fraction > 0:
+                    pool = holdout_split(labels.size, self.config.eval.validation_fraction, seed)[0]
+                    labels = labels[pool]
+                self._preference = (*agent_preference(labels, n, seed, spec.alpha, self.agent_id), pool)
+            pools, preference, pool = self._preference
+            drawn = resample_batch(pools, preference, size, self.config.seed, self.agent_id, self.cursor)
+            index = torch.from_numpy(drawn if pool is None else pool[drawn])
             self.cursor += 1
         else:
             if self.cursor + size > len(self.order):

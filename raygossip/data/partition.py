@@ -225,6 +225,14 @@ def preference_weights(n_agents: int, n_classes: int, seed: int, alpha: float) -
     return np.random.default_rng([int(seed), _PREFERENCE_STREAM]).dirichlet(np.full(n_classes, alpha), size=n_agents)
 
 
+def holdout_split(train_size: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training indices, held-out validation indices), sorted: `fraction` of range(train_size) held out, drawn
+    with `seed` (eval.validation_fraction and the run's seed), the same for every agent and engine."""
+    count = round(fraction * train_size)
+    order = np.random.default_rng([seed, 0x5A1]).permutation(train_size)
+    return np.sort(order[count:]), np.sort(order[:count])
+
+
 def agent_preference(labels: np.ndarray, n_agents: int, seed: int, alpha: float, agent: int) -> tuple[ClassPools, np.ndarray]:
     """What agent `agent` draws its resample-mode batches from: the class pools and its preference p_k."""
     pools = class_pools(labels)

@@ -16,7 +16,7 @@ from raygossip.core.agent import evaluate, make_model, reestimate_batchnorm
 from raygossip.core.flat import FlatParameters
 from raygossip.core.plan import RunPlan, steps_per_epoch
 from raygossip.data.datasets import Dataset, load_dataset
-from raygossip.data.partition import heterogeneity_report, partition
+from raygossip.data.partition import heterogeneity_report, holdout_split, partition
 from raygossip.errors import UserError
 from raygossip.optim import run_lr_schedule
 
@@ -47,9 +47,7 @@ class RunSetup:
 def validation_split(config: Config, train_size: int) -> tuple[np.ndarray, np.ndarray]:
     """(training indices, held-out validation indices) of the training set: eval.validation_fraction of it, drawn
     with the run's seed before the partition, so the same for every agent and every engine; sorted."""
-    count = round(config.eval.validation_fraction * train_size)
-    order = np.random.default_rng([config.seed, 0x5A1]).permutation(train_size)
-    return np.sort(order[count:]), np.sort(order[:count])
+    return holdout_split(train_size, config.eval.validation_fraction, config.seed)
 
 
 def prepare(config: Config) -> RunSetup:
