@@ -15,6 +15,8 @@ def run_clock(coordinator: Any) -> None:
     (past the run's end, or not valid then) is recorded as skipped. Returns when the run ends."""
     c = coordinator
     for due, index in c.plan.timeline.timed:
+        if index in c.plan.timeline.scheduled or index in c.timeline_skipped:  # (a resumed run's, done before)
+            continue
         while c.finished is None and c.aborted is None and time.time() < c.started + due:
             time.sleep(min(0.05, max(0.0, c.started + due - time.time())))
         if c.finished is not None or c.aborted is not None:
@@ -28,6 +30,7 @@ def run_clock(coordinator: Any) -> None:
                 raise UserError(f"timeline[{index}].time_s", f"round {round_index} is past the run's end")
             c.plan.schedule(index, round_index)
         except UserError as error:
+            c.timeline_skipped.add(index)
             c.event("timeline_skipped", index=index, action=action, reason=str(error))
             continue
         c.gather([host.schedule_event.remote(index, round_index) for host in c.hosts(live)])
