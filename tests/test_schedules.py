@@ -187,3 +187,17 @@ def test_allreduce_with_dpsgd_gives_the_exact_average_at_gamma_one(n, gamma):
         out.append(x)
     for i in range(n):
         torch.testing.assert_close(out[i], xs[i] + gamma * (average - xs[i]), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("averaging_rate, extra, field, phrase", [
+    ({"kind": "adaptive", "exponent": 0.0}, {}, "schedule.averaging_rate.exponent", "> 0"),
+    ({"kind": "adaptive"}, {"eval": {"every": 0}}, "eval.every", "eval.every >= 1"),
+    ({"kind": "adaptiv"}, {}, "schedule.averaging_rate.kind", "adaptive"),
+])
+def test_a_wrong_adaptive_averaging_rate_is_one_line_naming_its_field(averaging_rate, extra, field, phrase):
+    from raygossip.config import load_config
+    from raygossip.errors import UserError
+
+    with pytest.raises(UserError) as caught:
+        load_config(base={"schedule": {"averaging_rate": averaging_rate}, **extra})
+    assert caught.value.field == field and phrase in caught.value.message and "\n" not in str(caught.value)

@@ -24,7 +24,7 @@ from raygossip.engines.run_checkpoints import Checkpoints
 from raygossip.engines.supervision import Supervision
 from raygossip.engines.agent_states import split_state, traffic_of
 from raygossip.engines.snapshots import make_snapshot_dir
-from raygossip.engines.timeline_clock import run_clock
+from raygossip.engines.timeline_clock import restore_schedule, run_clock
 
 
 @ray.remote(concurrency_groups={"report": 1, "control": 2})
@@ -128,9 +128,7 @@ class Coordinator(Supervision, Checkpoints):
     def restore_timeline(self, resumed: dict) -> None:
         """A resumed run: its wall-clock events scheduled (or skipped) before the checkpoint stay so (run_clock skips
         them): one already in force does not run again, one scheduled at a later round still takes effect there."""
-        for index, round_index in sorted((int(k), int(r)) for k, r in resumed.get("timeline_scheduled", {}).items()):
-            self.plan.schedule(index, round_index)
-        self.timeline_skipped.update(int(k) for k in resumed.get("timeline_skipped", []))
+        self.timeline_skipped.update(restore_schedule(self.plan, resumed))
 
     def brief(self, hosts: list[Any]) -> None:
         """Tell new actors (a resumed run's, restarted ones) what the run decided while it went: the wall-clock
