@@ -16,10 +16,11 @@ from raygossip.config import load_config  # noqa: E402
 from raygossip.core.plan import RunPlan  # noqa: E402
 from raygossip.algorithms.topology import build_topology  # noqa: E402
 from scenarios import (  # noqa: E402
-    adagossip_vs_choco, ars_vs_constant, common, failures, late_communication, stragglers, topologies,
+    adagossip_vs_choco, adaptive_vs_ars, ars_vs_constant, common, failures, late_communication, stragglers,
+    topologies,
 )
 
-REFERENCE_SCENARIOS = [ars_vs_constant, adagossip_vs_choco, topologies]
+REFERENCE_SCENARIOS = [ars_vs_constant, adagossip_vs_choco, topologies, adaptive_vs_ars]
 ALL_SCENARIOS = [*REFERENCE_SCENARIOS, late_communication, stragglers, failures]
 CONFIG_FILES = sorted((REPO / "configs").rglob("*.yaml"))
 
