@@ -408,6 +408,11 @@ class Coordinator(Supervision, Checkpoints):
         return {"merged_accuracy": accuracy, "state_dict": {k: v.numpy() for k, v in self.merged.state_dict().items()}}
 
     @ray.method(concurrency_group="control")
+    def timeline_scheduled(self) -> dict[int, int]:
+        """Wall-clock timeline events scheduled so far: index -> the round they are in force from."""
+        return dict(self.plan.timeline.scheduled)
+
+    @ray.method(concurrency_group="control")
     def get_events(self) -> list[dict]:
         with self.condition:
             return self.before["events"] + sorted(self.events, key=lambda e: e["time_s"])
