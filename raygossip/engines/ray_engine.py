@@ -336,7 +336,7 @@ class RayEngine:
         ray.get([agent.drain.remote(i, self.config.runtime.wait_timeout_s) for i, agent in live.items()])
         states = dict(zip(live, ray.get([agent.rule_state.remote(i) for i, agent in live.items()])))
         plan = self.setup.plan
-        for index, round_index in ray.get(self.coordinator.timeline_scheduled.remote()).items():
+        for index, round_index in sorted(ray.get(self.coordinator.timeline_scheduled.remote()).items()):
             if index not in plan.timeline.scheduled:  # the graph in force at the end, wall-clock events included
                 plan.schedule(index, round_index)
         there = [i for i in live if not plan.absent(i, plan.total_steps - 1)]  # (not away after a timeline's leave)
