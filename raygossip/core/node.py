@@ -375,7 +375,7 @@ class GossipNode(TimelineSteps):
         whole_models = self.rule.whole_models
         weights = dict(round_plan.weights.get(self.agent_id, (1.0, {}))[1])
         if self.rule.public_copies:
-            weights = self.peers.in_weights  # public copies need a static graph
+            weights = self.peers.in_weights  # (a graph a timeline changes: the link weights, apply_letters)
         taken: list[Letter] = []
         quiet: list[int] = []
         for sender in sorted(set(senders) | set(self.mailbox.queues)):
