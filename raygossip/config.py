@@ -14,7 +14,7 @@ from typing import Any, Union
 
 import yaml
 
-from raygossip.algorithms.schedules import COMMUNICATION_KINDS, PULLS
+from raygossip.algorithms.schedules import AVERAGING_RATE_KINDS, COMMUNICATION_KINDS, PULLS
 from raygossip.errors import UserError
 
 # ---------------------------------------------------------------- the tree
@@ -113,6 +113,7 @@ class AveragingRateConfig:
     ramp_epochs: int | None = None
     milestones: list[int] = field(default_factory=list)
     factor: float = 2.0
+    exponent: float = 1.0  # adaptive: gamma = gamma0 * (first distance / distance) ** exponent, in [gamma0, 1]
 
 
 @dataclass(kw_only=True)
@@ -448,7 +449,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "gossip.compressor.name": ("identity", "top_k", "random_k", "qsgd", "sign"),
     "gossip.compressor.scope": ("tensor", "global"),
     "gossip.compressor.index_coding": ("plain", "entropy"),
-    "schedule.averaging_rate.kind": ("constant", "ars", "linear", "cosine", "step"),
+    "schedule.averaging_rate.kind": AVERAGING_RATE_KINDS,
     "schedule.communication.kind": COMMUNICATION_KINDS,
     "schedule.communication.pull": PULLS,
     "schedule.final_merge.bn": ("local", "global", "none"),
@@ -520,6 +521,10 @@ def validate(config: Config) -> None:
     _check(0 < gamma0 <= 1, "schedule.averaging_rate.gamma0", f"must be in (0, 1], got {gamma0}")
     _check(a.growth >= 1, "schedule.averaging_rate.growth", f"must be >= 1, got {a.growth}")
     _check(a.ramp_epochs is None or a.ramp_epochs >= 1, "schedule.averaging_rate.ramp_epochs", "must be >= 1")
+    _check(a.exponent > 0, "schedule.averaging_rate.exponent", f"must be > 0, got {a.exponent}")
+    _check(a.kind != "adaptive" or config.eval.every >= 1, "eval.every",
+           "the adaptive averaging rate sets gamma from the consensus distance of each record at an epoch's end; "
+           f"it needs eval.every >= 1, got {config.eval.every}")
     _validate_communication(config)
     _check(s.final_merge.bn_batches >= 1, "schedule.final_merge.bn_batches", "must be >= 1")
     _check(r.staleness >= 0, "runtime.staleness", f"must be >= 0, got {r.staleness}")

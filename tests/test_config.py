@@ -181,6 +181,7 @@ RANGE_ROWS: list[tuple[dict, str]] = [
     (nested("schedule.averaging_rate.gamma0", 1.01), "schedule.averaging_rate.gamma0"),
     (nested("schedule.averaging_rate.growth", 0.99), "schedule.averaging_rate.growth"),
     (nested("schedule.averaging_rate.ramp_epochs", 0), "schedule.averaging_rate.ramp_epochs"),
+    (nested("schedule.averaging_rate.exponent", 0), "schedule.averaging_rate.exponent"),
     (nested("schedule.communication.p", 0), "schedule.communication.p"),
     (nested("schedule.communication.p", 1.5), "schedule.communication.p"),
     (nested("schedule.communication.start", -0.1), "schedule.communication.start"),

@@ -16,11 +16,12 @@ from raygossip.config import load_config  # noqa: E402
 from raygossip.core.plan import RunPlan  # noqa: E402
 from raygossip.algorithms.topology import build_topology  # noqa: E402
 from scenarios import (  # noqa: E402
-    adagossip_vs_choco, ars_vs_constant, bandwidth_collapse, churn, common, failures, late_communication,
-    partition_heal, plot_window_position, straggler_recovery, stragglers, timeline_modes, topologies,
+    adagossip_vs_choco, adaptive_vs_ars, ars_vs_constant, bandwidth_collapse, churn, common, failures,
+    late_communication, partition_heal, plot_window_position, straggler_recovery, stragglers, timeline_modes,
+    topologies,
 )
 
-REFERENCE_SCENARIOS = [ars_vs_constant, adagossip_vs_choco, topologies]
+REFERENCE_SCENARIOS = [ars_vs_constant, adagossip_vs_choco, topologies, adaptive_vs_ars]
 TIMELINE_SCENARIOS = [churn, partition_heal, straggler_recovery, bandwidth_collapse]
 ALL_SCENARIOS = [*REFERENCE_SCENARIOS, late_communication, stragglers, failures, *TIMELINE_SCENARIOS]
 CONFIG_FILES = sorted((REPO / "configs").rglob("*.yaml"))

@@ -8,6 +8,8 @@ from raygossip.algorithms.compressors import make_compressor
 from raygossip.algorithms.consensus import dpsgd
 from raygossip.algorithms.schedules import (
     active_agents,
+    adaptive_gamma,
+    adaptive_gammas,
     allreduce_plan,
     ars_exponential,
     as_schedule,
@@ -59,6 +61,32 @@ def test_ars_epoch_zero_and_from_241_on():
 )
 def test_ramp_values(schedule, epoch, expected):
     assert schedule(epoch) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "distances, exponent, expected",
+    [
+        ([0.5], 1.0, [0.2]),  # the first distance is its own reference
+        ([0.5, 1.0, 2.0], 1.0, [0.2, 0.2, 0.2]),  # rising distances (a common start drifting apart): gamma0
+        ([2.0, 1.0, 0.5], 1.0, [0.2, 0.4, 0.8]),  # halving the distance doubles gamma
+        ([2.0, 1.0, 0.5], 2.0, [0.2, 0.8, 1.0]),  # ... quadruples it with exponent 2, capped at 1
+        ([1.0, 2.0, 1.0], 1.0, [0.2, 0.2, 0.4]),  # the reference is the largest distance so far
+        ([2.0, 0.5, 1.0], 1.0, [0.2, 0.8, 0.8]),  # a ratchet: never down when the agents drift apart again
+        ([1.0, 0.0], 1.0, [0.2, 1.0]),  # agents that agree exactly: 1
+        ([1.0, float("nan"), 0.5], 1.0, [0.2, 0.2, 0.4]),  # a non-finite distance changes nothing
+        ([0.0, 0.0], 1.0, [0.2, 0.2]),  # no reference yet (identical agents from the start): gamma0
+    ],
+)
+def test_adaptive_gamma_rises_as_the_agents_agree(distances, exponent, expected):
+    assert adaptive_gammas(0.2, distances, exponent) == pytest.approx(expected)
+
+
+def test_adaptive_gamma_is_monotone_and_within_gamma0_and_one():
+    rng = np.random.default_rng(0)
+    distances = list(rng.lognormal(0.0, 1.0, 200))
+    gammas = adaptive_gammas(0.1, distances, 1.5)
+    assert gammas == sorted(gammas) and 0.1 <= gammas[0] and gammas[-1] <= 1.0
+    assert adaptive_gamma(0.3, 1.0, 4.0, 0.1) == 0.3  # (previous kept when the rule says less)
 
 
 @pytest.mark.parametrize(
@@ -159,3 +187,17 @@ def test_allreduce_with_dpsgd_gives_the_exact_average_at_gamma_one(n, gamma):
         out.append(x)
     for i in range(n):
         torch.testing.assert_close(out[i], xs[i] + gamma * (average - xs[i]), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("averaging_rate, extra, field, phrase", [
+    ({"kind": "adaptive", "exponent": 0.0}, {}, "schedule.averaging_rate.exponent", "> 0"),
+    ({"kind": "adaptive"}, {"eval": {"every": 0}}, "eval.every", "eval.every >= 1"),
+    ({"kind": "adaptiv"}, {}, "schedule.averaging_rate.kind", "adaptive"),
+])
+def test_a_wrong_adaptive_averaging_rate_is_one_line_naming_its_field(averaging_rate, extra, field, phrase):
+    from raygossip.config import load_config
+    from raygossip.errors import UserError
+
+    with pytest.raises(UserError) as caught:
+        load_config(base={"schedule": {"averaging_rate": averaging_rate}, **extra})
+    assert caught.value.field == field and phrase in caught.value.message and "\n" not in str(caught.value)

@@ -93,10 +93,13 @@ def test_a_wrong_event_is_one_line_naming_its_field(timeline, field, phrase):
 @pytest.mark.parametrize("rule", ["choco", "adagossip"])
 @pytest.mark.parametrize("event", [{"round": 3, "action": "partition", "groups": HALVES},
                                    {"round": 3, "action": "topology", "topology": {"name": "complete"}}])
-def test_rules_with_public_copies_refuse_a_graph_change(rule, event):
-    with pytest.raises(UserError) as caught:
-        config_with([event], gossip={"rule": rule})
-    assert caught.value.field == "timeline[0].action" and "static graph" in caught.value.message
+def test_rules_with_public_copies_take_a_graph_change_and_keep_each_neighbours_copy(rule, event):
+    config = config_with([event], gossip={"rule": rule, "compressor": {"name": "top_k", "ratio": 0.1}})
+    assert compile_timeline(config).changes_graph
+    with pytest.raises(UserError) as caught:  # (a graph that changes every round stays refused)
+        config_with([{"round": 3, "action": "topology", "topology": {"name": "one_peer_exponential"}}],
+                    gossip={"rule": rule, "compressor": {"name": "top_k", "ratio": 0.1}})
+    assert caught.value.field == "timeline[0].topology.name" and "static graph" in caught.value.message
 
 
 def test_an_agent_is_killed_once():
@@ -464,3 +467,91 @@ def test_the_coordinator_schedules_wall_clock_events_a_few_rounds_ahead(ray_clus
     assert applied == {0: (scheduled[0], 0), 1: (scheduled[1], 1)}
     for record in result.records:
         assert record["gamma"] == (0.5 if record["round"] - 1 >= scheduled[0] else 1.0)
+
+
+def test_a_resumed_run_keeps_its_wall_clock_events_and_the_clock_runs_only_those_not_yet_due():
+    """The checkpoint says which wall-clock events were scheduled (and at which round) or skipped: after a resume the
+    first is in force at its round again (its round may still be ahead) and the clock passes over both; only the
+    third, not yet due at the checkpoint, is scheduled, once."""
+    import time
+    from types import SimpleNamespace
+
+    from raygossip.engines.timeline_clock import restore_schedule, run_clock
+
+    config = config_with([{"time_s": 0.0, "action": "gamma", "value": 0.5},
+                          {"time_s": 0.0, "action": "slow", "agents": [1], "factor": 2},
+                          {"time_s": 0.0, "action": "restore", "agents": [1]}])
+    plan = RunPlan(config, build_topology("ring", 8), 10)
+    skipped = restore_schedule(plan, {"timeline_scheduled": {"0": 30}, "timeline_skipped": [1]})
+    assert skipped == {1} and [plan.gamma(r) for r in (29, 30)] == [1.0, 0.5]
+    told, events = [], []
+
+    class Remote:
+        def __init__(self, call):
+            self.remote = call
+
+    agent = SimpleNamespace(position=Remote(lambda i: 70), schedule_event=Remote(lambda k, r: told.append((k, r))))
+    coordinator = SimpleNamespace(
+        plan=plan, config=config, finished=None, aborted=None, started=time.time() - 5.0, timeline_skipped=skipped,
+        agents=[agent] * 8, live=lambda: list(range(8)), gather=lambda refs: refs, hosts=lambda live: [agent],
+        event=lambda kind, **fields: events.append((kind, fields.get("index"))))
+    run_clock(coordinator)
+    assert events == [("timeline_scheduled", 2)] and [k for k, _ in told] == [2]
+    assert sorted(plan.timeline.scheduled) == [0, 2] and plan.timeline.scheduled[0] == 30
+
+
+# ---------------------------------------------------------------- compressed gossip under a changing graph; adaptive gamma
+
+
+def changing_graph_config(engine: str, rule: str = "choco") -> object:
+    """6 agents on a ring, CHOCO top-10 % (or AdaGossip): split in halves at round 4, agent 4 away from 6 to 14, the
+    halves healed at 10, the ring switched to the complete graph at 18; the adaptive averaging rate from 0.2 (a cosine
+    learning rate, so the agents come together at the end)."""
+    base = quickstart()
+    base["agents"] = {"count": 6}
+    base["model"] = {"name": "mlp", "hidden": [16]}
+    base["data"]["partition"] = {"kind": "dirichlet", "alpha": 0.1}
+    base["gossip"] = {"rule": rule, "compressor": {"name": "top_k", "ratio": 0.1}}
+    base["train"].update(epochs=6, steps_per_epoch=4, lr_schedule={"kind": "cosine"})
+    base["schedule"]["averaging_rate"] = {"kind": "adaptive", "gamma0": 0.2}
+    base["schedule"]["final_merge"] = {"enabled": False}
+    base["eval"] = {"every": 1}
+    base["runtime"] = {"engine": engine, "num_cpus_per_agent": 0.5, "agents_per_actor": 2, "progress": False,
+                       "wait_timeout_s": 60.0}
+    base["timeline"] = (Timeline().at(round=4).partition([[0, 1, 2], [3, 4, 5]]).at(round=6).leave([4])
+                        .at(round=10).heal().at(round=14).join([4], "neighbour").at(round=18).topology("complete")
+                        .build())
+    return load_config(base=base)
+
+
+def test_adagossip_keeps_s_equal_to_the_weighted_public_copies_through_every_graph_change():
+    outcome = ReferenceEngine(changing_graph_config("reference", "adagossip")).run(progress=False)
+    assert outcome["extra"]["public_copy_error"] < 1e-5
+    records = outcome["records"]
+    assert [r.get("agents") for r in records] == [None, [0, 1, 2, 3, 5], [0, 1, 2, 3, 5], None, None, None]
+
+
+def test_the_adaptive_rate_and_a_changing_graph_give_the_same_numbers_on_both_engines(ray_cluster, tmp_path):
+    """CHOCO under partition, heal, leave, join and a topology switch, with the coordinator's adaptive gamma: the Ray
+    engine in sync mode matches the reference engine exactly, and both keep s_i = sum_j W_ij x_hat_j."""
+    reference = ReferenceEngine(changing_graph_config("reference")).run(progress=False)
+    records = reference["records"]
+    assert reference["extra"]["public_copy_error"] < 1e-5
+    gammas = [r["gamma"] for r in records]
+    assert gammas == sorted(gammas) and gammas[0] == 0.2 and gammas[-1] > 0.5  # rising as the agents agree
+    set_at = {e["epoch"]: e["gamma"] for e in reference["events"] if e["kind"] == "gamma_set"}
+    assert sorted(set_at) == [1, 2, 3, 4, 5] and [set_at[e] for e in range(1, 6)] == gammas[1:]
+    assert distance_at(records, 12) > 3 * distance_at(records, 4) and distance_at(records, 20) < distance_at(records, 12) / 2
+
+    result = api.run(changing_graph_config("ray"), out_dir=tmp_path)
+    summary = result.summary
+    assert summary["status"] == "finished" and summary["public_copy_error"] < 1e-5
+    assert summary["adaptive_gamma"] == {str(e): g for e, g in set_at.items()} and summary["gamma"] == gammas[-1]
+    assert timeline_events(summary["events"]) == [(4, "partition"), (6, "leave"), (10, "heal"), (14, "join"),
+                                                  (18, "topology")]
+    assert len(result.records) == len(records)
+    for got, want in zip(result.records, records):
+        for key in ("local_test_accuracy", "merged_test_accuracy", "bytes_sent", "messages_sent",
+                    "consensus_distance", "train_loss", "gamma", "round"):
+            assert got[key] == want[key], key
+        assert got.get("agents") == want.get("agents")

@@ -87,7 +87,8 @@ class GossipRule(NamedTuple):
     applied exactly once, in order, and a neighbour that lost track of a sender needs its whole public copy:
     `resync(state, delta, weight)` adds weight * delta (what the receiver did not know of the sender's public
     copy) and `drop(state, known, weight)` removes a sender's known contribution for good. Rules with public
-    copies need a static graph."""
+    copies need a graph that is static between timeline events; at one, the same two hooks re-weight, drop and
+    open links (core.node_timeline.graph_step)."""
 
     name: str
     init: Callable[[Tensor], RuleState]

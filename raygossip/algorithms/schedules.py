@@ -59,6 +59,36 @@ def step_ramp(gamma0: float, milestones: Sequence[int], factor: float) -> Schedu
     return lambda epoch: min(1.0, gamma0 * factor ** sum(epoch >= m for m in marks))
 
 
+def adaptive_gamma(previous: float, reference: float, distance: float, gamma0: float, exponent: float = 1.0) -> float:
+    """The adaptive averaging rate after one more measured consensus distance (the coordinator runs it each epoch).
+
+    gamma = clip(gamma0 * (reference / distance) ** exponent, gamma0, 1), never below `previous`: a ratchet, so
+    gamma is monotone non-decreasing, as ARS (a noisy distance would otherwise make it jitter). `reference` is the
+    largest distance measured so far (the agents start from one model, so the distance first rises; a
+    first-epoch reference would pin gamma at gamma0). With exponent 1, gamma * distance is held at
+    gamma0 * reference: the consensus step (gamma times the disagreement it corrects) keeps its size while the
+    agents come closer, so gamma rises toward 1 as they agree. A distance of 0 gives 1; a non-finite one (or a
+    non-positive reference) changes nothing."""
+    if not (math.isfinite(distance) and math.isfinite(reference)) or reference <= 0.0:
+        return previous
+    if distance <= 0.0:
+        return 1.0
+    return max(previous, min(1.0, max(gamma0, gamma0 * (reference / distance) ** exponent)))
+
+
+def adaptive_gammas(gamma0: float, distances: Sequence[float], exponent: float = 1.0) -> list[float]:
+    """gamma after each of these per-epoch consensus distances: the fold of adaptive_gamma from gamma0, the
+    reference being the largest distance so far. Element k is gamma from the epoch after the k-th distance."""
+    out: list[float] = []
+    gamma, reference = gamma0, 0.0
+    for distance in distances:
+        if math.isfinite(distance):
+            reference = max(reference, distance)
+        gamma = adaptive_gamma(gamma, reference, distance, gamma0, exponent)
+        out.append(gamma)
+    return out
+
+
 AVERAGING_RATES: dict[str, Callable[..., Schedule]] = {
     "constant": constant,
     "ars": ars_exponential,
@@ -66,6 +96,8 @@ AVERAGING_RATES: dict[str, Callable[..., Schedule]] = {
     "cosine": cosine_ramp,
     "step": step_ramp,
 }
+"""The averaging-rate kinds that depend on the epoch alone; `adaptive` (adaptive_gamma) also on the run."""
+AVERAGING_RATE_KINDS = (*AVERAGING_RATES, "adaptive")
 
 
 # ---------------------------------------------------------------- communication: which rounds gossip

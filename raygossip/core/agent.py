@@ -13,6 +13,7 @@ from ..algorithms.compressors import Compressed, make_compressor
 from ..algorithms.consensus import GossipRule, RuleState, make_rule
 from ..config import Config
 from ..core.flat import FlatParameters
+from .timeline import changes_graph
 from ..data.datasets import Dataset, augment_batch
 from ..models import build_model
 from ..optim import build_optimizer, run_lr_schedule
@@ -94,6 +95,8 @@ class AgentCore:
         # absorbed from j), so that a link can be resynchronised or dropped after a failure; s stays the
         # weighted sum of these. Costs one parameter vector per neighbour, so only engines that survive
         # failures ask for it.
+        # A timeline that changes the graph needs them too (links are re-weighted, dropped and opened).
+        track_links = track_links or changes_graph(config.timeline)
         self.link_copies: dict[int, torch.Tensor] | None = {} if track_links and self.rule.public_copies else None
 
     # ------------------------------------------------------------ local training
@@ -199,6 +202,16 @@ class AgentCore:
         known = self.link_copies.pop(sender, None)
         if known is not None:
             self.state = self.rule.drop(self.state, known, weight)
+
+    def reweight_link(self, sender: int, old: float, new: float) -> None:
+        """Neighbour `sender`'s weight in s changes from `old` to `new` (a timeline changed the graph): s += (new - old)
+        x_hat_j as known; new 0 forgets the link (drop_link), old 0 adds nothing (its link letter brings x_hat_j)."""
+        if new == 0.0:
+            self.drop_link(sender, old)
+            return
+        known = self.link_copies.get(sender)
+        if old > 0.0 and known is not None:
+            self.state = self.rule.resync(self.state, known, new - old)
 
     def mix(self, self_weight: float, gamma: float) -> None:
         """The consensus step of this round, with self weight W_ii and averaging rate gamma."""

@@ -7,7 +7,7 @@ import time
 from collections import deque
 from typing import Callable
 
-from .wire import Letter
+from .wire import Kind, Letter
 
 
 class Mailbox:
@@ -128,7 +128,16 @@ class Mailbox:
         (or the sender is absent: nothing will come)."""
         if self.taken_round.get(sender, -1) >= round_index or self.absent(sender):
             return True
-        return any(l.round >= round_index and self._ready(l, now) for l in self.queues.get(sender, ()))
+        return any(l.round >= round_index and l.kind is not Kind.LINK and self._ready(l, now)
+                   for l in self.queues.get(sender, ()))
+
+    def has_link(self, sender: int, round_index: int, now: float) -> bool:
+        """Whether the link letter (Kind.LINK) of round_index from `sender` was taken or is queued and readable (or
+        the sender is absent)."""
+        if self.taken_round.get(sender, -1) >= round_index or self.absent(sender):
+            return True
+        return any(l.round >= round_index and l.kind is Kind.LINK and self._ready(l, now)
+                   for l in self.queues.get(sender, ()))
 
     def take_ready(self, sender: int, up_to_round: int | None = None) -> list[Letter]:
         """Pop, in order, the readable letters from `sender` (only rounds <= up_to_round if given)."""

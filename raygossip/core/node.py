@@ -22,7 +22,7 @@ from .agent import AgentCore
 from .batched import BatchedSteps
 from .faults import MessageFate
 from .mailbox import Mailbox
-from .peers import PeerTable
+from .peers import LinkWeights, PeerTable
 from .phases import PhaseClock
 from .plan import RunPlan
 from .timing import StepClock, link_delay
@@ -125,6 +125,10 @@ class GossipNode(TimelineSteps):
         self.corrupt_rounds = {c.round for c in core.config.faults.corrupt if c.agent == core.agent_id}
         self.divergence: dict | None = None  # {"step", "what"} once this agent's loss or parameters went non-finite
         self._round_plan: tuple[int, RoundPlan | None] = (-1, None)
+        # CHOCO/AdaGossip under a timeline that changes the graph: each in-link's weight in s (core.peers.LinkWeights)
+        self.links = (LinkWeights(plan.mixing_at(0)[self.agent_id], self.agent_id)
+                      if self.rule.public_copies and plan.timeline.changes_graph else None)
+        self.graph_round = -1  # the last round whose graph change this agent applied (graph_step)
 
     # ------------------------------------------------------------ the loop
 
@@ -186,6 +190,7 @@ class GossipNode(TimelineSteps):
     def send_round(self, round_index: int) -> None:
         """The first half of a round: this agent's message to its receivers (fault injection may end it here)."""
         self.round_reached = round_index
+        self.graph_step(round_index)
         if round_index == self.kill_round and self.supervisor is not None:
             self.supervisor.crash(self.agent_id, round_index, self.core.step)
         if round_index in self.corrupt_rounds:  # fault injection: this agent's parameters become NaN
@@ -202,6 +207,7 @@ class GossipNode(TimelineSteps):
 
     def finish_round(self, round_index: int) -> None:
         """The second half: wait as the mode says, absorb, mix; then a snapshot when one is due."""
+        self.graph_step(round_index)  # (a silent round: it was not sent)
         round_plan = self.round_plan(round_index)
         me = self.agent_id
         if round_plan is not None:
@@ -209,12 +215,27 @@ class GossipNode(TimelineSteps):
             if senders or me in round_plan.mixers:
                 self.receive(round_index, senders, round_plan)
             if me in round_plan.mixers:
+                gamma = self.gamma(round_index)
                 with self.phases("mix"), self.link_lock:
-                    self.core.mix(round_plan.weights[me][0] + self.peers.dropped_weight, self.plan.gamma(round_index))
+                    self.core.mix(round_plan.weights[me][0] + self.peers.dropped_weight, gamma)
         self.send_states(round_index)  # (to an agent that joins from this one at the next round)
         every = self.options.snapshot_every
         if every and (round_index + 1) % every == 0 and self.supervisor is not None:
             self.keep_snapshot()
+
+    def gamma(self, round_index: int) -> float:
+        """This round's averaging rate. An adaptive one comes from the coordinator after each epoch's record: in
+        sync mode the node waits for it (so both engines mix with the same gamma), otherwise it takes the latest
+        it has."""
+        if self.options.mode == "sync" and not self.plan.has_gamma(round_index):
+            deadline = time.time() + self.options.wait_timeout_s
+            with self.phases("wait"):
+                while not self.plan.has_gamma(round_index) and not self.stop_requested.is_set():
+                    if time.time() > deadline:
+                        self.event("gamma_timeout", round=round_index)
+                        break
+                    time.sleep(0.001)
+        return self.plan.gamma(round_index)
 
     def finish(self) -> None:
         """The loop ended: tell every live peer that nothing more comes."""
@@ -279,6 +300,9 @@ class GossipNode(TimelineSteps):
     def resync_receivers(self) -> list[int]:
         """Who gets this agent's resync letters: its out-neighbours for a rule with public copies (a static
         graph), else everyone (round marks are tiny, and the graph may change every round)."""
+        if self.links is not None:  # the graph in force now
+            column = self.plan.mixing_at(self.round_reached)[:, self.agent_id]
+            return [k for k in self.peers.others if column[k] > 0]
         return self.peers.out_neighbours if self.rule.public_copies else self.peers.others
 
     def post_resync(self, receiver: int) -> None:
@@ -317,17 +341,18 @@ class GossipNode(TimelineSteps):
         wait_for = self.wait_round(round_index)
         if wait_for is not None and wait_for >= 0:
             expected = self.expected_senders(wait_for, senders if wait_for == round_index else None)
-            if expected:
-                self.wait_for(expected, wait_for, round_index)
+            links = self.opened_links(round_index) if self.options.mode == "sync" else []
+            if expected or links:
+                self.wait_for(expected, wait_for, round_index, links)
         with self.phases("absorb"):
             self.absorb_ready(round_index, senders, round_plan)
 
-    def wait_for(self, expected: list[int], wait_for: int, round_index: int) -> None:
-        """Wait until every expected sender's letter of round `wait_for` is here (or the sender is absent: dead,
-        dropped, away). Sync and bounded runs never go on without it, so that a slow machine cannot change a sync
-        run's numbers: past runtime.wait_timeout_s a `wait_timeout` event names the missing senders and the wait goes
-        on; a peer that died is reported absent by the supervisor, and a run in which no agent steps any more is
-        stopped by the coordinator (`run_stalled`)."""
+    def wait_for(self, expected: list[int], wait_for: int, round_index: int, links: list[int] = ()) -> None:
+        """Wait until every expected sender's letter of round `wait_for` (and each link letter of this round from
+        `links`, sync mode) is here, or the sender is absent (dead, dropped, away). Sync and bounded runs never go on
+        without it, so that a slow machine cannot change a sync run's numbers: past runtime.wait_timeout_s a
+        `wait_timeout` event names the missing senders and the wait goes on; a peer that died is reported absent by
+        the supervisor, and a run in which no agent steps any more is stopped by the coordinator (`run_stalled`)."""
         started = time.time()
         mailbox = self.mailbox
         timed_out = False
@@ -340,7 +365,9 @@ class GossipNode(TimelineSteps):
                                                           deadline, self.stop_requested.is_set):
                             self.accept(letter)
                 ok = mailbox.wait_until(
-                    lambda now: self.stop_requested.is_set() or all(mailbox.has_round(j, wait_for, now) for j in expected),
+                    lambda now: self.stop_requested.is_set() or (
+                        all(mailbox.has_round(j, wait_for, now) for j in expected)
+                        and all(mailbox.has_link(j, round_index, now) for j in links)),
                     deadline,
                 )
             if ok or self.stop_requested.is_set():
@@ -348,8 +375,10 @@ class GossipNode(TimelineSteps):
             if not timed_out:
                 timed_out = True
                 self.counters["timeouts"] += 1
+                now = time.time()
                 self.event("wait_timeout", round=round_index,
-                           missing=[j for j in expected if not mailbox.has_round(j, wait_for, time.time())])
+                           missing=[j for j in expected if not mailbox.has_round(j, wait_for, now)]
+                           + [j for j in links if not mailbox.has_link(j, round_index, now)])
         self.waited_s += time.time() - started
 
     def absorb_ready(self, round_index: int, senders: list[int], round_plan: RoundPlan) -> None:
@@ -363,7 +392,7 @@ class GossipNode(TimelineSteps):
         whole_models = self.rule.whole_models
         weights = dict(round_plan.weights.get(self.agent_id, (1.0, {}))[1])
         if self.rule.public_copies:
-            weights = self.peers.in_weights  # public copies need a static graph
+            weights = self.peers.in_weights  # (a graph a timeline changes: the link weights, apply_letters)
         taken: list[Letter] = []
         quiet: list[int] = []
         for sender in sorted(set(senders) | set(self.mailbox.queues)):
@@ -373,7 +402,7 @@ class GossipNode(TimelineSteps):
                 letters = [letter for letter in letters if letter.kind is Kind.GOSSIP][-1:]  # the newest counts
                 if not letters and self.reuse_last_models and sender in senders:
                     quiet.append(sender)
-            taken.extend(letter for letter in letters if letter.kind in (Kind.GOSSIP, Kind.FULL))
+            taken.extend(letter for letter in letters if letter.kind in (Kind.GOSSIP, Kind.FULL, Kind.LINK))
         with self.link_lock:
             self.apply_letters(taken, weights, round_index)
             for sender in quiet:
@@ -386,6 +415,9 @@ class GossipNode(TimelineSteps):
     def apply_letters(self, letters: list[Letter], weights: dict[int, float], round_index: int | None) -> None:
         """Absorb gossip messages and apply full public copies (call with link_lock held)."""
         for letter, message in zip(letters, self.transport.open(letters)):
+            if self.links is not None:  # the weight in force at the letter's round (or a later one)
+                self.move_link(letter.sender, letter.round)
+                weights = self.links.weight
             weight = 0.0 if letter.sender in self.peers.dropped else weights.get(letter.sender, 0.0)
             if message is None:  # its object-store copy died with its sender
                 self.counters["lost_messages"] += 1
@@ -393,7 +425,7 @@ class GossipNode(TimelineSteps):
             if not all_finite([a for a in message.arrays.values() if a.is_floating_point()]):
                 self.counters["nonfinite_messages"] += 1  # a diverged sender's: never absorbed
                 continue
-            if letter.kind is Kind.FULL:
+            if letter.kind in (Kind.FULL, Kind.LINK):
                 if self.core.link_copies is not None and weight > 0.0:
                     self.core.resync_link(letter.sender, message.arrays["x_hat"], weight)
                     self.counters["resyncs"] += 1
@@ -415,6 +447,9 @@ class GossipNode(TimelineSteps):
     def drain(self, timeout_s: float) -> int:
         """After the run: once every live in-neighbour's final letter arrived, absorb every message still queued."""
         senders = [j for j in self.peers.in_weights if j not in self.peers.dropped]
+        if self.links is not None:  # the in-neighbours of the graph in force at the end
+            row = self.plan.mixing_at(self.plan.total_rounds - 1)[self.agent_id]
+            senders = [j for j in self.peers.others if row[j] > 0 and j not in self.peers.dropped]
         deadline = time.time() + timeout_s
         mailbox = self.mailbox
         for j in senders:
@@ -426,11 +461,11 @@ class GossipNode(TimelineSteps):
             deadline,
         )
         taken = [letter for sender in sorted(mailbox.queues) for letter in mailbox.take_ready(sender)
-                 if letter.kind in (Kind.GOSSIP, Kind.FULL)]
+                 if letter.kind in (Kind.GOSSIP, Kind.FULL, Kind.LINK)]
         if self.rule.whole_models:
             return len(taken)
         with self.link_lock:
-            self.apply_letters(taken, {j: self.peers.in_weights[j] for j in senders}, None)
+            self.apply_letters(taken, {j: self.peers.in_weights.get(j, 0.0) for j in senders}, None)
         return len(taken)
 
     # ------------------------------------------------------------ peers that die, come back or go
@@ -498,6 +533,10 @@ class GossipNode(TimelineSteps):
                 for j in self.peers.dropped:
                     self.core.drop_link(j, self.peers.in_weights.get(j, 0.0))
         self.round_reached = self.core.step // self.plan.local_steps - 1
+        if self.links is not None:  # the snapshot's s counts its links with the weights of its round
+            self.links = LinkWeights(self.plan.mixing_at(self.round_reached)[self.agent_id], self.agent_id,
+                                     self.round_reached)
+            self.graph_round = self.round_reached
         return self.core.step
 
     def keep_snapshot(self) -> None:

@@ -1,4 +1,5 @@
-"""What a gossip node does for the run's timeline: record events as they take effect, leave and join, link faults.
+"""What a gossip node does for the run's timeline: record events as they take effect, leave and join, link faults,
+and, for CHOCO/AdaGossip, keep s = sum_j W_ij x_hat_j when the graph changes.
 
 GossipNode inherits these; they read the node's plan, mailbox, transport and core, and change nothing else.
 """
@@ -53,6 +54,8 @@ class TimelineSteps:
                 self.core.load_buffers({k[len("buffer."):]: v for k, v in arrays.items() if k.startswith("buffer.")})
             self.core.optimizer.state.clear()
             self.core.state = self.rule.init(self.core.flat.data)
+            if self.core.link_copies is not None:  # (s is zero again: it knows no neighbour's public copy)
+                self.core.link_copies = {}
             self.last_models.clear()
 
     def await_state(self, sponsor: int, round_index: int) -> dict[str, torch.Tensor] | None:
@@ -107,3 +110,46 @@ class TimelineSteps:
             return False
         loss = self.plan.conditions(round_index).link_of(self.agent_id, receiver).loss
         return lost_on_link(loss, self.core.config.seed, self.agent_id, receiver, round_index, self.incarnation)
+
+    # ------------------------------------------------------------ a changing graph with public copies
+
+    def graph_step(self, round_index: int) -> None:
+        """Once per round, before this round's message (CHOCO/AdaGossip under a timeline that changes the graph):
+        the in-links whose weight W_ij changes now are re-weighted in s (s += (new - old) x_hat_j as known) or
+        dropped, and this agent's whole public copy goes, as a link letter, to every agent whose link from it opens
+        now (the rule's resync adds it there), so that s_i = sum_j W_ij x_hat_j holds for the new W."""
+        if self.links is None or round_index <= self.graph_round:
+            return
+        self.graph_round = round_index
+        if round_index == 0:
+            return
+        before, now = self.plan.mixing_at(round_index - 1), self.plan.mixing_at(round_index)
+        if before is now:
+            return
+        me = self.agent_id
+        with self.link_lock:
+            for j in self.peers.others:
+                self.move_link(j, round_index)
+            opened = [k for k in self.peers.live(self.peers.others) if before[k, me] == 0 and now[k, me] > 0]
+            for k in opened:
+                x_hat = self.core.public_copy()
+                nbytes = x_hat.numel() * x_hat.element_size()
+                sent_at = time.time()
+                self.core.traffic.record([k], nbytes)
+                self.post(k, Kind.LINK, round_index, Compressed({"x_hat": x_hat}, x_hat.numel()), sent_at,
+                          sent_at + self.delay(nbytes, k))
+
+    def move_link(self, sender: int, round_index: int) -> None:
+        """The in-link from `sender` takes its weight of this round, if that round is later than its weight's (call
+        with link_lock held)."""
+        change = self.links.move(sender, round_index, float(self.plan.mixing_at(round_index)[self.agent_id, sender]))
+        if change is not None:
+            self.core.reweight_link(sender, *change)
+
+    def opened_links(self, round_index: int) -> list[int]:
+        """The agents whose link to this one opens at this round (their link letters come this round)."""
+        if self.links is None or round_index == 0:
+            return []
+        before, now = self.plan.mixing_at(round_index - 1), self.plan.mixing_at(round_index)
+        me = self.agent_id
+        return [j for j in self.peers.live(self.peers.others) if before[me, j] == 0 and now[me, j] > 0]

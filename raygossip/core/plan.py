@@ -26,7 +26,7 @@ def averaging_rate(config: Config) -> Schedule:
     """The averaging-rate schedule (by epoch) the config asks for."""
     spec = config.schedule.averaging_rate
     gamma0 = spec.gamma0 if spec.gamma0 is not None else config.gossip.gamma
-    if spec.kind == "constant":
+    if spec.kind in ("constant", "adaptive"):  # adaptive: gamma0 until the coordinator sets gamma (set_gamma)
         return AVERAGING_RATES["constant"](gamma0)
     if spec.kind == "ars":
         return AVERAGING_RATES["ars"](gamma0, spec.growth)
@@ -51,6 +51,39 @@ class RunPlan:
         object.__setattr__(self, "_plans", {})
         object.__setattr__(self, "_timeline", compile_timeline(self.config))
         object.__setattr__(self, "_topologies", {})  # the topologies timeline events switch to, by their keys
+        object.__setattr__(self, "_adaptive", {})  # adaptive averaging rate: epoch -> gamma from that epoch on
+
+    # ------------------------------------------------------------ the adaptive averaging rate
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether gamma is the adaptive averaging rate, which the coordinator sets during the run (set_gamma)."""
+        return self.config.schedule.averaging_rate.kind == "adaptive"
+
+    def set_gamma(self, epoch: int, gamma: float) -> None:
+        """The adaptive averaging rate from this epoch on (the coordinator's, from the consensus distance measured
+        at the end of epoch - 1). Safe to call from another thread while the agents read gamma."""
+        self._adaptive[int(epoch)] = float(gamma)
+
+    def adaptive_gammas(self) -> dict[int, float]:
+        """epoch -> adaptive gamma from that epoch on, as set so far."""
+        return dict(self._adaptive)
+
+    def gamma_epoch(self, round_index: int) -> int | None:
+        """The epoch whose adaptive gamma round `round_index` uses: the latest epoch e >= 1, not after the round's,
+        that follows a record (the end of epoch e - 1 is an evaluation step); None: gamma0 (no record before)."""
+        epoch = self.epoch_of_step(self.last_step_of_round(round_index))
+        for e in range(epoch, 0, -1):
+            if self.is_eval_step(e * self.steps_per_epoch - 1):
+                return e
+        return None
+
+    def has_gamma(self, round_index: int) -> bool:
+        """Whether the gamma of this round is known here (always, except an adaptive one not yet set)."""
+        if not self.adaptive or self._timeline.at(round_index).gamma is not None:
+            return True
+        epoch = self.gamma_epoch(round_index)
+        return epoch is None or epoch in self._adaptive
 
     @property
     def timeline(self) -> CompiledTimeline:
@@ -84,6 +117,20 @@ class RunPlan:
                 start = event.start or "neighbour"
                 out[agent] = (start, pick_sponsor(mixing, there, agent) if start == "neighbour" else None)
         return out
+
+    def mixing_at(self, round_index: int) -> np.ndarray:
+        """W in force at this round for a rule with public copies (a static graph): the graph's, with the timeline's
+        partition cut and the agents that left removed (rows stay stochastic). Round -1: round 0's."""
+        round_index = max(0, round_index)
+        timeline = self._timeline
+        key = ("mixing", timeline.generation, timeline.segment(round_index))
+        mixing = self._plans.get(key)
+        if mixing is None:
+            conditions = timeline.at(round_index)
+            mixing = self._plans[key] = remove_absent(
+                cut_mixing(self.topology_at(round_index).mixing(round_index, self.config.seed), conditions.groups),
+                conditions.absent)
+        return mixing
 
     def topology_at(self, round_index: int) -> Topology:
         """The graph in force at this round: the config's, or the last one a timeline event switched to."""
@@ -130,6 +177,10 @@ class RunPlan:
         override = self._timeline.at(round_index).gamma
         if override is not None:
             return override
+        if self.adaptive:  # the latest gamma set at or before the round's epoch (sync agents wait for theirs)
+            epoch = self.epoch_of_step(self.last_step_of_round(round_index))
+            known = [e for e in tuple(self._adaptive) if e <= epoch]
+            return self._adaptive[max(known)] if known else float(self._rate(0))
         epoch = self.epoch_of_step(self.last_step_of_round(round_index))
         gamma = self._gammas.get(epoch)
         if gamma is None:
@@ -190,7 +241,10 @@ def _round_plan(plan: RunPlan, round_index: int, spec: CommunicationKindConfig |
         return None
     mixing = remove_absent(cut_mixing(plan.topology_at(round_index).mixing(round_index, seed), conditions.groups),
                            conditions.absent)
-    return plan_round(mixing, round_index, rule=plan.config.gossip.rule, pull=spec.pull, active=active, seed=seed)
+    planned = plan_round(mixing, round_index, rule=plan.config.gossip.rule, pull=spec.pull, active=active, seed=seed)
+    if conditions.absent:  # (CHOCO/AdaGossip: every agent mixes, except those away)
+        planned = replace(planned, mixers=planned.mixers - conditions.absent)
+    return planned
 
 
 def steps_per_epoch(config: Config, train_size: int) -> int:

@@ -107,7 +107,7 @@ JOIN_STARTS = ("neighbour", "scratch")
 @dataclass(frozen=True)
 class Action:
     """One timeline action: the event keys it takes (and needs), how it changes the conditions, and
-    whether it changes the graph (which CHOCO/AdaGossip's x_hat bookkeeping cannot follow)."""
+    whether it changes the graph (CHOCO/AdaGossip then re-weight, drop or open links: core.node_timeline)."""
 
     keys: tuple[str, ...]
     required: tuple[str, ...]
@@ -297,9 +297,13 @@ def check_event(event: TimelineEventConfig, where: str, rule: str) -> Action:
              "give exactly one of round (a communication round) and time_s (seconds of wall-clock time)")
     _require(event.round is None or event.round >= 0, f"{where}.round", f"must be >= 0, got {event.round}")
     _require(event.time_s is None or event.time_s >= 0, f"{where}.time_s", f"must be >= 0 seconds, got {event.time_s}")
-    _require(not action.changes_graph or rule == "dpsgd", f"{where}.action",
-             f"{event.action} changes the graph; {rule} needs a static graph (x_hat bookkeeping): use gossip.rule: dpsgd")
     return action
+
+
+def changes_graph(events: list[TimelineEventConfig]) -> bool:
+    """Whether some event changes the graph: CHOCO/AdaGossip agents then keep each neighbour's public copy, so that
+    every change re-weights, drops or (by a link letter) opens the links it touches (core.node_timeline)."""
+    return any(event.action in ACTIONS and ACTIONS[event.action].changes_graph for event in events)
 
 
 class CompiledTimeline:
@@ -338,6 +342,7 @@ class CompiledTimeline:
         self.slowed = frozenset(i for i in range(base.n) if any(c.factors[i] != 1.0 for c in self.segments))
         self.has_links = any(self.events[k].action == "link" for _, k in self.effective)
         self.has_leaves = any(self.events[k].action == "leave" for _, k in self.effective)
+        self.changes_graph = changes_graph(self.events)  # (wall-clock events too: they may be scheduled later)
 
     def _check_order(self, key: str) -> None:
         previous, where = None, None

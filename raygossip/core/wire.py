@@ -17,6 +17,7 @@ class Kind(str, Enum):
     LOST = "lost"  # dropped by fault injection: it takes the place of the message in the stream
     FIN = "fin"  # the sender's loop ended: nothing more comes
     STATE = "state"  # the sender's whole model, for an agent that joins (a timeline's join) at the next round
+    LINK = "link"  # the sender's whole public copy x_hat, to a neighbour whose link from it a timeline opens now
 
 
 @dataclass

@@ -160,6 +160,13 @@ class AgentActor:
                     self.nodes[i].kill_round = round_index
 
     @ray.method(concurrency_group="control")
+    def set_gammas(self, gammas: dict[int, float]) -> None:
+        """The adaptive averaging rate the coordinator set: epoch -> gamma from that epoch on (a shared plan)."""
+        plan = next(iter(self.nodes.values())).plan
+        for epoch, gamma in gammas.items():
+            plan.set_gamma(int(epoch), gamma)
+
+    @ray.method(concurrency_group="control")
     def position(self, agent: int) -> int:
         return self.nodes[agent].core.step
 

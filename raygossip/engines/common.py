@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 
 from raygossip.algorithms.merge import consensus_distance, global_average
+from raygossip.algorithms.schedules import adaptive_gamma
 from raygossip.algorithms.topology import Topology, build_topology, spectral_report
 from raygossip.config import Config, RuntimeConfig
 from raygossip.core.agent import evaluate, make_model, reestimate_batchnorm
@@ -123,6 +125,63 @@ def _partition_params(config: Config, n_samples: int) -> dict:
         "shards": ("shards_per_agent",),
     }.get(part.kind, ())
     return {key: value for key, value in params.items() if key in takes}
+
+
+class AdaptiveRate:
+    """The adaptive averaging rate as either engine's coordinator runs it: after each record at an epoch's end, the
+    gamma of the next epoch (algorithms.schedules.adaptive_gamma), set in the plan and returned as an event."""
+
+    def __init__(self, plan: RunPlan) -> None:
+        self.plan = plan
+        spec = plan.config.schedule.averaging_rate
+        self.gamma0 = spec.gamma0 if spec.gamma0 is not None else plan.config.gossip.gamma
+        self.exponent = spec.exponent
+        self.gamma = self.gamma0
+        self.reference: float | None = None
+
+    def observe(self, step: int, distance: float) -> dict | None:
+        """The record after 0-based local step `step` measured this consensus distance: the `gamma_set` event of the
+        epoch that follows (None: not adaptive, not an epoch's end, or the run's last)."""
+        plan = self.plan
+        if not plan.adaptive or (step + 1) % plan.steps_per_epoch != 0:
+            return None
+        epoch = (step + 1) // plan.steps_per_epoch
+        if epoch >= plan.config.train.epochs:
+            return None
+        if math.isfinite(distance):  # the reference: the largest distance so far (schedules.adaptive_gamma)
+            self.reference = max(self.reference or 0.0, float(distance))
+        self.gamma = adaptive_gamma(self.gamma, self.reference or 0.0, float(distance), self.gamma0, self.exponent)
+        plan.set_gamma(epoch, self.gamma)
+        return {"kind": "gamma_set", "epoch": epoch, "step": step + 1, "gamma": self.gamma,
+                "consensus_distance": float(distance), "reference_distance": self.reference or 0.0}
+
+    def restore(self, events: list[dict], step: int) -> list[dict]:
+        """A resumed run at (1-based) `step`: the gammas its checkpoint's events set for epochs that begin by then,
+        back in the plan; returns the events without the later gamma_set ones (the run sets those again)."""
+        kept = []
+        for event in events:
+            if event.get("kind") == "gamma_set":
+                if event["step"] > step:
+                    continue
+                self.plan.set_gamma(event["epoch"], event["gamma"])
+                self.gamma, self.reference = event["gamma"], event["reference_distance"]
+            kept.append(event)
+        return kept
+
+
+def public_copy_error(plan: RunPlan, states: dict[int, dict[str, np.ndarray]], agents: Sequence[int]) -> float:
+    """max |s_i - sum_j W_ij x_hat_j| over these agents (those there at the end) and their neighbours among them,
+    W the graph in force at the last round (CHOCO/AdaGossip; 0 when every message, resync, drop and graph change
+    was applied exactly once). states: agent -> its rule state's arrays (x_hat, s)."""
+    mixing = plan.mixing_at(plan.total_rounds - 1)
+    error = 0.0
+    for i in agents:
+        want = np.zeros_like(states[i]["s"], dtype=np.float64)
+        for j in agents:
+            if j != i and mixing[i, j] > 0:
+                want += mixing[i, j] * states[j]["x_hat"].astype(np.float64)
+        error = max(error, float(np.max(np.abs(states[i]["s"] - want))))
+    return error
 
 
 def average_buffers(buffer_sets: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -289,6 +348,9 @@ def summary_record(
         "std_local_test_accuracy": last.get("std_local_test_accuracy"),
         "local_test_accuracy": last.get("local_test_accuracy"),
         "consensus_distance": last["consensus_distance"],
+        "gamma": last.get("gamma"),
+        **({"adaptive_gamma": {str(e["epoch"]): e["gamma"] for e in events if e.get("kind") == "gamma_set"}}
+           if setup.plan.adaptive else {}),
         "bytes_sent": int(sum(t.bytes_sent for t in traffic)),
         "messages_sent": int(sum(t.messages_sent for t in traffic)),
         "bytes_sent_per_agent": [int(t.bytes_sent) for t in traffic],

@@ -17,13 +17,14 @@ from raygossip.algorithms.topology import build_topology
 from raygossip.config import Config, from_dict
 from raygossip.core.plan import RunPlan
 from raygossip.engines.ray_setup import dataset_from_numpy, pin_threads
-from raygossip.engines.common import MergedModel, RunSetup, average_buffers, merge_all, network_record
+from raygossip.algorithms.merge import consensus_distance
+from raygossip.engines.common import AdaptiveRate, MergedModel, RunSetup, average_buffers, merge_all, network_record
 from raygossip.engines.records import RecordBook, Report
 from raygossip.engines.run_checkpoints import Checkpoints
 from raygossip.engines.supervision import Supervision
 from raygossip.engines.agent_states import split_state, traffic_of
 from raygossip.engines.snapshots import make_snapshot_dir
-from raygossip.engines.timeline_clock import run_clock
+from raygossip.engines.timeline_clock import restore_schedule, run_clock
 
 
 @ray.remote(concurrency_groups={"report": 1, "control": 2})
@@ -40,6 +41,8 @@ class Coordinator(Supervision, Checkpoints):
         self.plan = RunPlan(self.config, topology, steps_per_epoch)
         setup = RunSetup(self.config, dataset, [], topology, self.plan, test_x, test_y, {})
         self.merged = MergedModel(setup)
+        self.adaptive = AdaptiveRate(self.plan)  # (schedule.averaging_rate.kind adaptive: gamma from each epoch's record)
+        self.timeline_skipped: set[int] = set()  # wall-clock timeline events that could not be scheduled
         n = self.config.agents.count
         self.agents: list[Any] = []  # agent -> the actor that hosts it (runtime.agents_per_actor agents share one)
         self.group_of: dict[int, int] = {}
@@ -98,8 +101,10 @@ class Coordinator(Supervision, Checkpoints):
         self.checkpoint_dir = checkpoint_dir
         self.started = time.time()
         if resumed is not None:
-            self.before = {"records": list(resumed.get("record_list", [])), "events": list(resumed["events"])}
             self.resumed_from = int(resumed["step"])
+            events = self.adaptive.restore(list(resumed["events"]), self.resumed_from)
+            self.before = {"records": list(resumed.get("record_list", [])), "events": events}
+            self.restore_timeline(resumed)
             self.book.resumed_from = self.resumed_from
             self.started = time.time() - float(resumed["wall_time_s"])  # the run's clock goes on
             self.event("resumed", step=self.resumed_from)
@@ -109,6 +114,8 @@ class Coordinator(Supervision, Checkpoints):
             for g, members in enumerate(recipe["groups"]):  # an actor that hosts dropped agents only
                 if all(i in self.dropped for i in members):
                     ray.kill(self.agents[members[0]])
+        if resumed is not None:  # what the run decided before its checkpoint: wall-clock events, adaptive gammas
+            self.brief(self.hosts(self.live()))
         resync = resumed is not None and self.config.runtime.mode != "sync"  # in-flight messages were not saved
         checkpoints = checkpoint_dir is not None
         self.runs = {}
@@ -117,6 +124,20 @@ class Coordinator(Supervision, Checkpoints):
         self.event("run_started", agents=len(self.runs))
         if self.plan.timeline.timed:  # wall-clock timeline events
             threading.Thread(target=run_clock, args=(self,), daemon=True).start()
+
+    def restore_timeline(self, resumed: dict) -> None:
+        """A resumed run: its wall-clock events scheduled (or skipped) before the checkpoint stay so (run_clock skips
+        them): one already in force does not run again, one scheduled at a later round still takes effect there."""
+        self.timeline_skipped.update(restore_schedule(self.plan, resumed))
+
+    def brief(self, hosts: list[Any]) -> None:
+        """Tell new actors (a resumed run's, restarted ones) what the run decided while it went: the wall-clock
+        timeline events scheduled so far and the adaptive averaging rate set so far."""
+        scheduled = sorted(self.plan.timeline.scheduled.items())
+        gammas = self.plan.adaptive_gammas()
+        refs = [host.schedule_event.remote(index, round_index) for host in hosts for index, round_index in scheduled]
+        refs += [host.set_gammas.remote(gammas) for host in hosts if gammas]
+        self.gather(refs)
 
     def gather(self, refs: list[Any]) -> list[Any]:
         """Results of calls to agents, None for an agent that died meanwhile (its own run reference tells the
@@ -309,6 +330,12 @@ class Coordinator(Supervision, Checkpoints):
         order = [i for i in counted if not self.plan.absent(i, step)]  # (not away after a timeline's leave)
         states = [split_state(reports[i].state) for i in order]
         vectors = [params for params, _ in states]
+        if self.plan.adaptive:  # before the merged evaluation: sync agents wait for this gamma
+            gamma_set = self.adaptive.observe(step, consensus_distance(vectors))
+            if gamma_set is not None:
+                for host in self.hosts(self.live()):
+                    host.set_gammas.remote({gamma_set["epoch"]: gamma_set["gamma"]})
+                self.event(**gamma_set)
         self.merged.load(global_average(vectors), average_buffers([buffers for _, buffers in states]))
         accuracies = [reports[i].accuracy for i in order]
         rounds_done = (step + 1) // self.plan.local_steps
@@ -379,6 +406,11 @@ class Coordinator(Supervision, Checkpoints):
         accuracy = merge_all(self.merged, self.gather_states(), broadcast, reestimate_local)
         self.event("merge_done", merged_test_accuracy=accuracy, bn=spec.bn, agents=len(live))
         return {"merged_accuracy": accuracy, "state_dict": {k: v.numpy() for k, v in self.merged.state_dict().items()}}
+
+    @ray.method(concurrency_group="control")
+    def timeline_scheduled(self) -> dict[int, int]:
+        """Wall-clock timeline events scheduled so far: index -> the round they are in force from."""
+        return dict(self.plan.timeline.scheduled)
 
     @ray.method(concurrency_group="control")
     def get_events(self) -> list[dict]:

@@ -17,7 +17,7 @@ from raygossip.config import Config, to_dict
 from raygossip.core.timing import slowdown_factors
 from raygossip.engines.channels import BUFFERS as CHANNEL_BUFFERS, ENVELOPE_BYTES as CHANNEL_ENVELOPE, available as channels_available
 from raygossip.engines.cluster import ensure_ray, on_started_node
-from raygossip.engines.common import Observer, RunSetup, agent_threads
+from raygossip.engines.common import Observer, RunSetup, agent_threads, public_copy_error
 from raygossip.core.agent import Traffic
 from raygossip.core.placement import agent_groups, edges_inside
 from raygossip.engines.agent_actor import spawn_host
@@ -362,12 +362,12 @@ class RayEngine:
         live = self.live
         ray.get([agent.drain.remote(i, self.config.runtime.wait_timeout_s) for i, agent in live.items()])
         states = dict(zip(live, ray.get([agent.rule_state.remote(i) for i, agent in live.items()])))
-        mixing = self.setup.topology.mixing(0)
-        error = 0.0
-        for i in live:
-            want = sum(mixing[i, j] * states[j]["x_hat"].astype(np.float64) for j in live if j != i and mixing[i, j] > 0)
-            error = max(error, float(np.max(np.abs(states[i]["s"] - want))))
-        return error
+        plan = self.setup.plan
+        for index, round_index in sorted(ray.get(self.coordinator.timeline_scheduled.remote()).items()):
+            if index not in plan.timeline.scheduled:  # the graph in force at the end, wall-clock events included
+                plan.schedule(index, round_index)
+        there = [i for i in live if not plan.absent(i, plan.total_steps - 1)]  # (not away after a timeline's leave)
+        return public_copy_error(plan, states, there)
 
     def close(self) -> None:
         """Kill the actors and free the placement group (and stop Ray if this engine started it)."""

@@ -15,7 +15,8 @@ from raygossip.core.placement import agent_groups
 from raygossip.core.timeline import timeline_record
 from raygossip.core.transports import InProcessTransport
 from raygossip.engines.common import (
-    MergedModel, Observer, RunSetup, agent_threads, average_buffers, merge_all, network_record, prepare,
+    AdaptiveRate, MergedModel, Observer, RunSetup, agent_threads, average_buffers, merge_all, network_record, prepare,
+    public_copy_error,
 )
 from raygossip.algorithms.merge import global_average
 from raygossip.config import Config
@@ -51,6 +52,7 @@ class ReferenceEngine:
             groups = agent_groups(self.setup.topology.mixing(0), config.runtime.agents_per_actor)
             self.batched = [([self.nodes[i] for i in g], BatchedSteps([self.agents[i] for i in g])) for g in groups]
         self.merged = MergedModel(self.setup, self.device)
+        self.adaptive = AdaptiveRate(plan)  # (schedule.averaging_rate.kind adaptive: gamma from each epoch's record)
         self.events: list[dict] = []
         self.rounds_done = 0
         self.communication_rounds = 0
@@ -154,11 +156,11 @@ class ReferenceEngine:
 
     def restore(self, run_state: dict, agents: list[tuple[dict, dict]]) -> int:
         """Continue from a checkpoint; returns the first step still to run."""
-        for agent, (tensors, meta) in zip(self.agents, agents):
-            agent.restore(tensors, meta)
+        for node, (tensors, meta) in zip(self.nodes, agents):
+            node.restore(tensors, meta)
         self.rounds_done = run_state["rounds_done"]
         self.communication_rounds = run_state["communication_rounds"]
-        self.events = list(run_state["events"])
+        self.events = self.adaptive.restore(list(run_state["events"]), run_state["step"])
         self.elapsed_before = run_state["wall_time_s"]
         self.events.append({"time_s": self.elapsed_before, "kind": "resumed", "step": run_state["step"]})
         return run_state["step"]
@@ -209,6 +211,9 @@ class ReferenceEngine:
             if plan.is_eval_step(step):
                 record = self.evaluate(step)
                 records.append(record)
+                gamma_set = self.adaptive.observe(step, record["consensus_distance"])
+                if gamma_set is not None:
+                    self.events.append({"time_s": self.elapsed(), **gamma_set})
                 if observer is not None:
                     observer(record)
                 bar.set_postfix(round=record["round"], merged=f"{record['merged_test_accuracy']:.3f}",
@@ -222,8 +227,15 @@ class ReferenceEngine:
             return {"records": records, "merged_accuracy": None, "last": last, "events": self.events,
                     "aborted": self.aborted}
         last = records[-1]
+        extra = {"public_copy_error": self.public_copy_error()} if self.nodes[0].rule.public_copies else {}
         merged = self.final_merge() if self.config.schedule.final_merge.enabled else last["merged_test_accuracy"]
-        return {"records": records, "merged_accuracy": merged, "last": last, "events": self.events}
+        return {"records": records, "merged_accuracy": merged, "last": last, "events": self.events, "extra": extra}
+
+    def public_copy_error(self) -> float:
+        """CHOCO/AdaGossip: max |s_i - sum_j W_ij x_hat_j| over the agents there at the end (as the Ray engine)."""
+        there = self.present(self.setup.plan.total_steps - 1)
+        states = {i: {k: v.numpy() for k, v in self.nodes[i].rule_tensors().items()} for i in there}
+        return public_copy_error(self.setup.plan, states, there)
 
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
         return self.merged.state_dict()

@@ -53,6 +53,8 @@ class Checkpoints:
             "wall_time_s": time.time() - self.started, "rounds_done": rounds_done,
             "communication_rounds": self.communication_rounds(rounds_done),
             "dropped": sorted(self.dropped),
+            "timeline_scheduled": {str(k): r for k, r in self.plan.timeline.scheduled.items()},
+            "timeline_skipped": sorted(self.timeline_skipped),
         }
         save_checkpoint(self.checkpoint_dir, self.config, run_state, agents)
         for host in self.hosts(self.live()):

@@ -154,6 +154,7 @@ class Supervision:
         ids = [i for i in ids if i in restored]
         if not ids:
             return
+        self.brief([new[g] for g, members in groups.items() if any(i in restored for i in members)])
         self.gather([host.peer_restarted.remote(i, self.agents[i], self.incarnations[i])
                      for host in self.hosts(others) for i in ids])
         with self.condition:

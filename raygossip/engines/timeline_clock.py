@@ -1,10 +1,15 @@
-"""The Ray engine's wall-clock timeline: when a time_s event's time comes, the coordinator schedules it at a round."""
+"""The Ray engine's wall-clock timeline: when a time_s event's time comes, the coordinator schedules it at a round.
+
+A resumed run keeps the run's clock and what its checkpoint says was scheduled or skipped (restore_schedule), so an
+event already in force does not run again, and one scheduled at a round past the checkpoint still takes effect
+there; restarted agents are told every event scheduled so far (Coordinator.brief)."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
+from raygossip.core.plan import RunPlan
 from raygossip.core.timeline import schedule_round
 from raygossip.errors import UserError
 
@@ -15,6 +20,8 @@ def run_clock(coordinator: Any) -> None:
     (past the run's end, or not valid then) is recorded as skipped. Returns when the run ends."""
     c = coordinator
     for due, index in c.plan.timeline.timed:
+        if index in c.plan.timeline.scheduled or index in c.timeline_skipped:  # (a resumed run's, done before)
+            continue
         while c.finished is None and c.aborted is None and time.time() < c.started + due:
             time.sleep(min(0.05, max(0.0, c.started + due - time.time())))
         if c.finished is not None or c.aborted is not None:
@@ -28,7 +35,16 @@ def run_clock(coordinator: Any) -> None:
                 raise UserError(f"timeline[{index}].time_s", f"round {round_index} is past the run's end")
             c.plan.schedule(index, round_index)
         except UserError as error:
+            c.timeline_skipped.add(index)
             c.event("timeline_skipped", index=index, action=action, reason=str(error))
             continue
         c.gather([host.schedule_event.remote(index, round_index) for host in c.hosts(live)])
         c.event("timeline_scheduled", index=index, action=action, round=round_index, scheduled_time_s=due)
+
+
+def restore_schedule(plan: RunPlan, resumed: dict) -> set[int]:
+    """A resumed run: the wall-clock events its checkpoint's run state says were scheduled (index -> round), in force
+    again in `plan` at their rounds; returns the indices of those that were skipped. run_clock passes over both."""
+    for index, round_index in sorted((int(k), int(r)) for k, r in resumed.get("timeline_scheduled", {}).items()):
+        plan.schedule(index, round_index)
+    return {int(k) for k in resumed.get("timeline_skipped", [])}
