@@ -14,6 +14,7 @@ if str(REPO) not in sys.path:
 
 from raygossip.config import load_config  # noqa: E402
 from raygossip.core.plan import RunPlan  # noqa: E402
+from raygossip.timeline import Timeline  # noqa: E402
 from raygossip.algorithms.topology import build_topology  # noqa: E402
 from scenarios import (  # noqa: E402
     adagossip_vs_choco, adaptive_vs_ars, ars_vs_constant, bandwidth_collapse, churn, common, failures,
@@ -270,12 +271,22 @@ def test_timeline_scenario_variants_compare_the_three_modes_around_one_event_win
             assert config.timeline[0].bandwidth_mbps < config.timeline[1].bandwidth_mbps
 
 
-def test_churn_smoke_run_leaves_and_rejoins_on_the_ray_engine(ray_cluster, tmp_path):
-    variants = [v for v in churn.variants("smoke") if v[0] == "sync, join from neighbour"]
-    (outcome,) = common.run_variants(variants, [0], tmp_path, log=None)
+@pytest.mark.parametrize("mode, join_from", [("sync", "neighbour"), ("async", "scratch")])
+def test_churn_smoke_run_leaves_and_rejoins_on_the_ray_engine(ray_cluster, tmp_path, mode, join_from):
+    if join_from == "neighbour":
+        (label, config), = [v for v in churn.variants("smoke") if v[0] == "sync, join from neighbour"]
+    else:  # a scratch joiner has no model to wait for, yet it must come back when the others get there, not as soon
+        # as it went through its absent rounds (in no time): async, where nothing else paces it
+        data, _ = timeline_modes.base("smoke", [])
+        data = common.deep_merge(data, {"train": {"epochs": 4, "steps_per_epoch": 10},
+                                        "runtime": {"timing": {"step_time_s": 0.05}}})
+        events = Timeline().at(round=5).leave([1]).at(round=30).join([1], start="scratch").build()
+        (label, config), = timeline_modes.mode_variants("churn", data, events, ", join from scratch",
+                                                        modes=[("async", "async")])
+    (outcome,) = common.run_variants([(label, config)], [0], tmp_path, log=None)
     assert_run_folders([outcome], tmp_path)
     summary = outcome.summary
-    assert summary["status"] == "finished" and summary["engine"] == "ray" and summary["mode"] == "sync"
+    assert summary["status"] == "finished" and summary["engine"] == "ray" and summary["mode"] == mode
     events = [e for e in summary["events"] if e["kind"] == "timeline"]
     start, end = (e.round for e in outcome.config.timeline)
     assert [(e["action"], e["round"], e["agents"]) for e in events] == [("leave", start, [1]), ("join", end, [1])]
@@ -288,4 +299,4 @@ def test_churn_smoke_run_leaves_and_rejoins_on_the_ray_engine(ray_cluster, tmp_p
     assert away and all(r["agents"] == [0, 2, 3] for r in away)  # records leave the agent out while it is away
     assert "agents" not in outcome.records[-1]
     table = churn.report([outcome])
-    assert "| sync, join from neighbour | 0 |" in table and f"leave@{start}, join@{end}" in table
+    assert f"| {label} | 0 |" in table and f"leave@{start}, join@{end}" in table

@@ -44,9 +44,11 @@ class TimelineSteps:
 
     def join(self, round_index: int, start: str, sponsor: int | None) -> None:
         """Come back at this round: from the model `sponsor` sent after the previous round (start: neighbour), or
-        from the initial model (scratch); either way with fresh optimizer and rule state, as a new device."""
-        arrays = self.await_state(sponsor, round_index) if start == "neighbour" and sponsor is not None else None
-        if arrays is None and start == "scratch":
+        from the initial model (scratch); either way with fresh optimizer and rule state, as a new device. A scratch
+        joiner too waits for its sponsor's letter of the previous round (empty), so that it comes back when the
+        others get there, not as soon as it went through its absent rounds (in no time)."""
+        arrays = self.await_state(sponsor, round_index) if sponsor is not None else None
+        if start == "scratch":
             arrays = self.core.initial_state()
         with self.link_lock:
             if arrays is not None:
@@ -86,16 +88,16 @@ class TimelineSteps:
         """After this round: this agent's model to each agent that joins at the next round from it."""
         if not self.plan.timeline.has_leaves:
             return
-        for agent, (_, sponsor) in self.plan.joins(round_index + 1).items():
+        for agent, (start, sponsor) in self.plan.joins(round_index + 1).items():
             if sponsor != self.agent_id:
                 continue
-            arrays = {"params": self.core.parameters_vector(),
-                      **{f"buffer.{k}": v for k, v in self.core.buffers().items()}}
+            arrays = {} if start == "scratch" else {  # (scratch: only the word that this round is done)
+                "params": self.core.parameters_vector(), **{f"buffer.{k}": v for k, v in self.core.buffers().items()}}
             nbytes = sum(t.numel() * t.element_size() for t in arrays.values())
             now = time.time()
             with self.link_lock:
                 self.core.traffic.record([agent], nbytes)
-                self.post(agent, Kind.STATE, round_index, Compressed(arrays, arrays["params"].numel()), now,
+                self.post(agent, Kind.STATE, round_index, Compressed(arrays, self.core.flat.data.numel()), now,
                           now + self.delay(nbytes, agent))
 
     def link_delay_to(self, receiver: int, nbytes: int) -> float | None:

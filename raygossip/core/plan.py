@@ -104,7 +104,8 @@ class RunPlan:
         return agent in self._timeline.at(step // self.local_steps).absent
 
     def joins(self, round_index: int) -> dict[int, tuple[str, int | None]]:
-        """Agents that come back at this round: agent -> (what it starts from, the agent whose model it takes)."""
+        """Agents that come back at this round: agent -> (what it starts from, the present neighbour it waits for:
+        whose model it takes, or, from scratch, whose word that it reached the round it waits for)."""
         out = {}
         for _, event in self._timeline.events_at(round_index):
             if event.action != "join":
@@ -115,7 +116,7 @@ class RunPlan:
             mixing = cut_mixing(self.topology_at(round_index).mixing(round_index, self.config.seed), conditions.groups)
             for agent in event.agents:
                 start = event.start or "neighbour"
-                out[agent] = (start, pick_sponsor(mixing, there, agent) if start == "neighbour" else None)
+                out[agent] = (start, pick_sponsor(mixing, there, agent))  # scratch: a sponsor to pace the join
         return out
 
     def mixing_at(self, round_index: int) -> np.ndarray:
