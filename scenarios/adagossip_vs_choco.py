@@ -139,7 +139,7 @@ def differences(outcomes: Sequence[Outcome]) -> str:
             theirs = {run.seed: run.summary.get(key) for run in choco}
             row += [common.pm(list(theirs.values())), common.pm(list(mine.values())),
                     common.pm([mine[s] - theirs[s] for s in mine if s in theirs and None not in (mine[s], theirs[s])])]
-        row.append(f"{common.mean_std([r.summary['bytes_sent'] / 1e6 for r in runs])[0]:.1f}")
+        row.append(f"{common.mean_std([(r.summary.get('bytes_sent') or 0) / 1e6 for r in runs])[0]:.1f}")
         rows.append(row)
     return common.markdown(["compressor, partition", "gamma CHOCO / Ada", "CHOCO local", "AdaGossip local",
                             "diff local", "CHOCO merged", "AdaGossip merged", "diff merged", "MB sent"], rows)

@@ -224,8 +224,9 @@ def run_variants(
             if log is not None:
                 s = summary
                 how = f"copied from {source}" if source is not None else f"{seconds:.1f} s"
-                log(f"[{index}/{len(configs)}] {label} seed={config.seed}: merged={s['merged_test_accuracy']:.4f} "
-                    f"local={fmt(s.get('mean_local_test_accuracy'))} MB={s['bytes_sent'] / 1e6:.2f} "
+                log(f"[{index}/{len(configs)}] {label} seed={config.seed}: {s.get('status', 'finished')} "
+                    f"merged={fmt(s.get('merged_test_accuracy'))} local={fmt(s.get('mean_local_test_accuracy'))} "
+                    f"MB={(s.get('bytes_sent') or 0) / 1e6:.2f} "
                     f"({how}) -> {folder}")
     finally:
         if started_ray:
@@ -297,9 +298,12 @@ def summary_table(outcomes: Sequence[Outcome], extra: Sequence[Column] = ()) -> 
     rows = []
     for label, runs in by_label(outcomes).items():
         seeds = ",".join(str(run.seed) for run in runs)
+        unfinished = [run.seed for run in runs if run.summary.get("status", "finished") != "finished"]
+        if unfinished:  # diverged (or aborted) runs count with their last numbers, and say so
+            seeds += f" (not finished: {','.join(map(str, unfinished))})"
         merge = "yes" if runs[0].config.schedule.final_merge.enabled else "no"
-        megabytes = statistics.fmean(run.summary["bytes_sent"] for run in runs) / 1e6
-        rows.append([label, seeds, pm([r.summary["merged_test_accuracy"] for r in runs]),
+        megabytes = statistics.fmean(run.summary.get("bytes_sent") or 0 for run in runs) / 1e6
+        rows.append([label, seeds, pm([r.summary.get("merged_test_accuracy") for r in runs]),
                      pm([r.summary.get("mean_local_test_accuracy") for r in runs]), merge, f"{megabytes:.2f}",
                      *[cell(runs) for _, cell in extra]])
     return markdown(headers, rows)

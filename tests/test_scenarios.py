@@ -85,7 +85,7 @@ def test_ars_variants_follow_the_protocol_and_scale_the_ramp_to_training_length(
         16, 0.1, [0.5, 0.6], None)  # real epochs
     assert ars.schedule.final_merge.enabled and ars.eval.validation_fraction > 0
     plan_gamma = lambda epoch: min(1.0, 0.09 * ars.schedule.averaging_rate.growth ** (epoch + 1))  # noqa: E731
-    assert plan_gamma(0) < 0.11 and plan_gamma(round(0.8 * ars.train.epochs) - 1) == pytest.approx(1.0, abs=0.01)
+    assert plan_gamma(0) < 0.12 and plan_gamma(round(0.8 * ars.train.epochs) - 1) == pytest.approx(1.0, abs=0.01)
     assert variants["constant gamma=1, alpha=1"].data.partition.alpha == 1.0
     grid = ars_vs_constant.tuning_grid(ars_vs_constant.base_of("cpu", []), "cpu")
     kinds = [rate["kind"] for rate in grid["schedule.averaging_rate"]]
