@@ -121,6 +121,9 @@ def tuning_table(trials: dict) -> str:
         alpha = None if key[0] == "IID" else float(key[0].split("=")[1])
         chosen = picks.get((alpha, key[1], key[2]))
         rows.append([*key, *[by_gamma.get(g, "") + (" **picked**" if g == chosen else "") for g in gammas]])
+    order = list(COMPRESSORS)
+    rows.sort(key=lambda row: (row[0] != "IID", row[0], order.index(row[2]) if row[2] in order else 99,
+                               RULES.index(row[1]) if row[1] in RULES else 99))
     return common.markdown(["partition", "rule", "compressor", *[f"gamma={g:g}" for g in gammas]], rows)
 
 

@@ -58,11 +58,15 @@ def rate(kind: str, value: float, epochs: int) -> dict:
 
 
 def tuning_grid(base: dict, scale: str) -> dict[str, list]:
-    """The sweep: every level x (ARS gamma0s + constants); both families get grids of the same size."""
+    """The sweep: every level x (ARS gamma0s and constants); both families get grids of the same size.
+
+    The two families alternate, the paper's values first (constant 1 = D-PSGD, ARS 0.09), so a sweep cut
+    short still compares them."""
     epochs = common.epochs_of(base)
+    ars = [rate("ars", g, epochs) for g in sorted(GAMMA0S[scale], key=lambda g: abs(g - 0.09))]
+    const = [rate("constant", g, epochs) for g in sorted(CONSTANTS[scale], reverse=True)]
     return {"data.partition": [partition(base, alpha) for alpha in ALPHAS[scale]],
-            "schedule.averaging_rate": [rate("ars", g, epochs) for g in GAMMA0S[scale]]
-            + [rate("constant", g, epochs) for g in CONSTANTS[scale]]}
+            "schedule.averaging_rate": [r for pair in zip(const, ars) for r in pair]}
 
 
 def base_of(scale: str, overrides: Sequence[str]) -> dict:
