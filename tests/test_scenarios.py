@@ -91,7 +91,8 @@ def test_ars_variants_follow_the_protocol_and_scale_the_ramp_to_training_length(
     kinds = [rate["kind"] for rate in grid["schedule.averaging_rate"]]
     assert kinds.count("ars") == kinds.count("constant") == 3  # the same tuning budget for both
     paper = dict(ars_vs_constant.variants("paper"))
-    assert paper["ARS gamma0=0.09 (x1.01/epoch), alpha=0.01"].schedule.averaging_rate.growth == pytest.approx(1.01, abs=1e-3)
+    growth = paper["ARS gamma0=0.09 (x1.01/epoch), alpha=0.01"].schedule.averaging_rate.growth
+    assert growth == pytest.approx(1.01, abs=1e-3)
 
 
 def test_adagossip_grid_is_the_same_for_both_rules():
