@@ -1,18 +1,25 @@
-"""AdaGossip against CHOCO-SGD under communication compression: accuracy against bytes sent.
+"""AdaGossip against CHOCO-SGD under compression, gamma tuned per rule x compressor x partition on validation.
 
-Both rules with each compressor: top-k keeping 1% and 10% of every tensor, QSGD with 4 and 2 bits, and
-sign (one scale per tensor). Baselines: D-PSGD with full models (gamma 1), parallel SGD, and local training
-with and without the final merge. The consensus step gossip.gamma is per rule and compressor (GAMMAS: picked
-from a small sweep at the cpu scale, and the starting point at the paper scale). QSGD uses CHOCO's scaling.
---graph ring|torus|dyck picks the graph: the paper scale reads adagossip_cifar10_resnet20_<graph>.yaml;
-the smaller scales put the cpu config on a 16-agent circulant C16(1,4) ("torus") or the 32-agent Dyck graph.
+The cpu scale follows the AdaGossip protocol (configs/cpu/adagossip_mnist_mlp.yaml: 16 agents on a ring, lr
+0.1 Nesterov, lr x0.1 at 50% and 75%, beta 0.999, final merge), with top-k keeping 1% and 10% of every
+tensor, QSGD 4 bit (CHOCO's scaling) and sign, on IID data (the code's default) and on the two-stage
+Dirichlet split at alpha 0.1:
+  1. tuning, one `raygossip sweep`: every partition x rule x compressor over the SAME gamma grid GAMMAS for
+     both rules (AdaGossip's gamma is the numerator of gamma / rms(gossip error), capped at 1), ranked on
+     the merged model's validation accuracy (10% of the training set held out; never the test set);
+  2. each (partition, rule, compressor) at its picked gamma over --seeds (a seed the sweep ran is copied).
+The report: mean local test accuracy (the paper's metric) and merged accuracy (after the final merge), mean
+± std over seeds, and AdaGossip minus CHOCO per compressor and partition with the spread of the per-seed
+differences. --graph torus|dyck moves the smaller scales onto the papers' other graphs; the paper scale
+reads adagossip_cifar10_resnet20_<graph>.yaml.
 
-    python scenarios/adagossip_vs_choco.py --scale cpu --seeds 0 1 2 [--graph torus]
+    python scenarios/adagossip_vs_choco.py --scale cpu --seeds 0 1 2 --tune-out runs/adagossip_vs_choco-tune
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -20,7 +27,7 @@ from typing import Sequence
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scenarios import common
+from scenarios import common, tuning
 from scenarios.common import Outcome, Variant, Whole
 
 SCENARIO = "adagossip_vs_choco"
@@ -30,74 +37,151 @@ RULES = ("choco", "adagossip")
 COMPRESSORS: dict[str, dict] = {
     "top-k 1%": {"name": "top_k", "ratio": 0.01},
     "top-k 10%": {"name": "top_k", "ratio": 0.1},
-    # QSGD with CHOCO's scaling 1/(1+omega): unscaled QSGD is not a contraction and CHOCO diverges with it
+    # QSGD with CHOCO's scaling 1/(1+omega) (the code's --biased): unscaled QSGD is not a contraction
     "QSGD 4 bit": {"name": "qsgd", "bits": 4, "scaled": True},
-    "QSGD 2 bit": {"name": "qsgd", "bits": 2, "scaled": True},
     "sign": {"name": "sign"},
 }
-# gossip.gamma per (rule, compressor): the best mean local accuracy of a sweep on configs/cpu/adagossip_mnist_mlp.yaml
-# (seed 0; CHOCO over 0.02, 0.1, 0.5 and 0.05 for QSGD 2 bit; AdaGossip over 1e-4, 3e-4, 1e-3, 1e-2, 0.1).
-# AdaGossip's gamma is the numerator of gamma / rms(gossip error) (capped at 1), hence its small values.
-# The paper scale starts from the same values: tune them for the paper's models and graphs.
-CPU_GAMMAS: dict[tuple[str, str], float] = {
-    ("choco", "top-k 1%"): 0.1, ("choco", "top-k 10%"): 0.1, ("choco", "QSGD 4 bit"): 0.1,
-    ("choco", "QSGD 2 bit"): 0.05, ("choco", "sign"): 0.5,
-    ("adagossip", "top-k 1%"): 0.001, ("adagossip", "top-k 10%"): 0.001, ("adagossip", "QSGD 4 bit"): 0.001,
-    ("adagossip", "QSGD 2 bit"): 0.001, ("adagossip", "sign"): 0.1,
-}
-GAMMAS: dict[str, dict[tuple[str, str], float]] = {"smoke": CPU_GAMMAS, "cpu": CPU_GAMMAS, "paper": CPU_GAMMAS}
+# None is IID (the AdaGossip code's default partition); 0.1 the two-stage Dirichlet split.
+ALPHAS = {"smoke": (None,), "cpu": (None, 0.1), "paper": (None, 0.01)}
+# One grid for both rules, log-spaced (a decade apart, and 0.5): AdaGossip's useful gammas are small (gamma /
+# rms(gossip error) is capped at 1), CHOCO's large, so the grid spans both.
+GAMMAS = {"smoke": (0.01, 0.5), "cpu": (0.001, 0.01, 0.1, 0.5), "paper": (0.001, 0.005, 0.02, 0.1, 0.5)}
+TUNING_SEEDS = (0,)
+DEFAULT_GAMMA = {"choco": 0.1, "adagossip": 0.005}  # without tuning (--no-tune, or variants() without picks)
 GRAPHS = {  # the cpu/smoke config moved onto the papers' other graphs
     "ring": {},
     "torus": {"agents": {"count": 16}, "topology": Whole(name="circulant", weights="uniform", params={"offsets": [1, 4]})},
-    "dyck": {"agents": {"count": 32}, "topology": Whole(name="dyck", weights="uniform", params={})},
+    "dyck": {"agents": {"count": 32}, "topology": Whole(name="adagossip_dyck", weights="uniform", params={})},
 }
 
 
-def variants(scale: str = "cpu", overrides: Sequence[str] = (), graph: str = "ring") -> list[Variant]:
+def alpha_suffix(alpha: float | None) -> str:
+    return ", IID" if alpha is None else f", alpha={alpha:g}"
+
+
+def partition(alpha: float | None) -> dict:
+    return {"kind": "iid"} if alpha is None else {"kind": "dirichlet_lin", "alpha": alpha}
+
+
+def base_of(scale: str, overrides: Sequence[str], graph: str) -> dict:
     if graph not in GRAPHS:
         raise common.UserError("--graph", f"must be one of {', '.join(GRAPHS)}, got {graph!r}")
     base = common.base_mapping(scale, CPU_CONFIG, PAPER_CONFIGS[graph], overrides)
     if scale != "paper":
         base = common.deep_merge(base, GRAPHS[graph])
+    return common.deep_merge(base, {"schedule": {"averaging_rate": Whole(kind="constant"),
+                                                 "communication": common.EVERY_ROUND}})
+
+
+def tuning_grid(scale: str) -> dict[str, list]:
+    return {"data.partition": [partition(alpha) for alpha in ALPHAS[scale]], "gossip.rule": list(RULES),
+            "gossip.compressor": list(COMPRESSORS.values()), "gossip.gamma": list(GAMMAS[scale])}
+
+
+def variants(scale: str = "cpu", overrides: Sequence[str] = (), graph: str = "ring",
+             picks: dict | None = None) -> list[Variant]:
+    """Every partition x rule x compressor at its gamma: picks {(alpha, rule, compressor label): gamma}."""
+    base = base_of(scale, overrides, graph)
     out: list[Variant] = []
-    for rule in RULES:
+    for alpha in ALPHAS[scale]:
         for name, compressor in COMPRESSORS.items():
-            gamma = GAMMAS[scale].get((rule, name), base["gossip"]["gamma"])
-            out.append(common.variant(SCENARIO, base, f"{rule}, {name}", {
-                "gossip": {"rule": rule, "gamma": gamma, "compressor": Whole(compressor)},
-                "schedule": {"averaging_rate": Whole(kind="constant"), "communication": common.EVERY_ROUND},
-            }))
-    return out + common.baselines(SCENARIO, base)
+            for rule in RULES:
+                gamma = (picks or {}).get((alpha, rule, name), DEFAULT_GAMMA[rule])
+                out.append(common.variant(SCENARIO, base, f"{rule}, {name}{alpha_suffix(alpha)}", {
+                    "data": {"partition": Whole(partition(alpha))},
+                    "gossip": {"rule": rule, "gamma": gamma, "compressor": Whole(compressor)},
+                }))
+    return out
 
 
-def bytes_table(outcomes: Sequence[Outcome]) -> str:
-    """Accuracy against bytes sent: every variant, fewest bytes first."""
+def picks_of(trials: dict) -> dict:
+    """{(alpha, rule, compressor label): gamma} of the best point per group in a tuning sweep."""
+    names = {tuning.key_of(spec): name for name, spec in COMPRESSORS.items()}
+    best = tuning.best_per_group(trials, lambda s: (tuning.key_of(s["data.partition"]), s["gossip.rule"],
+                                                    tuning.key_of(s["gossip.compressor"])))
+    return {(json.loads(part).get("alpha"), rule, names[comp]): settings["gossip.gamma"]
+            for (part, rule, comp), settings in best.items()}
+
+
+def tuning_table(trials: dict) -> str:
+    """Validation accuracy of every gamma per partition x rule x compressor (one row each, the grid across)."""
+    names = {tuning.key_of(spec): name for name, spec in COMPRESSORS.items()}
+    gammas = trials["grid"]["gossip.gamma"]
+    cells: dict[tuple, dict] = {}
+    for point in trials["points"]:
+        s = point["settings"]
+        part = s["data.partition"]
+        key = (alpha_suffix(part.get("alpha") if part["kind"] != "iid" else None).lstrip(", "), s["gossip.rule"],
+               names.get(tuning.key_of(s["gossip.compressor"]), "?"))
+        cells.setdefault(key, {})[s["gossip.gamma"]] = "failed" if point["mean"] is None else \
+            f"{point['mean']:.4f}" + ("" if point["finished"] else " (diverged)")
+    picks = picks_of(trials)
+    rows = []
+    for key, by_gamma in cells.items():
+        alpha = None if key[0] == "IID" else float(key[0].split("=")[1])
+        chosen = picks.get((alpha, key[1], key[2]))
+        rows.append([*key, *[by_gamma.get(g, "") + (" **picked**" if g == chosen else "") for g in gammas]])
+    order = list(COMPRESSORS)
+    rows.sort(key=lambda row: (row[0] != "IID", row[0], order.index(row[2]) if row[2] in order else 99,
+                               RULES.index(row[1]) if row[1] in RULES else 99))
+    return common.markdown(["partition", "rule", "compressor", *[f"gamma={g:g}" for g in gammas]], rows)
+
+
+def differences(outcomes: Sequence[Outcome]) -> str:
+    """AdaGossip minus CHOCO per compressor and partition: mean ± std of the per-seed differences."""
     groups = common.by_label(outcomes)
     rows = []
     for label, runs in groups.items():
-        megabytes = common.mean_std([run.summary["bytes_sent"] / 1e6 for run in runs])[0]
-        per_message = common.mean_std([run.summary["bytes_sent"] / max(1, run.summary["messages_sent"])
-                                       for run in runs])[0]
-        gamma = runs[0].config.gossip.gamma
-        rows.append((megabytes, [label, f"{megabytes:.2f}", f"{per_message / 1e3:.1f}", f"{gamma:g}",
-                                 common.pm([r.summary.get("mean_local_test_accuracy") for r in runs]),
-                                 common.pm([r.summary["merged_test_accuracy"] for r in runs])]))
-    rows.sort(key=lambda row: row[0])
-    return common.markdown(["label", "MB sent", "kB / message", "gamma", "mean local acc", "merged acc"],
-                           [row for _, row in rows])
+        if not label.startswith("adagossip, "):
+            continue
+        choco = groups.get("choco, " + label.removeprefix("adagossip, "))
+        if not choco:
+            continue
+        row = [label.removeprefix("adagossip, "), f"{choco[0].config.gossip.gamma:g} / {runs[0].config.gossip.gamma:g}"]
+        for key in ("mean_local_test_accuracy", "merged_test_accuracy"):
+            mine = {run.seed: run.summary.get(key) for run in runs}
+            theirs = {run.seed: run.summary.get(key) for run in choco}
+            row += [common.pm(list(theirs.values())), common.pm(list(mine.values())),
+                    common.pm([mine[s] - theirs[s] for s in mine if s in theirs and None not in (mine[s], theirs[s])])]
+        row.append(f"{common.mean_std([(r.summary.get('bytes_sent') or 0) / 1e6 for r in runs])[0]:.1f}")
+        rows.append(row)
+    return common.markdown(["compressor, partition", "gamma CHOCO / Ada", "CHOCO local", "AdaGossip local",
+                            "diff local", "CHOCO merged", "AdaGossip merged", "diff merged", "MB sent"], rows)
 
 
 def report(outcomes: Sequence[Outcome]) -> str:
     extra = [common.summary_column("consensus dist", "consensus_distance")]
     return (common.summary_table(outcomes, extra)
-            + "\nAccuracy against bytes sent (fewest bytes first):\n\n" + bytes_table(outcomes))
+            + "\nAdaGossip minus CHOCO-SGD (mean ± std over seeds; diff: of the per-seed differences):\n\n"
+            + differences(outcomes))
+
+
+def extend(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--graph", choices=list(GRAPHS), default="ring", help="the graph (default: ring)")
+    parser.add_argument("--tune-out", type=Path, default=None,
+                        help="the tuning sweep's folder (default: OUT-tune); a finished sweep there is reused")
+    parser.add_argument("--no-tune", action="store_true", help="skip tuning: gamma DEFAULT_GAMMA per rule")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    def graph_option(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--graph", choices=list(GRAPHS), default="ring", help="the graph (default: ring)")
+    args = common.parse_args(SCENARIO, __doc__, argv, extend=extend)
 
-    return common.run_scenario(SCENARIO, __doc__, argv, variants, report, extend=graph_option, options=("graph",))
+    def body() -> int:
+        reuse, picks, text = None, None, ""
+        if not args.no_tune:
+            base = base_of(args.scale, args.overrides, args.graph)
+            tune_out = args.tune_out or args.out.parent / f"{args.out.name}-tune"
+            trials = tuning.tune(base, tuning_grid(args.scale), tune_out, TUNING_SEEDS)
+            picks, reuse = picks_of(trials), tuning.reusable_runs(trials)
+            text = (f"Tuning sweep ({tune_out}), {tuning.METRIC} per gamma, seeds "
+                    f"{' '.join(map(str, TUNING_SEEDS))}:\n\n" + tuning_table(trials) + "\n")
+        runs = variants(args.scale, args.overrides, args.graph, picks)
+        outcomes = common.run_variants(runs, args.seeds, args.out, engine=args.engine,
+                                       threads=common.threads_arg(args), progress=args.progress, reuse=reuse)
+        common.finish(SCENARIO, args, outcomes, text + report(outcomes))
+        return 0
+
+    return common.main_guard(body)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,22 @@
-"""ARS against the best constant averaging rate, across data heterogeneity, with the baselines.
+"""ARS against a constant averaging rate, each tuned on validation with the same budget, at two heterogeneity levels.
 
-For each Dirichlet alpha (0.1, 1.0 and IID at the cpu scale; 0.01, 0.1, 1.0 and IID at the paper scale):
-  - ARS, exponential: gamma0 0.09 growing per epoch so that gamma reaches 1 at 80% of training
-    (the paper's 0.09 x 1.01 per epoch over 300 epochs is exactly that; the paper scale uses the YAML's growth),
-  - linear and cosine ramps from 0.09 to 1 over the same 80% of training,
-  - constant gamma, a small sweep (the best of them is the fair competitor; gamma 1 is plain D-PSGD),
-  - parallel SGD (exact average every round) and local training with and without the final merge.
-The table is followed by, per alpha, the best constant rate and each ARS variant's difference to it.
+The cpu scale follows the ARS protocol (configs/cpu/ars_mnist_mlp.yaml: 16 agents on a ring, lr 0.1 Nesterov,
+lr x0.1 at 50% and 60%, 20 real epochs, final merge). Per heterogeneity level (two-stage Dirichlet alpha 0.01
+as the paper, and alpha 1):
+  1. tuning, one `raygossip sweep` over both levels: ARS with gamma0 in GAMMA0S (growing per epoch so that
+     gamma reaches 1 at 80% of training) and a constant rate over CONSTANTS, a grid of the same size, ranked
+     on the merged model's validation accuracy (10% of the training set held out; never the test set);
+  2. the best ARS and the best constant per level, over --seeds (a seed the sweep ran is copied, not rerun).
+The report: mean local test accuracy (the paper's metric: each agent's own model, before the merge) and
+the merged accuracy (after the final merge), mean ± std over seeds, and the difference ARS minus constant.
 
-    python scenarios/ars_vs_constant.py --scale cpu --seeds 0 1 2
+    python scenarios/ars_vs_constant.py --scale cpu --seeds 0 1 2 --tune-out runs/ars_vs_constant-tune
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -20,106 +24,163 @@ from typing import Sequence
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scenarios import common
+from scenarios import common, tuning
 from scenarios.common import Outcome, Variant, Whole
 
 SCENARIO = "ars_vs_constant"
 CPU_CONFIG, PAPER_CONFIG = "ars_mnist_mlp.yaml", "ars_cifar10_resnet20.yaml"
 
-# None is IID. The constant sweep always holds 1.0 (= D-PSGD, so no separate D-PSGD baseline).
-ALPHAS = {"smoke": (0.1, None), "cpu": (0.1, 1.0, None), "paper": (0.01, 0.1, 1.0, None)}
-CONSTANTS = {"smoke": (0.3, 1.0), "cpu": (0.1, 0.3, 0.6, 1.0), "paper": (0.1, 0.3, 0.6, 1.0)}
-GAMMA0 = 0.09
-REACH = 0.8  # fraction of training at which the ramps reach gamma 1
+# None is IID.
+ALPHAS = {"smoke": (0.1, None), "cpu": (0.01, 1.0), "paper": (0.01, 1.0)}
+GAMMA0S = {"smoke": (0.09, 0.3), "cpu": (0.03, 0.09, 0.3), "paper": (0.03, 0.09, 0.3)}
+CONSTANTS = {"smoke": (0.5, 1.0), "cpu": (0.25, 0.5, 1.0), "paper": (0.25, 0.5, 1.0)}
+REACH = 0.8  # fraction of training at which ARS reaches gamma 1
+TUNING_SEEDS = (0,)
+# What the cpu sweep picked (docs/RESULTS.md, claim a): used by --no-tune and by variants() without picks.
+PICKED = {"cpu": {(0.01, "ars"): 0.09, (0.01, "constant"): 1.0, (1.0, "ars"): 0.09, (1.0, "constant"): 1.0}}
 
 
 def alpha_suffix(alpha: float | None) -> str:
     return ", IID" if alpha is None else f", alpha={alpha:g}"
 
 
-def heterogeneity(base: dict, alpha: float | None) -> dict:
-    """The base with its partition set to Dirichlet `alpha` (keeping the base's Dirichlet kind) or IID."""
-    kind = base["data"]["partition"].get("kind", "dirichlet")
-    partition = Whole(kind="iid") if alpha is None else Whole(kind=kind, alpha=alpha)
-    return common.deep_merge(base, {"data": {"partition": partition}})
+def partition(base: dict, alpha: float | None) -> dict:
+    """The partition mapping at this level: the base's Dirichlet kind at `alpha`, or IID."""
+    kind = base["data"]["partition"].get("kind", "dirichlet_lin")
+    return {"kind": "iid"} if alpha is None else {"kind": kind, "alpha": alpha}
 
 
-def rate_variants(base: dict, scale: str, suffix: str) -> list[Variant]:
-    """The ARS ramps and the constant sweep on one data split."""
+def rate(kind: str, value: float, epochs: int) -> dict:
+    """The averaging-rate mapping of ARS from gamma0 `value` (1 at REACH of training) or of a constant rate."""
+    if kind == "ars":
+        return {"kind": "ars", "gamma0": value, "growth": round(common.ars_growth(value, epochs, REACH), 4)}
+    return {"kind": "constant", "gamma0": value}
+
+
+def tuning_grid(base: dict, scale: str) -> dict[str, list]:
+    """The sweep: every level x (ARS gamma0s and constants); both families get grids of the same size.
+
+    The two families alternate, the paper's values first (constant 1 = D-PSGD, ARS 0.09), so a sweep cut
+    short still compares them."""
     epochs = common.epochs_of(base)
-    ramp = max(1, round(REACH * epochs))
-    yaml_rate = base["schedule"]["averaging_rate"]
-    if scale == "paper" and yaml_rate.get("kind") == "ars":
-        gamma0, growth = yaml_rate["gamma0"], yaml_rate["growth"]
-    else:
-        gamma0, growth = GAMMA0, common.ars_growth(GAMMA0, epochs, REACH)
-    dpsgd = {"rule": "dpsgd", "gamma": 1.0, "compressor": Whole(name="identity")}
-
-    def rate(label: str, spec: dict) -> Variant:
-        return common.variant(SCENARIO, base, label + suffix,
-                              {"gossip": dpsgd, "schedule": {"averaging_rate": Whole(spec),
-                                                             "communication": common.EVERY_ROUND}})
-
-    out = [
-        rate(f"ARS exp ({gamma0:g} x{growth:.4g}/epoch)", {"kind": "ars", "gamma0": gamma0, "growth": growth}),
-        rate(f"ARS linear ({gamma0:g} -> 1)", {"kind": "linear", "gamma0": gamma0, "ramp_epochs": ramp}),
-        rate(f"ARS cosine ({gamma0:g} -> 1)", {"kind": "cosine", "gamma0": gamma0, "ramp_epochs": ramp}),
-    ]
-    for gamma in CONSTANTS[scale]:
-        name = f"constant gamma={gamma:g}" + (" (D-PSGD)" if gamma == 1.0 else "")
-        out.append(rate(name, {"kind": "constant", "gamma0": gamma}))
-    return out
+    ars = [rate("ars", g, epochs) for g in sorted(GAMMA0S[scale], key=lambda g: abs(g - 0.09))]
+    const = [rate("constant", g, epochs) for g in sorted(CONSTANTS[scale], reverse=True)]
+    return {"data.partition": [partition(base, alpha) for alpha in ALPHAS[scale]],
+            "schedule.averaging_rate": [r for pair in zip(const, ars) for r in pair]}
 
 
-def variants(scale: str = "cpu", overrides: Sequence[str] = ()) -> list[Variant]:
-    """Every (label, Config) of the scenario at this scale, grouped by alpha."""
+def base_of(scale: str, overrides: Sequence[str]) -> dict:
     base = common.base_mapping(scale, CPU_CONFIG, PAPER_CONFIG, overrides)
+    return common.deep_merge(base, {"gossip": {"rule": "dpsgd", "gamma": 1.0, "compressor": Whole(name="identity")},
+                                    "schedule": {"communication": common.EVERY_ROUND}})
+
+
+def label_of(kind: str, value: float, growth: float | None, suffix: str) -> str:
+    if kind == "ars":
+        return f"ARS gamma0={value:g} (x{growth:.4g}/epoch){suffix}"
+    return f"constant gamma={value:g}{suffix}"
+
+
+def variants(scale: str = "cpu", overrides: Sequence[str] = (), picks: dict | None = None) -> list[Variant]:
+    """The best ARS and the best constant per level: picks {(alpha, 'ars'|'constant'): value}; default PICKED
+    (the scale's last tuning), or for a scale without one the middle of each grid."""
+    base = base_of(scale, overrides)
+    epochs = common.epochs_of(base)
+    picks = picks or PICKED.get(scale, {})
     out: list[Variant] = []
     for alpha in ALPHAS[scale]:
-        split = heterogeneity(base, alpha)
         suffix = alpha_suffix(alpha)
-        out += rate_variants(split, scale, suffix)
-        out += common.baselines(SCENARIO, split, suffix, dpsgd=False)
+        for kind, grid in (("ars", GAMMA0S[scale]), ("constant", CONSTANTS[scale])):
+            value = picks.get((alpha, kind), grid[len(grid) // 2])
+            spec = rate(kind, value, epochs)
+            out.append(common.variant(SCENARIO, base, label_of(kind, value, spec.get("growth"), suffix), {
+                "data": {"partition": Whole(partition(base, alpha))},
+                "schedule": {"averaging_rate": Whole(spec)}}))
     return out
 
 
-def best_constant_report(outcomes: Sequence[Outcome]) -> str:
-    """Per alpha: the best constant rate (by mean local accuracy) and each ARS ramp's difference to it."""
+def picks_of(trials: dict, scale: str) -> dict:
+    """{(alpha, 'ars'|'constant'): gamma0} of the best point per level and family in a tuning sweep."""
+    best = tuning.best_per_group(trials, lambda s: (tuning.key_of(s["data.partition"]),
+                                                    s["schedule.averaging_rate"]["kind"]))
+    out = {}
+    for (part, kind), settings in best.items():
+        alpha = json.loads(part).get("alpha")
+        out[(alpha, kind)] = settings["schedule.averaging_rate"]["gamma0"]
+    return out
+
+
+def tuning_table(trials: dict) -> str:
+    """Every grid point's validation score (the sweep's ranking), grouped by level, best first."""
+    rows = []
+    for point in trials["points"]:
+        s = point["settings"]
+        rate_ = s["schedule.averaging_rate"]
+        mean = point["mean"]
+        rows.append([json.dumps(s["data.partition"]).replace('"', ""), rate_["kind"], f"{rate_['gamma0']:g}",
+                     "diverged/failed" if mean is None else f"{mean:.4f}",
+                     common.fmt(point.get("merged_test_accuracy"))])
+    rows.sort(key=lambda r: (r[0], r[1]))
+    return common.markdown(["partition", "rate", "gamma0", "merged val acc (tuning)", "merged test acc"], rows)
+
+
+def comparison(outcomes: Sequence[Outcome]) -> str:
+    """Per level: best ARS minus best constant, mean local and merged accuracy, with the seeds' spread."""
     groups = common.by_label(outcomes)
     lines = []
-    suffixes = []
+    levels = []
     for label in groups:
-        suffix = label[label.rfind(", "):] if ", " in label else ""
-        if suffix not in suffixes:
-            suffixes.append(suffix)
-    for suffix in suffixes:
-        def score(label: str, key: str) -> float | None:
-            return common.mean_std([run.summary.get(key) for run in groups[label]])[0]
-
-        constants = [label for label in groups if label.startswith("constant") and label.endswith(suffix)]
-        ramps = [label for label in groups if label.startswith("ARS") and label.endswith(suffix)]
-        if not constants or not ramps:
+        suffix = label[label.rfind(", "):]
+        if suffix not in levels:
+            levels.append(suffix)
+    for suffix in levels:
+        ars = [runs for label, runs in groups.items() if label.startswith("ARS") and label.endswith(suffix)]
+        const = [runs for label, runs in groups.items() if label.startswith("constant") and label.endswith(suffix)]
+        if not ars or not const:
             continue
-        best = max(constants, key=lambda label: score(label, "mean_local_test_accuracy") or 0.0)
-        best_local, best_merged = score(best, "mean_local_test_accuracy"), score(best, "merged_test_accuracy")
-        lines.append(f"- {suffix.lstrip(', ')}: best constant is {best.removesuffix(suffix)} "
-                     f"(local {common.fmt(best_local)}, merged {common.fmt(best_merged)})")
-        for ramp in ramps:
-            local, merged = score(ramp, "mean_local_test_accuracy"), score(ramp, "merged_test_accuracy")
-            if None in (local, merged, best_local, best_merged):
-                continue
-            lines.append(f"  - {ramp.removesuffix(suffix)}: local {local - best_local:+.4f}, "
-                         f"merged {merged - best_merged:+.4f}")
-    return "ARS against the best constant rate (mean over seeds):\n\n" + "\n".join(lines) + "\n"
+        cells = []
+        for key, name in (("mean_local_test_accuracy", "local"), ("merged_test_accuracy", "merged")):
+            by_seed_ars = {run.seed: run.summary.get(key) for run in ars[0]}
+            by_seed_c = {run.seed: run.summary.get(key) for run in const[0]}
+            diffs = [by_seed_ars[s] - by_seed_c[s] for s in by_seed_ars
+                     if s in by_seed_c and None not in (by_seed_ars[s], by_seed_c[s])]
+            cells.append(f"{name} {common.pm(diffs)}")
+        lines.append(f"- {suffix.lstrip(', ')}: {ars[0][0].label.removesuffix(suffix)} minus "
+                     f"{const[0][0].label.removesuffix(suffix)}: " + ", ".join(cells) + " (per-seed differences)")
+    return "ARS minus the constant rate (both tuned), mean ± std over seeds:\n\n" + "\n".join(lines) + "\n"
 
 
 def report(outcomes: Sequence[Outcome]) -> str:
     return common.summary_table(outcomes, [common.summary_column("consensus dist", "consensus_distance")]) \
-        + "\n" + best_constant_report(outcomes)
+        + "\n" + comparison(outcomes)
+
+
+def extend(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tune-out", type=Path, default=None,
+                        help="the tuning sweep's folder (default: OUT-tune); a finished sweep there is reused")
+    parser.add_argument("--no-tune", action="store_true", help="skip tuning: use the last picks (PICKED)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return common.run_scenario(SCENARIO, __doc__, argv, variants, report)
+    args = common.parse_args(SCENARIO, __doc__, argv, extend=extend)
+
+    def body() -> int:
+        reuse, picks, text = None, None, ""
+        if not args.no_tune:
+            base = base_of(args.scale, args.overrides)
+            grid = tuning_grid(base, args.scale)
+            tune_out = args.tune_out or args.out.parent / f"{args.out.name}-tune"
+            trials = tuning.tune(base, grid, tune_out, TUNING_SEEDS)
+            picks, reuse = picks_of(trials, args.scale), tuning.reusable_runs(trials)
+            text = (f"Tuning sweep ({tune_out}), ranked on {tuning.METRIC}, seeds "
+                    f"{' '.join(map(str, TUNING_SEEDS))}:\n\n" + tuning_table(trials) + "\n")
+        runs = variants(args.scale, args.overrides, picks)
+        outcomes = common.run_variants(runs, args.seeds, args.out, engine=args.engine,
+                                       threads=common.threads_arg(args), progress=args.progress, reuse=reuse)
+        common.finish(SCENARIO, args, outcomes, text + report(outcomes))
+        return 0
+
+    return common.main_guard(body)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import torch
 from raygossip.api import run
 from raygossip.config import Config, apply_overrides, load_config, read_yaml
 from raygossip.errors import UserError
+from scenarios import tuning
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -185,6 +186,7 @@ def run_variants(
     threads: int | None = 1,
     progress: bool = False,
     log: Callable[[str], None] | None = print,
+    reuse: dict[str, Path] | None = None,
 ) -> list[Outcome]:
     """Run every variant for every seed, each into its own folder out/<label>-seed<k> (a `raygossip compare` input).
 
@@ -192,6 +194,8 @@ def run_variants(
     returns the callback that sees that run's metric records as they arrive. threads: torch threads in
     this process (1 suits small models and leaves the cores to Ray workers; None leaves torch's default).
     A Ray engine is started once for the whole list (and stopped at the end) rather than once per run.
+    reuse: {tuning.fingerprint(config): finished run folder}; a run with the same fingerprint (a sweep's
+    trial of the same config and seed) is copied from there instead of run again (the observer sees nothing).
     """
     seeds = list(seeds)
     labels = [label for label, _ in variants]
@@ -207,15 +211,23 @@ def run_variants(
         for index, (label, config) in enumerate(configs, start=1):
             folder = Path(out) / f"{slug(label)}-seed{config.seed}"
             callback = observer(label, config.seed) if observer is not None else None
+            source = reuse.get(tuning.fingerprint(config)) if reuse else None
             began = time.perf_counter()
-            result = run(config, out_dir=folder, observer=callback, progress=progress)
-            seconds = time.perf_counter() - began
-            outcomes.append(Outcome(label, config.seed, config, result.summary, result.records, folder, seconds))
+            if source is not None:
+                summary, records = tuning.copy_run(source, folder, config)
+                seconds = float(summary.get("wall_time_s") or 0.0)
+            else:
+                result = run(config, out_dir=folder, observer=callback, progress=progress)
+                summary, records = result.summary, result.records
+                seconds = time.perf_counter() - began
+            outcomes.append(Outcome(label, config.seed, config, summary, records, folder, seconds))
             if log is not None:
-                s = result.summary
-                log(f"[{index}/{len(configs)}] {label} seed={config.seed}: merged={s['merged_test_accuracy']:.4f} "
-                    f"local={fmt(s.get('mean_local_test_accuracy'))} MB={s['bytes_sent'] / 1e6:.2f} "
-                    f"({seconds:.1f} s) -> {folder}")
+                s = summary
+                how = f"copied from {source}" if source is not None else f"{seconds:.1f} s"
+                log(f"[{index}/{len(configs)}] {label} seed={config.seed}: {s.get('status', 'finished')} "
+                    f"merged={fmt(s.get('merged_test_accuracy'))} local={fmt(s.get('mean_local_test_accuracy'))} "
+                    f"MB={(s.get('bytes_sent') or 0) / 1e6:.2f} "
+                    f"({how}) -> {folder}")
     finally:
         if started_ray:
             import ray
@@ -286,9 +298,12 @@ def summary_table(outcomes: Sequence[Outcome], extra: Sequence[Column] = ()) -> 
     rows = []
     for label, runs in by_label(outcomes).items():
         seeds = ",".join(str(run.seed) for run in runs)
+        unfinished = [run.seed for run in runs if run.summary.get("status", "finished") != "finished"]
+        if unfinished:  # diverged (or aborted) runs count with their last numbers, and say so
+            seeds += f" (not finished: {','.join(map(str, unfinished))})"
         merge = "yes" if runs[0].config.schedule.final_merge.enabled else "no"
-        megabytes = statistics.fmean(run.summary["bytes_sent"] for run in runs) / 1e6
-        rows.append([label, seeds, pm([r.summary["merged_test_accuracy"] for r in runs]),
+        megabytes = statistics.fmean(run.summary.get("bytes_sent") or 0 for run in runs) / 1e6
+        rows.append([label, seeds, pm([r.summary.get("merged_test_accuracy") for r in runs]),
                      pm([r.summary.get("mean_local_test_accuracy") for r in runs]), merge, f"{megabytes:.2f}",
                      *[cell(runs) for _, cell in extra]])
     return markdown(headers, rows)

@@ -82,17 +82,53 @@ def test_scenario_variants_build_at_every_scale(module, scale):
     assert [config.label for _, config in variants] == labels  # what `raygossip compare` names its groups by
 
 
-def test_ars_variants_scale_the_ramp_to_training_length():
+def test_ars_variants_follow_the_protocol_and_scale_the_ramp_to_training_length():
     variants = dict(ars_vs_constant.variants("cpu"))
-    ars = variants["ARS exp (0.09 x1.285/epoch), alpha=0.1"]
+    ars = variants["ARS gamma0=0.09 (x1.285/epoch), alpha=0.01"]
+    assert (ars.agents.count, ars.train.lr, ars.train.lr_schedule.milestones, ars.train.steps_per_epoch) == (
+        16, 0.1, [0.5, 0.6], None)  # real epochs
+    assert ars.schedule.final_merge.enabled and ars.eval.validation_fraction > 0
     plan_gamma = lambda epoch: min(1.0, 0.09 * ars.schedule.averaging_rate.growth ** (epoch + 1))  # noqa: E731
-    assert plan_gamma(0) < 0.2 and plan_gamma(round(0.8 * ars.train.epochs) - 1) == pytest.approx(1.0, abs=0.01)
-    assert variants["ARS exp (0.09 x1.285/epoch), IID"].data.partition.kind == "iid"
+    assert plan_gamma(0) < 0.12 and plan_gamma(round(0.8 * ars.train.epochs) - 1) == pytest.approx(1.0, abs=0.01)
+    assert variants["constant gamma=1, alpha=1"].data.partition.alpha == 1.0
+    grid = ars_vs_constant.tuning_grid(ars_vs_constant.base_of("cpu", []), "cpu")
+    kinds = [rate["kind"] for rate in grid["schedule.averaging_rate"]]
+    assert kinds.count("ars") == kinds.count("constant") == 3  # the same tuning budget for both
     paper = dict(ars_vs_constant.variants("paper"))
-    assert paper["ARS exp (0.09 x1.01/epoch), alpha=0.01"].schedule.averaging_rate.growth == 1.01
-    assert paper["parallel SGD, alpha=0.1"].topology.name == "complete"
-    local = paper["local, no merge, IID"]
-    assert local.schedule.communication.kind == "none" and not local.schedule.final_merge.enabled
+    growth = paper["ARS gamma0=0.09 (x1.01/epoch), alpha=0.01"].schedule.averaging_rate.growth
+    assert growth == pytest.approx(1.01, abs=1e-3)
+
+
+def test_adagossip_grid_is_the_same_for_both_rules():
+    grid = adagossip_vs_choco.tuning_grid("cpu")
+    assert grid["gossip.rule"] == ["choco", "adagossip"] and len(grid["gossip.gamma"]) == 4
+    assert [p["kind"] for p in grid["data.partition"]] == ["iid", "dirichlet_lin"]
+    variants = dict(adagossip_vs_choco.variants("cpu", picks={(0.1, "adagossip", "sign"): 0.02}))
+    assert len(variants) == 16 and variants["adagossip, sign, alpha=0.1"].gossip.gamma == 0.02
+    assert variants["choco, QSGD 4 bit, IID"].gossip.compressor.scaled
+
+
+def test_tuning_picks_per_group_and_the_final_runs_reuse_its_trials(tmp_path):
+    from scenarios import tuning
+
+    label, config = ars_vs_constant.variants("smoke")[0]
+    (sweep_run,) = common.run_variants([(label, config)], [0], tmp_path / "sweep", log=None)
+    settings = lambda kind, g: {"data.partition": {"kind": "iid"},  # noqa: E731
+                                "schedule.averaging_rate": {"kind": kind, "gamma0": g}}
+    trials = {"points": [{"settings": settings("constant", 0.5), "finished": True, "mean": 0.9},
+                         {"settings": settings("ars", 0.3), "finished": False, "mean": 0.95},  # diverged: not picked
+                         {"settings": settings("ars", 0.09), "finished": True, "mean": 0.8},
+                         {"settings": settings("constant", 1.0), "finished": True, "mean": 0.7}],
+              "trials": [{"run_dir": str(sweep_run.out_dir), "status": "finished"}]}
+    assert ars_vs_constant.picks_of(trials, "smoke") == {(None, "constant"): 0.5, (None, "ars"): 0.09}
+    reuse = tuning.reusable_runs(trials)
+    assert list(reuse.values()) == [sweep_run.out_dir]
+    renamed = (label + " again", config)
+    outcomes = common.run_variants([renamed], [0, 1], tmp_path / "final", log=None, reuse=reuse)
+    copied, fresh = outcomes
+    assert copied.summary == sweep_run.summary and copied.records == sweep_run.records
+    assert load_config(copied.out_dir / "config.yaml").label == label  # rewritten with the final run's config
+    assert fresh.seed == 1 and fresh.summary["merged_test_accuracy"] is not None
 
 
 @pytest.mark.parametrize("scale", ["smoke", "cpu"])
