@@ -635,9 +635,10 @@ def step_together(nodes: list[GossipNode], batched: BatchedSteps) -> None:
 
 def run_together(nodes: list[GossipNode], checkpoints: bool = False, resync: bool = False,
                  batched: BatchedSteps | None = None) -> list[dict]:
-    """The loops of several nodes of one process in sync mode, in lockstep on one thread: every node's local step,
-    then every node's send, then every node's receive and mix (the reference engine's order), so no node waits on
-    a thread switch to another. Every node must be at the same step. Returns each node's stats. batched: the
+    """The loops of several nodes of one process in sync mode, in lockstep on one thread: every node's local step
+    and send (those with a neighbour in another process first), then every node's receive and mix, so no node waits
+    on a thread switch to another; a node's letter depends on its own state only, so this is the reference
+    engine's arithmetic. Every node must be at the same step. Returns each node's stats. batched: the
     nodes' BatchedSteps (runtime.batched_steps), to take their local steps as one call."""
     plan = nodes[0].plan
     cpu_began, process_began = time.thread_time(), time.process_time()
@@ -645,21 +646,22 @@ def run_together(nodes: list[GossipNode], checkpoints: bool = False, resync: boo
     for node in nodes:
         if node.incarnation > 0 or resync:
             node.announce()
-    for step in range(nodes[0].core.step, plan.total_steps):
-        live = [node for node in nodes if not node.stop_requested.is_set()]
+    here = {node.agent_id for node in nodes}  # nodes with a neighbour in another process first: their letters
+    ordered = sorted(nodes, key=lambda node: all(j in here for j in node.peers.out_neighbours))  # then travel
+    for step in range(nodes[0].core.step, plan.total_steps):  # while the others step (the numbers do not change)
+        live = [node for node in ordered if not node.stop_requested.is_set()]
         if not live:
             break
+        round_index = plan.round_after_step(step)
         if batched is not None:
             step_together(live, batched)
-        else:
-            for node in live:
+        for node in live:
+            if batched is None:
                 node.local_step()
-        live = [node for node in live if node.divergence is None]
-        round_index = plan.round_after_step(step)
-        if round_index is not None:
-            for node in live:
+            if round_index is not None and node.divergence is None:
                 node.send_round(round_index)
-            live = [node for node in live if node.divergence is None]
+        live = [node for node in live if node.divergence is None]
+        if round_index is not None:
             for node in live:
                 node.finish_round(round_index)
         if plan.is_eval_step(step):
