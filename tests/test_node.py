@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from raygossip.config import load_config
@@ -95,10 +97,10 @@ def test_choco_keeps_s_equal_to_the_weighted_public_copies_and_a_resync_restores
     for r in range(3):
         step_round(nodes, r)
     assert choco_error(nodes) < 1e-6
-    # agent 1 loses a round's messages on the way to agent 0 (a lost letter takes their place)
+    # agent 1's message of a round to agent 0 is lost on the way (a LOST letter takes its place)
     for node in nodes:
         node.local_step()
-    nodes[1].transport = InProcessTransport({0: _Swallow(), 2: nodes[2]})
+    nodes[1].transport = InProcessTransport({0: _Swallow(nodes[0]), 2: nodes[2]})
     for node in nodes:
         node.send_round(3)
     for node in nodes:
@@ -115,7 +117,12 @@ def test_choco_keeps_s_equal_to_the_weighted_public_copies_and_a_resync_restores
 
 
 class _Swallow:
-    """A receiver whose letters are lost on the way."""
+    """The way to `receiver` loses every gossip letter's message: the receiver gets a LOST letter in its place (as
+    from fault injection or a message whose object-store copy died), so a sync round does not wait for it."""
+
+    def __init__(self, receiver: GossipNode) -> None:
+        self.receiver = receiver
 
     def accept(self, letter) -> None:
         assert letter.kind is Kind.GOSSIP
+        self.receiver.accept(dataclasses.replace(letter, kind=Kind.LOST, payload=None))

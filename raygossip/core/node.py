@@ -19,13 +19,14 @@ import torch
 from ..algorithms.compressors import Compressed
 from ..algorithms.schedules import RoundPlan
 from .agent import AgentCore
-from .batched import BatchedSteps
 from .faults import MessageFate
 from .mailbox import Mailbox
 from .peers import LinkWeights, PeerTable
 from .phases import PhaseClock
 from .plan import RunPlan
 from .timing import StepClock, link_delay
+from .node_checkpoints import Checkpointing
+from .node_peers import PeerEvents
 from .node_timeline import TimelineSteps
 from ..config import TimingConfig
 from .wire import Kind, Letter
@@ -85,7 +86,7 @@ class NodeOptions:
     checkpoint_every: int = 0
 
 
-class GossipNode(TimelineSteps):
+class GossipNode(TimelineSteps, PeerEvents, Checkpointing):
     """One agent's loop and link state. The training thread calls run (or the steps in it); a control thread may
     call the peer_* methods, release and stop meanwhile: they share `link_lock`, so the rule state and each
     outgoing stream change atomically."""
@@ -468,107 +469,6 @@ class GossipNode(TimelineSteps):
             self.apply_letters(taken, {j: self.peers.in_weights.get(j, 0.0) for j in senders}, None)
         return len(taken)
 
-    # ------------------------------------------------------------ peers that die, come back or go
-
-    def peers_down(self, agents: list[int]) -> None:
-        """These peers died: stop waiting for them and sending to them."""
-        for j in agents:
-            self.transport.close(j)
-        with self.link_lock:
-            for j in agents:
-                self.peers.mark_down(j)
-                self.mailbox.mark_down(j)
-        for j in agents:
-            if self.peers.is_neighbour(j):
-                self.event("neighbour_down", neighbour=j, round=self.round_reached)
-
-    def peer_restarted(self, agent: int, incarnation: int) -> None:
-        """Peer `agent` came back: start a new stream to it with this agent's resync letter."""
-        self.transport.close(agent)
-        with self.link_lock:
-            if not self.peers.restarted(agent, incarnation):
-                return
-            if agent in self.resync_receivers():
-                self.post_resync(agent)
-                if self.finished_loop:
-                    self.post(agent, Kind.FIN, self.plan.total_rounds, None, time.time(), 0.0)
-
-    def peer_dropped(self, agent: int) -> None:
-        """Peer `agent` is gone for good: the rule forgets it and its weight goes to the self weight."""
-        self.transport.close(agent)
-        with self.link_lock:
-            self.forget(agent)
-
-    def forget(self, agent: int) -> None:
-        weight = self.peers.drop(agent)
-        if weight is None:
-            return
-        self.last_models.pop(agent, None)
-        self.mailbox.mark_down(agent, gone=True)
-        if weight > 0.0 and self.core.link_copies is not None:
-            self.core.drop_link(agent, weight)
-
-    def learn_peers(self, incarnations: dict[int, int], dropped: list[int], down: list[int]) -> None:
-        """A restarted agent learns who is dropped, down, and in which life each peer is."""
-        with self.link_lock:
-            self.peers.incarnation.update({int(j): int(i) for j, i in incarnations.items()})
-            for j in dropped:
-                self.forget(j)
-            for j in down:
-                self.peers.mark_down(j)
-                self.mailbox.mark_down(j)
-
-    # ------------------------------------------------------------ snapshots and checkpoints
-
-    def snapshot(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """AgentCore.snapshot(), taken while no resync or drop changes the rule state."""
-        with self.link_lock:
-            return self.core.snapshot()
-
-    def restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> int:
-        """Continue from a snapshot (a restarted agent, before it runs); returns the step it continues at."""
-        with self.link_lock:
-            self.core.restore(tensors, meta)
-            if self.core.link_copies is not None:  # the snapshot may predate drops this agent already knows of
-                for j in self.peers.dropped:
-                    self.core.drop_link(j, self.peers.in_weights.get(j, 0.0))
-        self.round_reached = self.core.step // self.plan.local_steps - 1
-        if self.links is not None:  # the snapshot's s counts its links with the weights of its round
-            self.links = LinkWeights(self.plan.mixing_at(self.round_reached)[self.agent_id], self.agent_id,
-                                     self.round_reached)
-            self.graph_round = self.round_reached
-        return self.core.step
-
-    def keep_snapshot(self) -> None:
-        tensors, meta = self.snapshot()
-        self.supervisor.keep_snapshot(self.agent_id, self.incarnation, tensors, meta)
-
-    def checkpoint_barrier(self, step: int) -> None:
-        """Give the supervisor this agent's state after `step`, then wait until it wrote the run's checkpoint
-        (nobody sends the next round's messages before every agent's state is in: a consistent cut)."""
-        self.offer_checkpoint(step)
-        self.await_release(step)
-
-    def offer_checkpoint(self, step: int) -> None:
-        tensors, meta = self.snapshot()
-        self.barrier.clear()
-        self.barrier_step = step
-        self.supervisor.keep_checkpoint(self.agent_id, self.incarnation, step, tensors, meta)
-
-    def await_release(self, step: int) -> None:
-        deadline = time.time() + self.options.wait_timeout_s
-        while not self.barrier.wait(0.2):
-            if self.stop_requested.is_set():
-                return
-            if time.time() > deadline:
-                self.event("checkpoint_timeout", step=step + 1)
-                return
-
-    def release(self, step: int) -> None:
-        """The checkpoint of `step` is written: the loop goes on (a late release of an earlier one is ignored)."""
-        if step == self.barrier_step:
-            self.barrier.set()
-
     # ------------------------------------------------------------ reporting
 
     def event(self, kind: str, **fields) -> None:
@@ -615,71 +515,3 @@ class GossipNode(TimelineSteps):
                 "phase_s": dict(self.phases.wall),
                 "cpu_s": {**self.phases.cpu, "loop": self.phases.loop_cpu, "process": self.phases.process_cpu},
                 **self.traffic_counts()}
-
-
-def step_together(nodes: list[GossipNode], batched: BatchedSteps) -> None:
-    """Every node's local step as one batched call (core.batched), its wall and CPU time shared evenly among them."""
-    started, cpu_began = time.perf_counter(), time.thread_time()
-    losses = batched.step([node.core for node in nodes])
-    wall, cpu = (time.perf_counter() - started) / len(nodes), (time.thread_time() - cpu_began) / len(nodes)
-    for node, loss in zip(nodes, losses):
-        node.phases.wall["train"] += wall
-        node.phases.cpu["train"] += cpu
-        if not math.isfinite(loss):
-            node.diverge("loss")
-            continue
-        if node.clock is not None and node.clock.active:
-            with node.phases("sleep"):
-                time.sleep(node.clock.extra_delay(wall))
-
-
-def run_together(nodes: list[GossipNode], checkpoints: bool = False, resync: bool = False,
-                 batched: BatchedSteps | None = None) -> list[dict]:
-    """The loops of several nodes of one process in sync mode, in lockstep on one thread: every node's local step
-    and send (those with a neighbour in another process first), then every node's receive and mix, so no node waits
-    on a thread switch to another; a node's letter depends on its own state only, so this is the reference
-    engine's arithmetic. Every node must be at the same step. Returns each node's stats. batched: the
-    nodes' BatchedSteps (runtime.batched_steps), to take their local steps as one call."""
-    plan = nodes[0].plan
-    cpu_began, process_began = time.thread_time(), time.process_time()
-    every = nodes[0].options.checkpoint_every if checkpoints else 0
-    for node in nodes:
-        if node.incarnation > 0 or resync:
-            node.announce()
-    here = {node.agent_id for node in nodes}  # nodes with a neighbour in another process first: their letters
-    ordered = sorted(nodes, key=lambda node: all(j in here for j in node.peers.out_neighbours))  # then travel
-    for step in range(nodes[0].core.step, plan.total_steps):  # while the others step (the numbers do not change)
-        live = [node for node in ordered if not node.stop_requested.is_set()]
-        if not live:
-            break
-        round_index = plan.round_after_step(step)
-        if batched is not None:
-            step_together(live, batched)
-        for node in live:
-            if batched is None:
-                node.local_step()
-            if round_index is not None and node.divergence is None:
-                node.send_round(round_index)
-        live = [node for node in live if node.divergence is None]
-        if round_index is not None:
-            for node in live:
-                node.finish_round(round_index)
-        if plan.is_eval_step(step):
-            for node in live:
-                with node.phases("report"):
-                    node.report_evaluation(step)
-        if every and round_index is not None and (round_index + 1) % every == 0 and step + 1 < plan.total_steps:
-            for node in live:
-                node.offer_checkpoint(step)
-            for node in live:
-                with node.phases("wait"):
-                    node.await_release(step)
-    for node in nodes:
-        node.finish()
-    if nodes[0].supervisor is not None:
-        nodes[0].supervisor.flush()
-    share = 1.0 / len(nodes)  # of the one thread's CPU
-    for node in nodes:
-        node.phases.loop_cpu += (time.thread_time() - cpu_began) * share
-        node.phases.process_cpu += (time.process_time() - process_began) * share
-    return [node.stats() for node in nodes]

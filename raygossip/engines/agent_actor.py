@@ -17,7 +17,8 @@ from raygossip.config import Config, from_dict
 from raygossip.core.agent import AgentCore
 from raygossip.core.batched import BatchedSteps
 from raygossip.core.faults import MessageFate, kill_schedule
-from raygossip.core.node import GossipNode, NodeOptions, run_together
+from raygossip.core.lockstep import run_together
+from raygossip.core.node import GossipNode, NodeOptions
 from raygossip.core.plan import RunPlan
 from raygossip.core.timing import StepClock
 from raygossip.core.wire import Letter

@@ -10,7 +10,8 @@ from tqdm import tqdm
 
 from raygossip.core.agent import AgentCore
 from raygossip.core.batched import BatchedSteps
-from raygossip.core.node import GossipNode, NodeOptions, step_together
+from raygossip.core.lockstep import step_together
+from raygossip.core.node import GossipNode, NodeOptions
 from raygossip.core.placement import agent_groups
 from raygossip.core.timeline import timeline_record
 from raygossip.core.transports import InProcessTransport
