@@ -534,6 +534,9 @@ def validate(config: Config) -> None:
            f"steps the agents of one actor together: needs runtime.agents_per_actor > 1, got {r.agents_per_actor}")
     _check(not r.batched_steps or r.mode == "sync", "runtime.batched_steps",
            f"steps an actor's agents in lockstep, which only sync mode does; got runtime.mode {r.mode!r}")
+    _check(not r.batched_steps or not config.timeline, "runtime.batched_steps",
+           "steps an actor's agents as one call, past the per-step part of a timeline (slow, leave, join): "
+           "turn it off for a run with a timeline")
     _check(r.num_cpus_per_agent is None or r.num_cpus_per_agent > 0, "runtime.num_cpus_per_agent",
            "must be > 0 (or unset: an even share of the CPUs, at most 1)")
     _check(0 <= r.num_gpus_per_agent <= 1, "runtime.num_gpus_per_agent", "must be in [0, 1]")

@@ -115,6 +115,13 @@ def test_an_event_past_the_run_is_an_error_before_it_starts():
     assert str(caught.value) == "timeline[0].round: must be below the run's 100 rounds, got 100"
 
 
+def test_batched_steps_with_a_timeline_is_one_line():
+    with pytest.raises(UserError) as caught:
+        config_with([{"round": 2, "action": "slow", "agents": [3], "factor": 4}],
+                    runtime={"agents_per_actor": 2, "batched_steps": True})
+    assert caught.value.field == "runtime.batched_steps" and "timeline" in caught.value.message
+
+
 def test_a_timeline_survives_the_yaml_round_trip():
     from raygossip.config import dump_yaml, parse_yaml
 
