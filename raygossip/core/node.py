@@ -84,6 +84,7 @@ class NodeOptions:
     timing: TimingConfig | None = None  # None: no simulated step times or link delays
     snapshot_every: int = 0  # keep a snapshot with the supervisor every this many rounds (0: never)
     checkpoint_every: int = 0
+    wait_past_timeout: bool = False  # sync/bounded: wait on past wait_timeout_s (a supervisor reports dead peers)
 
 
 class GossipNode(TimelineSteps, PeerEvents, Checkpointing):
@@ -380,6 +381,8 @@ class GossipNode(TimelineSteps, PeerEvents, Checkpointing):
                 self.event("wait_timeout", round=round_index,
                            missing=[j for j in expected if not mailbox.has_round(j, wait_for, now)]
                            + [j for j in links if not mailbox.has_link(j, round_index, now)])
+            if not self.options.wait_past_timeout:  # one process (the reference engine): nothing more can come
+                break
         self.waited_s += time.time() - started
 
     def absorb_ready(self, round_index: int, senders: list[int], round_plan: RoundPlan) -> None:

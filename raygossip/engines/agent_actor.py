@@ -38,7 +38,8 @@ def node_options(config: Config) -> NodeOptions:
     runtime = config.runtime
     return NodeOptions(mode=runtime.mode, staleness=runtime.staleness, wait_timeout_s=runtime.wait_timeout_s,
                        timing=runtime.timing, checkpoint_every=runtime.checkpoint_every,
-                       snapshot_every=runtime.snapshot_every if runtime.on_failure == "restart" else 0)
+                       snapshot_every=runtime.snapshot_every if runtime.on_failure == "restart" else 0,
+                       wait_past_timeout=True)
 
 
 class AgentActor:
