@@ -178,7 +178,7 @@ class RuntimeConfig:
     wait_timeout_s: float = 120.0
     inline_bytes: int = 1048576
     transport: str = "auto"
-    agents_per_actor: int = 1
+    agents_per_actor: int | str = "auto"
     batched_steps: bool = False
     finish_quorum: float = 0.5
     checkpoint_every: int = 0
@@ -528,10 +528,7 @@ def validate(config: Config) -> None:
     _validate_communication(config)
     _check(s.final_merge.bn_batches >= 1, "schedule.final_merge.bn_batches", "must be >= 1")
     _check(r.staleness >= 0, "runtime.staleness", f"must be >= 0, got {r.staleness}")
-    _check(r.agents_per_actor >= 1, "runtime.agents_per_actor",
-           f"must be >= 1 (agents one actor process hosts), got {r.agents_per_actor}")
-    _check(not r.batched_steps or r.agents_per_actor > 1, "runtime.batched_steps",
-           f"steps the agents of one actor together: needs runtime.agents_per_actor > 1, got {r.agents_per_actor}")
+    _validate_packing(config)
     _check(not r.batched_steps or r.mode == "sync", "runtime.batched_steps",
            f"steps an actor's agents in lockstep, which only sync mode does; got runtime.mode {r.mode!r}")
     _check(not r.batched_steps or not config.timeline, "runtime.batched_steps",
@@ -578,6 +575,27 @@ def validate(config: Config) -> None:
     _validate_partition(config)
     _check(r.engine == "ray" or r.mode == "sync", "runtime.mode",
            f"the reference engine runs only sync; got {r.mode!r} (use runtime.engine: ray)")
+
+
+def _validate_packing(config: Config) -> None:
+    """runtime.agents_per_actor: auto or a count; with batched steps a count above 1; GPU shares of one device."""
+    r = config.runtime
+    k = r.agents_per_actor
+    _check(k == "auto" or (isinstance(k, int) and k >= 1), "runtime.agents_per_actor",
+           f"must be auto (the engine picks from the agents, CPUs and GPUs) or a count >= 1, got {k!r}")
+    if k == "auto":
+        _check(not r.batched_steps, "runtime.batched_steps",
+               "steps the agents of one actor together, so its groups set the numbers: give "
+               "runtime.agents_per_actor a count > 1 (auto depends on the machine)")
+        return
+    _check(not r.batched_steps or k > 1, "runtime.batched_steps",
+           f"steps the agents of one actor together: needs runtime.agents_per_actor > 1, got {k}")
+    if r.num_gpus_per_agent > 0 and k * r.num_gpus_per_agent > 1 + 1e-9:
+        most = int(1 / r.num_gpus_per_agent + 1e-9)
+        raise UserError("runtime.agents_per_actor",
+                        f"{k} agents x runtime.num_gpus_per_agent {r.num_gpus_per_agent:g} = "
+                        f"{k * r.num_gpus_per_agent:g} GPUs in one actor, which uses one device: at most {most} "
+                        "agents per actor (or auto)")
 
 
 def _validate_kind_keys(m: CommunicationKindConfig, where: str) -> None:

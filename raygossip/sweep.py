@@ -168,8 +168,9 @@ def trial_resources(config: Config, cluster_cpus: float) -> tuple[Any, int | Non
     from ray import tune
 
     from raygossip.engines.common import agent_threads
-    from raygossip.engines.ray_engine import agent_bundles, cpus_per_agent
+    from raygossip.engines.ray_engine import agent_bundles, cpus_per_agent, with_packing
 
+    config = with_packing(config, cluster_cpus)  # the k the trial's RayEngine will pick on this cluster
     runtime = config.runtime
     if runtime.engine == "reference":
         return {"cpu": min(float(agent_threads(runtime)), cluster_cpus)}, None

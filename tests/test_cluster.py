@@ -106,6 +106,7 @@ def token_head():
     if importlib.util.find_spec("grpc") is not None:  # then Ray starts a Ray Client server, on 10001 unless told
         ports["--ray-client-server-port"] = free_port()
     command = [str(RAY), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+               "--num-gpus=4",  # logical GPUs (no CUDA): Ray places GPU shares by them
                "--include-dashboard=false", "--disable-usage-stats", "--object-store-memory=200000000",
                *(f"{flag}={value}" for flag, value in ports.items())]
     try:
@@ -141,6 +142,34 @@ def test_a_run_through_address_on_a_token_head_needs_no_ray_auth_mode(token_head
     # it ran on that head: the run's agents were the head's workers and left their logs in its session
     logs = list(Path(token_head["tmpdir"]).glob("ray/session_*/logs/worker-*.out"))
     assert logs, "no worker logs in the head's session"
+
+
+def test_auto_packing_keeps_an_actors_gpu_shares_on_one_device(token_head, tmp_path):
+    """8 agents x 0.5 GPU on a head of 2 CPUs and 4 logical GPUs: auto would pack 4 per actor (one per CPU), but an
+    actor uses one device, so it packs 2 (4 actors asking 1 GPU each) and says so in summary.json."""
+    out = tmp_path / "run"
+    flags = [*RUN_FLAGS, "--set", "agents.count=8", "--set", "runtime.num_gpus_per_agent=0.5",
+             "--set", "runtime.num_cpus_per_agent=0.25"]
+    done, _ = raygossip(["run", "configs/quickstart.yaml", *flags, "--address", token_head["address"],
+                         "--out", str(out)], client_env(token_head))
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    packing = summary["placement"]
+    assert (packing["agents_per_actor"], packing["chosen"], packing["actors"]) == (2, "auto", 4)
+    assert packing["gpus_per_actor"] == [1.0, 1.0, 1.0, 1.0]
+    assert summary["status"] == "finished"
+
+
+def test_more_gpu_shares_than_one_device_in_an_actor_is_one_line_before_ray(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    done, _ = raygossip(["run", *RUN_FLAGS, "--set", "runtime.num_gpus_per_agent=0.5",
+                         "--set", "runtime.agents_per_actor=4", "--out", str(out)], env, timeout=60)
+    assert done.returncode == 2, done.stderr
+    one_line(done.stderr, "runtime.agents_per_actor: 4 agents x runtime.num_gpus_per_agent 0.5 = 2 GPUs in one actor",
+             "at most 2 agents per actor")
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("changes, needles", [

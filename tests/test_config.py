@@ -222,6 +222,9 @@ RANGE_ROWS: list[tuple[dict, str]] = [
     # runtime
     ({"runtime": {"engine": "ray", "staleness": -1}}, "runtime.staleness"),
     ({"runtime": {"engine": "ray", "agents_per_actor": 0}}, "runtime.agents_per_actor"),
+    ({"runtime": {"engine": "ray", "agents_per_actor": "many"}}, "runtime.agents_per_actor"),
+    ({"runtime": {"engine": "ray", "agents_per_actor": "auto", "batched_steps": True}}, "runtime.batched_steps"),
+    ({"runtime": {"engine": "ray", "agents_per_actor": 3, "num_gpus_per_agent": 0.5}}, "runtime.agents_per_actor"),
     ({"train": {"on_divergence": "explode"}}, "train.on_divergence"),
     ({"runtime": {"engine": "ray", "batched_steps": True}}, "runtime.batched_steps"),
     ({"runtime": {"engine": "ray", "batched_steps": True, "agents_per_actor": 2, "mode": "bounded"}},

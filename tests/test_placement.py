@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from raygossip.algorithms.topology import build_topology
-from raygossip.core.placement import agent_groups, edges_inside
+from raygossip.core.placement import agent_groups, auto_agents_per_actor, edges_inside
 
 
 @pytest.mark.parametrize(
@@ -34,3 +34,21 @@ def test_a_scrambled_ring_is_grouped_along_the_graph_not_the_agent_order():
     groups = agent_groups(mixing, 4)
     assert groups == [[0, 3, 4, 7], [1, 2, 5, 6]]  # the ring's arcs 3-7-0-4 and 1-5-2-6: 3 edges each
     assert edges_inside(groups, mixing) == (12, 16)
+
+
+@pytest.mark.parametrize("agents, cpus, gpus, k", [
+    (8, 2, 0.0, 4),         # this laptop: one actor per CPU
+    (16, 2, 0.0, 8),
+    (1024, 2, 0.0, 512),
+    (4, 4, 0.0, 1),         # as many CPUs as agents: one agent per actor
+    (16, 64, 0.0, 1),       # a cluster bigger than the run
+    (10, 4, 0.0, 3),        # uneven: 4 actors of 3, 3, 3, 1
+    (8, 0.5, 0.0, 8),       # less than one CPU: one actor
+    (16, 2, 0.25, 4),       # 4 quarter-GPU agents fill one device
+    (16, 2, 0.5, 2),
+    (16, 2, 1.0, 1),
+    (16, 2, 0.3, 3),
+])
+def test_auto_packing_takes_one_actor_per_cpu_and_one_device_per_actor(agents, cpus, gpus, k):
+    assert auto_agents_per_actor(agents, cpus, gpus) == k
+    assert k * gpus <= 1 + 1e-9

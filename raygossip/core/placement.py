@@ -26,3 +26,14 @@ def agent_groups(mixing: np.ndarray, k: int) -> list[list[int]]:
     orders = [list(range(n)), [int(i) for i in nx.utils.reverse_cuthill_mckee_ordering(graph)]]
     candidates = [[sorted(order[s : s + k]) for s in range(0, n, k)] for order in orders]
     return max(candidates, key=lambda groups: edges_inside(groups, mixing)[0])
+
+
+def auto_agents_per_actor(agents: int, cpus: float, gpus_per_agent: float = 0.0) -> int:
+    """runtime.agents_per_actor: auto. One actor per whole CPU the cluster has (an actor steps its agents on one
+    core; each more costs a process, ~300 MB and ~2 s of start-up), the agents shared evenly among them; at most as
+    many agents as fit one device when they take GPU shares (an actor uses one device)."""
+    actors = max(1, min(agents, int(cpus + 1e-9)))
+    k = -(-agents // actors)
+    if gpus_per_agent > 0:
+        k = max(1, min(k, int(1 / gpus_per_agent + 1e-9)))
+    return k

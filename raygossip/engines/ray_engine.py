@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Any
@@ -19,7 +20,7 @@ from raygossip.engines.channels import BUFFERS as CHANNEL_BUFFERS, ENVELOPE_BYTE
 from raygossip.engines.cluster import ensure_ray, on_started_node
 from raygossip.engines.common import Observer, RunSetup, agent_threads, public_copy_error
 from raygossip.core.agent import Traffic
-from raygossip.core.placement import agent_groups, edges_inside
+from raygossip.core.placement import agent_groups, auto_agents_per_actor, edges_inside
 from raygossip.engines.agent_actor import spawn_host
 from raygossip.engines.ray_setup import actor_env, dataset_to_numpy
 from raygossip.engines.agent_states import split_state, traffic_of
@@ -104,9 +105,19 @@ def check_resources(config: Config, cpus: float) -> None:
                         f"but the cluster has {resources.get('GPU', 0):g}")
 
 
+def with_packing(config: Config, cluster_cpus: float) -> Config:
+    """`config` with runtime.agents_per_actor a count: auto resolved from the agents, the cluster's CPUs and the GPU
+    share (core.placement.auto_agents_per_actor); a count stays as it is. Sync numbers do not depend on it."""
+    runtime = config.runtime
+    if runtime.agents_per_actor != "auto":
+        return config
+    k = auto_agents_per_actor(config.agents.count, cluster_cpus, runtime.num_gpus_per_agent)
+    return dataclasses.replace(config, runtime=dataclasses.replace(runtime, agents_per_actor=k))
+
+
 def group_sizes(config: Config) -> list[int]:
     """How many agents each actor hosts: runtime.agents_per_actor each, the last actor the rest (core.placement)."""
-    n, k = config.agents.count, max(1, config.runtime.agents_per_actor)
+    n, k = config.agents.count, max(1, int(config.runtime.agents_per_actor))
     return [k] * (n // k) + ([n % k] if n % k else [])
 
 
@@ -161,13 +172,15 @@ class RayEngine:
     name = "ray"
 
     def __init__(self, config: Config, setup: RunSetup) -> None:
-        self.config = config
-        self.setup = setup
+        self.packing_chosen = "auto" if config.runtime.agents_per_actor == "auto" else "config"
         show = config.runtime.progress
         # what start-up is doing, on the line the training progress takes over (Ray, data, agents k of n)
         self.startup_bar = tqdm(total=config.agents.count, desc="raygossip[ray] starting Ray", unit="agent",
                                 disable=True if not show else None, leave=False)
         self.started_ray = ensure_ray(config)
+        config = with_packing(config, ray.cluster_resources().get("CPU", 1.0))
+        self.config = config
+        self.setup = setup
         self.startup_s = 0.0
         self.startup_phases: dict[str, float] = {}
         began = time.perf_counter()
@@ -192,7 +205,8 @@ class RayEngine:
         self.startup_phases["placement_group_s"] = time.perf_counter() - began
         self.startup_bar.set_description("raygossip[ray] shipping data")
         data = ray.put(dataset_to_numpy(setup.dataset, setup.test_x, setup.test_y))
-        self.startup_bar.set_description("raygossip[ray] starting agents")
+        self.startup_bar.set_description(f"raygossip[ray] starting {len(self.groups)} actors x "
+                                         f"{runtime.agents_per_actor} agents ({self.packing_chosen})")
         config_dict = to_dict(config)
         factors = slowdown_factors(runtime.timing, config.agents.count, config.seed)
         spe = setup.plan.steps_per_epoch
@@ -220,7 +234,8 @@ class RayEngine:
             self.startup_bar.set_description("raygossip[ray] opening channels")
             open_channels(self.agents, [p["node"] for p in self.placement], links)
         inside, total = edges_inside(self.groups, mixing)
-        self.packing = {"agents_per_actor": runtime.agents_per_actor, "actors": len(self.groups),
+        self.packing = {"agents_per_actor": runtime.agents_per_actor, "chosen": self.packing_chosen,
+                        "actors": len(self.groups), "gpus_per_actor": [bundle.get("GPU", 0.0) for bundle in bundles],
                         "groups": self.groups, "links_inside_actors": inside, "links": total,
                         "share_inside_actors": inside / total if total else 1.0,
                         "placement_group": "run" if self.owns_group else "tune trial"}
@@ -281,7 +296,7 @@ class RayEngine:
                                               None if checkpoint_dir is None else str(checkpoint_dir), self.resumed))
         expected = sum(self.setup.plan.is_eval_step(s) for s in range(start_step, self.setup.plan.total_steps))
         records: list[dict] = list(previous_records or [])
-        bar = tqdm(total=expected, desc="raygossip[ray]", unit="eval", disable=True if not show else None, leave=False)
+        bar = tqdm(total=expected, desc=f"raygossip[ray {len(self.groups)}x{self.config.runtime.agents_per_actor}]", unit="eval", disable=True if not show else None, leave=False)
         done = self.coordinator.wait_finished.remote(self.config.runtime.wait_timeout_s)
         while True:
             # poll returns on a new record, when the agents finished, or after 0.5 s (then we check `done`,
