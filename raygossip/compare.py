@@ -16,7 +16,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from raygossip.config import Config, load_config, to_dict
+from raygossip.config import Config
+from raygossip.config_io import to_dict
+from raygossip.validation import load_config
 from raygossip.errors import UserError
 from raygossip.results import read_metrics, write_text_atomic
 

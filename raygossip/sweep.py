@@ -16,7 +16,9 @@ import yaml
 from ray.tune import Callback
 
 from raygossip.compare import SWEEP_FILES
-from raygossip.config import Config, apply_overrides, dump_yaml, from_dict, parse_yaml, to_dict, validate
+from raygossip.config import Config
+from raygossip.config_io import apply_overrides, dump_yaml, from_dict, parse_yaml, to_dict
+from raygossip.validation import validate
 from raygossip.errors import UserError
 from raygossip.results import read_metrics, write_json_atomic, write_text_atomic
 

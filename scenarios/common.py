@@ -17,7 +17,9 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from raygossip.api import run
-from raygossip.config import Config, apply_overrides, load_config, read_yaml
+from raygossip.config import ENGINES, Config
+from raygossip.config_io import apply_overrides, read_yaml
+from raygossip.validation import load_config
 from raygossip.errors import UserError
 from scenarios import tuning
 
@@ -26,7 +28,6 @@ CONFIGS = REPO / "configs"
 DATA_ROOT = REPO.parent / "shared" / "data"  # real MNIST for the cpu scale (no downloads)
 
 SCALES = ("smoke", "cpu", "paper")
-ENGINES = ("reference", "ray")
 
 Variant = tuple[str, Config]  # (label shown in tables, the run's config)
 Observer = Callable[[dict], None]

@@ -19,7 +19,7 @@ from typing import Sequence
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raygossip.config import read_yaml
+from raygossip.config_io import read_yaml
 from raygossip.errors import UserError
 from scenarios import common, late_communication as lc
 

@@ -166,7 +166,7 @@ def ray_only(args: argparse.Namespace) -> str:
 def load_outcomes(folder: str | Path, order: Sequence[str] = ()) -> list[Outcome]:
     """The outcomes of a scenario's run folders (out/<label>-seed<k>), to redo its table without rerunning;
     in the order of the labels in `order` (then by label), seeds ascending."""
-    from raygossip.config import load_config
+    from raygossip.validation import load_config
     from raygossip.results import read_metrics
 
     outcomes = []

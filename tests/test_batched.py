@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from raygossip.config import load_config
+from raygossip.validation import load_config
 from raygossip.core.agent import AgentCore
 from raygossip.core.batched import BatchedSteps
 from raygossip.core.flat import FlatParameters

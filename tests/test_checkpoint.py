@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from raygossip.api import resume, run
 from raygossip.checkpoint import MANIFEST, load_checkpoint
-from raygossip.config import load_config
+from raygossip.validation import load_config
 from raygossip.errors import UserError
 from raygossip.presets import quickstart
 from raygossip.results import read_metrics

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from raygossip.cli import main
-from raygossip.config import load_config
+from raygossip.validation import load_config
 from raygossip.core.agent import evaluate
 from raygossip.data.datasets import load_dataset
 from raygossip.models import build_model

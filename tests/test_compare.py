@@ -17,7 +17,8 @@ import pytest
 
 from raygossip import compare
 from raygossip.api import run as run_experiment
-from raygossip.config import Config, load_config
+from raygossip.config import Config
+from raygossip.validation import load_config
 from raygossip.errors import UserError
 from raygossip.presets import quickstart
 

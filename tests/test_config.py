@@ -16,20 +16,14 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from raygossip import config as config_module
-from raygossip.config import (
-    CHOICES,
-    Config,
-    apply_overrides,
-    dump_yaml,
-    from_dict,
-    load_config,
-    read_yaml,
-    validate,
-)
+from raygossip import validation
+from raygossip.config import Config
+from raygossip.config_io import apply_overrides, choices, dump_yaml, from_dict, read_yaml
+from raygossip.validation import load_config, validate
 from raygossip.errors import UserError
 from raygossip.presets import quickstart
 
+CHOICES = choices()  # {dotted key: allowed values} of every Literal field
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 
@@ -286,8 +280,8 @@ def test_out_of_range_is_a_user_error_naming_the_field(mapping, field):
 
 def test_every_check_in_validate_has_a_row():
     """Each field validate() (and its registry helper) names, and each CHOICES key, appears in RANGE_ROWS."""
-    source = "".join(inspect.getsource(f) for f in (config_module.validate, config_module._validate_registries,
-                                                     config_module._validate_partition))
+    source = "".join(inspect.getsource(f) for f in (validation.validate, validation._validate_registries,
+                                                     validation._validate_partition))
     named = set(re.findall(r'"([a-z_]+(?:\.[a-z_0-9]+)+)"', source)) | set(CHOICES)
     covered = {field for _, field in RANGE_ROWS}
     assert named, "found no field names in validate()"

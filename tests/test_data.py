@@ -408,7 +408,7 @@ def test_preference_resample_shard_is_one_draw_from_the_same_preferences(mnist_l
 
 
 def test_prepare_redraws_dirichlet_until_every_agent_holds_a_minibatch():
-    from raygossip.config import load_config
+    from raygossip.validation import load_config
     from raygossip.engines.common import prepare
 
     setup = prepare(load_config(base={"agents": {"count": 12}, "train": {"batch_size": 16},

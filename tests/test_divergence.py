@@ -10,7 +10,7 @@ import torch
 from raygossip.algorithms.compressors import Compressed
 from raygossip.api import RunDiverged, run
 from raygossip.cli import main
-from raygossip.config import load_config
+from raygossip.validation import load_config
 from raygossip.core.wire import Kind, Letter
 from raygossip.presets import quickstart
 from test_node import make_nodes

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from raygossip.api import run
 from raygossip.checkpoint import MANIFEST
-from raygossip.config import load_config
+from raygossip.validation import load_config
 from raygossip.results import read_metrics
 from test_ray_engine import small, wait_for_idle_cluster
 

@@ -10,7 +10,7 @@ import pytest
 import ray
 import torch
 
-from raygossip.config import load_config
+from raygossip.validation import load_config
 from raygossip.engines.common import agent_threads, prepare
 from raygossip.engines.ray_engine import RayEngine
 from raygossip.engines.reference import ReferenceEngine

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # scenarios/ sits beside the package, not inside it
 
-from raygossip.config import load_config  # noqa: E402
+from raygossip.validation import load_config  # noqa: E402
 from raygossip.core.plan import RunPlan  # noqa: E402
 from raygossip.timeline import Timeline  # noqa: E402
 from raygossip.algorithms.topology import build_topology  # noqa: E402

@@ -9,7 +9,7 @@ import pytest
 
 from raygossip.cli import main
 from raygossip.compare import group_runs, load_runs
-from raygossip.config import load_config
+from raygossip.validation import load_config
 from raygossip.errors import UserError
 from raygossip.results import read_metrics
 from raygossip.sweep import check_sweep, parse_grid, sweep

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from raygossip.api import run
-from raygossip.config import load_config
+from raygossip.validation import load_config
 from raygossip.core.agent import evaluate, make_model
 from raygossip.engines.common import prepare, validation_split
 from raygossip.errors import UserError
