@@ -21,6 +21,7 @@ from raygossip.config import ENGINES, Config
 from raygossip.config_io import apply_overrides, read_yaml
 from raygossip.validation import load_config
 from raygossip.errors import UserError
+from raygossip.results import mean_std
 from scenarios import tuning
 
 REPO = Path(__file__).resolve().parents[1]
@@ -253,17 +254,16 @@ def fmt(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation over seeds (0 for one seed); None when nothing is known."""
-    known = [float(v) for v in values if v is not None]
-    if not known:
-        return None, None
-    return statistics.fmean(known), statistics.stdev(known) if len(known) > 1 else 0.0
+def plus_minus(mean: float | None, std: float | None, spec: str = ".4f") -> str:
+    """'mean ± std' over seeds; 'mean (1 seed)' where one seed gives no spread; 'n/a' where nothing is known."""
+    if mean is None:
+        return "n/a"
+    return f"{mean:{spec}} (1 seed)" if std is None else f"{mean:{spec}} ± {std:{spec}}"
 
 
 def pm(values: Sequence[float | None], digits: int = 4) -> str:
-    mean, std = mean_std(values)
-    return "n/a" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+    """plus_minus of the values' mean_std, with `digits` decimals."""
+    return plus_minus(*mean_std(values), f".{digits}f")
 
 
 def by_label(outcomes: Sequence[Outcome]) -> dict[str, list[Outcome]]:

@@ -149,7 +149,7 @@ def report(outcomes: Sequence[Outcome]) -> str:
             runs = groups[label]
             rows.append([label, common.pm([r.summary.get("mean_local_test_accuracy") for r in runs]),
                          common.pm([r.summary["merged_test_accuracy"] for r in runs]), common.pm(parallel),
-                         "n/a" if mean is None else f"{mean:.1%} ± {std:.1%}"])
+                         common.plus_minus(mean, std, ".1%")])
     return (common.summary_table(outcomes, extra) + window_trend(outcomes)
             + "\nGap to parallel SGD closed by the final merge, (merged - mean local) / (all-reduce every round "
               "- mean local), per seed:\n\n"

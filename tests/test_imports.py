@@ -9,15 +9,15 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "raygossip"
 
 # DESIGN.md's layers, lowest first: a module may import its own layer and the ones below, never one above.
-# A module is placed by its longest listed prefix.
+# A module is placed by its longest listed prefix ("raygossip" is the package's __init__ only).
 LAYERS: list[tuple[str, ...]] = [
-    ("raygossip", "raygossip.errors", "raygossip.registry", "raygossip.results"),
+    ("raygossip", "raygossip.errors", "raygossip.registry"),
     ("raygossip.algorithms", "raygossip.data", "raygossip.models", "raygossip.optim"),
-    ("raygossip.config", "raygossip.config_io", "raygossip.presets"),
+    ("raygossip.config", "raygossip.config_io", "raygossip.presets", "raygossip.results"),
     ("raygossip.core", "raygossip.checkpoint"),
     ("raygossip.engines", "raygossip.validation"),
-    ("raygossip.api", "raygossip.cli", "raygossip.sweep", "raygossip.compare", "raygossip.tracking",
-     "raygossip.timeline"),
+    ("raygossip.api", "raygossip.cli", "raygossip.sweep", "raygossip.compare", "raygossip.plots",
+     "raygossip.tracking", "raygossip.timeline"),
 ]
 
 
@@ -58,7 +58,8 @@ def layer(name: str) -> int:
     best, depth = -1, -1
     for index, prefixes in enumerate(LAYERS):
         for prefix in prefixes:
-            if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > depth:
+            inside = name == prefix or (prefix != "raygossip" and name.startswith(prefix + "."))
+            if inside and len(prefix) > depth:
                 best, depth = index, len(prefix)
     return best
 
