@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,9 +18,10 @@ from raygossip.engines.common import RunSetup, prepare
 from raygossip.engines.ray_engine import RayEngine
 from raygossip.engines.reference import ReferenceEngine
 from raygossip.errors import UserError
-from test_ray_engine import assert_same_run, small, wait_for_idle_cluster
+from scenarios import DATA_ROOT
+from conftest import assert_same_run, small, wait_for_idle_cluster
 
-MNIST_ROOT = str(Path(__file__).resolve().parents[2] / "shared" / "data")  # shared/ sits beside the clone
+MNIST_ROOT = str(DATA_ROOT)
 MLP = ("digits", {"name": "mlp", "hidden": [32, 16]})
 LENET = ("mnist", {"name": "lenet5"})
 RESNET = {"name": "resnet20", "norm": "batch"}

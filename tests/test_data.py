@@ -19,8 +19,9 @@ from raygossip.data import (
     partition,
 )
 from raygossip.errors import UserError
+from scenarios import DATA_ROOT
 
-MNIST_ROOT = str(Path(__file__).resolve().parents[2] / "shared" / "data")  # shared/ sits beside the clone
+MNIST_ROOT = str(DATA_ROOT)
 HAVE_MNIST = (Path(MNIST_ROOT) / "MNIST" / "raw" / "train-labels-idx1-ubyte").exists()
 
 

@@ -12,7 +12,7 @@ import ray
 
 from raygossip.api import RunAborted, run
 from raygossip.validation import load_config
-from test_ray_engine import run_ray, small, wait_for_idle_cluster
+from conftest import run_ray, small, wait_for_idle_cluster
 
 CHOCO = {"rule": "choco", "gamma": 0.5, "compressor": {"name": "top_k", "ratio": 0.1}}
 

@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("raygossip.core", "raygossip.checkpoint"),
     ("raygossip.engines", "raygossip.validation"),
     ("raygossip.api", "raygossip.cli", "raygossip.sweep", "raygossip.compare", "raygossip.plots",
-     "raygossip.tracking", "raygossip.timeline"),
+     "raygossip.tracking", "raygossip.timeline_builder"),
 ]
 
 

@@ -16,7 +16,7 @@ from raygossip.core.timeline import ACTIONS, LinkState, compile_timeline, cut_mi
 from raygossip.engines.reference import ReferenceEngine
 from raygossip.errors import UserError
 from raygossip.presets import quickstart
-from raygossip.timeline import Timeline
+from raygossip.timeline_builder import Timeline
 
 HALVES = [[0, 1, 2, 3], [4, 5, 6, 7]]
 

@@ -11,7 +11,7 @@ from raygossip.api import run
 from raygossip.cli import main
 from raygossip.validation import load_config
 from raygossip.errors import UserError
-from test_ray_engine import small, wait_for_idle_cluster
+from conftest import small, wait_for_idle_cluster
 
 
 def events(folder) -> EventAccumulator:
