@@ -192,6 +192,35 @@ def test_late_communication_script_main_writes_tables(tmp_path, capsys):
     assert plot_window_position.COMMAND([str(out), "--out", str(png)]) == 0 and png.stat().st_size > 1000
 
 
+def test_every_scenario_is_registered_and_python_m_scenarios_lists_them(capsys):
+    from scenarios import SCENARIOS, summary
+    from scenarios.__main__ import main
+
+    helpers = {"__init__", "__main__", "common", "tuning"}
+    assert set(SCENARIOS.values()) == {p.stem for p in (REPO / "scenarios").glob("*.py")} - helpers
+    assert main(["--list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listed] == list(SCENARIOS)
+    assert all(summary(name) and summary(name) in line for name, line in zip(SCENARIOS, listed))
+    assert main(["no_such_scenario"]) == 2 and "no scenario 'no_such_scenario'" in capsys.readouterr().err
+
+
+def test_a_tuned_scenario_with_no_tune_runs_its_default_picks(tmp_path, capsys):
+    """The tune-then-run hook's options reach the scenario; --no-tune runs the variants with picks=None."""
+    out = tmp_path / "ars"
+    assert ars_vs_constant.COMMAND(["--scale", "smoke", "--no-tune", "--engine", "reference", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Tuning sweep" not in printed
+    labels = [label for label, _ in ars_vs_constant.variants("smoke", (), None)]
+    assert all(f"| {label} | 0 |" in printed for label in labels)
+    for module, options in ((ars_vs_constant, ("--tune-out", "--no-tune")),
+                            (adagossip_vs_choco, ("--graph", "--tune-out", "--no-tune"))):
+        with pytest.raises(SystemExit):
+            module.COMMAND(["--help"])
+        shown = capsys.readouterr().out
+        assert shown.startswith(f"usage: python -m scenarios {module.SCENARIO}") and all(o in shown for o in options)
+
+
 def test_stragglers_smoke_on_the_ray_engine_with_an_observer(ray_cluster, tmp_path):
     variants = stragglers.variants("smoke")
     assert {config.runtime.engine for _, config in variants} == {"ray"}
