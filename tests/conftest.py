@@ -31,10 +31,14 @@ def ray_cluster():
     cluster.shutdown()
 
 
+RAY_FIXTURES = ("ray_cluster", "token_head")  # the session cluster; test_cluster's own head (`ray start`)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every test that uses the Ray cluster is a `ray` test (`pytest -m "not ray"` is the fast tier)."""
+    """Every test that uses a Ray fixture is a `ray` test (`pytest -m "not ray"` is the fast tier); tests that start
+    Ray some other way carry the marker themselves."""
     for item in items:
-        if "ray_cluster" in getattr(item, "fixturenames", ()):
+        if any(name in getattr(item, "fixturenames", ()) for name in RAY_FIXTURES):
             item.add_marker(pytest.mark.ray)
 
 
