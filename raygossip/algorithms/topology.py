@@ -1,4 +1,7 @@
-"""Communication graphs and their mixing matrices W (who averages with whom, and with what weight)."""
+"""Communication graphs and their mixing matrices W (who averages with whom, and with what weight).
+
+Over 400 lines because it is the registry: a dozen small graph factories share the weights, checks and spectra here.
+"""
 
 from __future__ import annotations
 
