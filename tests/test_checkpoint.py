@@ -50,6 +50,7 @@ def test_resume_in_process_reaches_the_same_final_parameters(tmp_path, uninterru
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # a whole run in a subprocess, killed, then resumed by another
 def test_driver_killed_mid_run_resumes_to_identical_results(tmp_path, uninterrupted):
     whole_dir, whole = uninterrupted
     out = tmp_path / "run"
