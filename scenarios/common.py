@@ -422,11 +422,12 @@ class Scenario:
         return run_scenario(self, argv)
 
 
-def _tuning_options(tuning: Tuning) -> Callable[[argparse.ArgumentParser], None]:
+def _tuning_options(hook: Tuning) -> Callable[[argparse.ArgumentParser], None]:
+    """The options every tuned scenario takes: where the sweep goes, and skipping it."""
     def extend(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--tune-out", type=Path, default=None,
                             help="the tuning sweep's folder (default: OUT-tune); a finished sweep there is reused")
-        parser.add_argument("--no-tune", action="store_true", help=f"skip tuning: {tuning.untuned}")
+        parser.add_argument("--no-tune", action="store_true", help=f"skip tuning: {hook.untuned}")
     return extend
 
 
