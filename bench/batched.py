@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from raygossip.config import load_config
+from raygossip.validation import load_config
 from raygossip.core.agent import AgentCore
 from raygossip.core.batched import BatchedSteps
 from raygossip.data import load_dataset, partition

@@ -184,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write every measurement to this file")
     args = parser.parse_args(argv)
 
-    from raygossip.config import Config, from_dict, validate
+    from raygossip.config import Config
+    from raygossip.config_io import from_dict
+    from raygossip.validation import validate
     from raygossip.engines.common import prepare
 
     config = from_dict(Config, bench_config(args))

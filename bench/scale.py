@@ -77,7 +77,9 @@ def config_of(args: argparse.Namespace, agents: int, per_actor: int, engine: str
 
 def one_point(spec: dict) -> dict:
     """Run one config in this process; return its timings."""
-    from raygossip.config import Config, from_dict, validate
+    from raygossip.config import Config
+    from raygossip.config_io import from_dict
+    from raygossip.validation import validate
     from raygossip.engines.common import prepare
 
     config = from_dict(Config, spec)

@@ -11,7 +11,9 @@ from pathlib import Path
 import networkx as nx
 
 from raygossip.algorithms.topology import edges_from_graph
-from raygossip.config import Config, TopologyConfig, dump_yaml, validate
+from raygossip.config import Config, TopologyConfig
+from raygossip.config_io import dump_yaml
+from raygossip.validation import validate
 from raygossip.engines.common import Observer, prepare, summary_record
 from raygossip.errors import UserError
 from raygossip.results import MetricsLog, read_metrics, save_tensors_atomic, strict_json, write_json_atomic, write_text_atomic
@@ -25,8 +27,6 @@ class RunResult:
     records: list[dict]
     out_dir: Path | None
 
-
-ENGINES = ("reference", "ray")
 
 
 def make_engine(config: Config, setup=None):
@@ -77,7 +77,7 @@ def run(config: Config, out_dir: str | Path | None = None, observer: Observer | 
 def resume(run_dir: str | Path, observer: Observer | None = None, progress: bool | None = None) -> RunResult:
     """Continue a run from its latest checkpoint (written with runtime.checkpoint_every > 0)."""
     from raygossip.checkpoint import load_checkpoint
-    from raygossip.config import load_config
+    from raygossip.validation import load_config
 
     out = Path(run_dir)
     if not (out / "config.yaml").is_file():

@@ -11,7 +11,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from raygossip.config import Config, to_dict
+from raygossip.config import Config
+from raygossip.config_io import to_dict
 from raygossip.errors import UserError
 from raygossip.results import save_tensors_atomic, write_json_atomic
 

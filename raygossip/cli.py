@@ -6,11 +6,13 @@ import argparse
 import json
 import os
 import sys
+import typing
 from pathlib import Path
 
 import yaml
 
-from raygossip.config import parse_yaml
+from raygossip.config import ENGINES, Mode
+from raygossip.config_io import parse_yaml
 from raygossip.api import RunAborted, RunDiverged
 from raygossip.errors import UserError
 
@@ -43,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", nargs="?", help="YAML config file")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set train.lr=0.05 (repeatable)")
-    run.add_argument("--engine", choices=["reference", "ray"], help="runtime.engine")
-    run.add_argument("--mode", choices=["sync", "bounded", "async"], help="runtime.mode")
+    run.add_argument("--engine", choices=ENGINES, help="runtime.engine")
+    run.add_argument("--mode", choices=typing.get_args(Mode), help="runtime.mode")
     run.add_argument("--address", help="Ray cluster address (runtime.address; default: RAY_ADDRESS or a local Ray)")
     run.add_argument("--out", help="output folder (default: runs/NAME-TIMESTAMP)")
     run.add_argument("--seed", type=int, help="seed")
@@ -95,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from raygossip.api import default_out_dir, run
-    from raygossip.config import apply_overrides, from_dict, read_yaml, validate, Config
+    from raygossip.config import Config
+    from raygossip.config_io import apply_overrides, from_dict, read_yaml
+    from raygossip.validation import validate
     from raygossip.presets import quickstart
 
     data = read_yaml(args.config) if args.config else quickstart()
@@ -149,7 +153,7 @@ def print_summary(s: dict, out: Path) -> None:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from datetime import datetime
 
-    from raygossip.config import apply_overrides, read_yaml
+    from raygossip.config_io import apply_overrides, read_yaml
     from raygossip.presets import quickstart
     from raygossip.sweep import parse_grid, sweep
 

@@ -1,16 +1,21 @@
-"""What a run leaves on disk, written so a crash never leaves a half file: atomic JSON/YAML/safetensors, flushed JSONL."""
+"""What a run leaves on disk, written so a crash never leaves a half file (atomic JSON/YAML/safetensors, flushed JSONL),
+and what reads it back: a finished run, runs grouped over seeds, and mean_std over seeds."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import statistics
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from safetensors.torch import save_file
+
+from raygossip.config import Config
 
 
 def _umask_mode() -> int:
@@ -117,3 +122,40 @@ def read_metrics(path: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             break
     return records
+
+
+@dataclass
+class Run:
+    """One finished run folder: its config (validated, defaults filled), summary and evaluation records."""
+
+    path: Path
+    config: Config
+    flat: dict[str, Any]
+    summary: dict
+    records: list[dict]
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+
+@dataclass
+class Group:
+    """Runs equal on every differing config key but the seed; `settings` holds those keys' values.
+
+    `label` is the runs' own config label when they share one that no other group has, else the fewest
+    `key=value` pairs of `settings` that tell this group from every other.
+    """
+
+    label: str
+    settings: dict[str, Any]
+    runs: list[Run]
+
+
+def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n - 1) over seeds of the values that are not None; (None, None) when none
+    is, and std None for one value (one seed says nothing about the spread)."""
+    present = [float(value) for value in values if value is not None]
+    if not present:
+        return None, None
+    return statistics.fmean(present), statistics.stdev(present) if len(present) > 1 else None

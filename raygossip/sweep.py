@@ -6,7 +6,6 @@ import copy
 import itertools
 import json
 import random
-import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +14,11 @@ from typing import Any, Sequence
 import yaml
 from ray.tune import Callback
 
-from raygossip.compare import SWEEP_FILES
-from raygossip.config import Config, apply_overrides, dump_yaml, from_dict, parse_yaml, to_dict, validate
+from raygossip.config import Config
+from raygossip.config_io import apply_overrides, dump_yaml, from_dict, parse_yaml, to_dict
+from raygossip.validation import validate
 from raygossip.errors import UserError
-from raygossip.results import read_metrics, write_json_atomic, write_text_atomic
+from raygossip.results import mean_std, read_metrics, write_json_atomic, write_text_atomic
 
 # Record keys a sweep can rank on, and the direction each improves in.
 METRICS = {
@@ -26,7 +26,9 @@ METRICS = {
     "min_local_test_accuracy": "max", "train_loss": "min", "consensus_distance": "min", "bytes_sent": "min",
 }
 SCHEDULERS = ("fifo", "asha")
-TUNE_DIR = SWEEP_FILES[-1]  # Ray Tune's own experiment folder inside OUT (`raygossip compare OUT/*` skips it)
+# What a sweep writes beside its trials' run folders (`raygossip compare OUT/*` skips them); TUNE_DIR: Ray Tune's own.
+TUNE_DIR = ".tune"
+SWEEP_FILES = ("best.yaml", "trials.md", "trials.json", TUNE_DIR)
 
 
 @dataclass
@@ -233,24 +235,18 @@ def rank(rows: list[dict], points: list[dict], metric: str, mode: str) -> list[d
         mine = [row for row in rows if row["point"] == index and row[metric] is not None]
         whole = [row for row in mine if row["status"] == "finished"]
         counted = whole or mine
-        values = [row[metric] for row in counted]
+        mean, std = mean_std([row[metric] for row in counted])
         ranked.append({
             "point": index, "settings": settings, "label": label(settings), "finished": bool(whole),
-            "mean": statistics.fmean(values) if values else None,
-            "std": statistics.stdev(values) if len(values) > 1 else None,
+            "mean": mean, "std": std,
             "seeds": [row["seed"] for row in counted],
             "stopped": sum(row["status"] == "stopped" for row in rows if row["point"] == index),
             "errors": sum(row["status"] not in ("finished", "stopped") for row in rows if row["point"] == index),
-            "merged_test_accuracy": _mean([row["merged_test_accuracy"] for row in counted]),
+            "merged_test_accuracy": mean_std([row["merged_test_accuracy"] for row in counted])[0],
         })
     sign = -1.0 if mode == "max" else 1.0
     return sorted(ranked, key=lambda p: (p["mean"] is None, not p["finished"], sign * (p["mean"] or 0.0),
                                          p["point"]))
-
-
-def _mean(values: list) -> float | None:
-    present = [value for value in values if value is not None]
-    return statistics.fmean(present) if present else None
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:

@@ -13,19 +13,14 @@ The report: mean local test accuracy (the paper's metric) and merged accuracy (a
 differences. --graph torus|dyck moves the smaller scales onto the papers' other graphs; the paper scale
 reads adagossip_cifar10_resnet20_<graph>.yaml.
 
-    python scenarios/adagossip_vs_choco.py --scale cpu --seeds 0 1 2 --tune-out runs/adagossip_vs_choco-tune
+    python -m scenarios adagossip_vs_choco --scale cpu --seeds 0 1 2 --tune-out runs/adagossip_vs_choco-tune
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 from typing import Sequence
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scenarios import common, tuning
 from scenarios.common import Outcome, Variant, Whole
@@ -158,31 +153,11 @@ def report(outcomes: Sequence[Outcome]) -> str:
 
 def extend(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--graph", choices=list(GRAPHS), default="ring", help="the graph (default: ring)")
-    parser.add_argument("--tune-out", type=Path, default=None,
-                        help="the tuning sweep's folder (default: OUT-tune); a finished sweep there is reused")
-    parser.add_argument("--no-tune", action="store_true", help="skip tuning: gamma DEFAULT_GAMMA per rule")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = common.parse_args(SCENARIO, __doc__, argv, extend=extend)
-
-    def body() -> int:
-        reuse, picks, text = None, None, ""
-        if not args.no_tune:
-            base = base_of(args.scale, args.overrides, args.graph)
-            tune_out = args.tune_out or args.out.parent / f"{args.out.name}-tune"
-            trials = tuning.tune(base, tuning_grid(args.scale), tune_out, TUNING_SEEDS)
-            picks, reuse = picks_of(trials), tuning.reusable_runs(trials)
-            text = (f"Tuning sweep ({tune_out}), {tuning.METRIC} per gamma, seeds "
-                    f"{' '.join(map(str, TUNING_SEEDS))}:\n\n" + tuning_table(trials) + "\n")
-        runs = variants(args.scale, args.overrides, args.graph, picks)
-        outcomes = common.run_variants(runs, args.seeds, args.out, engine=args.engine,
-                                       threads=common.threads_arg(args), progress=args.progress, reuse=reuse)
-        common.finish(SCENARIO, args, outcomes, text + report(outcomes))
-        return 0
-
-    return common.main_guard(body)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+COMMAND = common.Scenario(SCENARIO, __doc__, variants, report, extend=extend, options=["graph"],
+                          tuning=common.Tuning(
+    base=lambda args: base_of(args.scale, args.overrides, args.graph),
+    grid=lambda args, base: tuning_grid(args.scale),
+    picks=lambda trials, args: picks_of(trials),
+    table=tuning_table, untuned="gamma DEFAULT_GAMMA per rule", seeds=TUNING_SEEDS))

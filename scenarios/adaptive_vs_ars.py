@@ -9,18 +9,13 @@ out for validation. The same tuning budget for both schedules, picked on the val
 The table is followed by each family's pick (best mean merged validation accuracy over the seeds) with its test
 accuracy, and the adaptive pick's gamma per epoch.
 
-    python scenarios/adaptive_vs_ars.py --scale cpu --seeds 0 1 2
+    python -m scenarios adaptive_vs_ars --scale cpu --seeds 0 1 2
 """
 
 from __future__ import annotations
 
 import statistics
-import sys
-from pathlib import Path
 from typing import Sequence
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scenarios import common
 from scenarios.common import Outcome, Variant, Whole
@@ -96,9 +91,4 @@ def report(outcomes: Sequence[Outcome]) -> str:
         + "\n" + picks_report(outcomes)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return common.run_scenario(SCENARIO, __doc__, argv, variants, report)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+COMMAND = common.Scenario(SCENARIO, __doc__, variants, report)

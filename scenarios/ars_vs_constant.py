@@ -10,19 +10,13 @@ as the paper, and alpha 1):
 The report: mean local test accuracy (the paper's metric: each agent's own model, before the merge) and
 the merged accuracy (after the final merge), mean ± std over seeds, and the difference ARS minus constant.
 
-    python scenarios/ars_vs_constant.py --scale cpu --seeds 0 1 2 --tune-out runs/ars_vs_constant-tune
+    python -m scenarios ars_vs_constant --scale cpu --seeds 0 1 2 --tune-out runs/ars_vs_constant-tune
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-from pathlib import Path
 from typing import Sequence
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scenarios import common, tuning
 from scenarios.common import Outcome, Variant, Whole
@@ -155,33 +149,9 @@ def report(outcomes: Sequence[Outcome]) -> str:
         + "\n" + comparison(outcomes)
 
 
-def extend(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tune-out", type=Path, default=None,
-                        help="the tuning sweep's folder (default: OUT-tune); a finished sweep there is reused")
-    parser.add_argument("--no-tune", action="store_true", help="skip tuning: use the last picks (PICKED)")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = common.parse_args(SCENARIO, __doc__, argv, extend=extend)
-
-    def body() -> int:
-        reuse, picks, text = None, None, ""
-        if not args.no_tune:
-            base = base_of(args.scale, args.overrides)
-            grid = tuning_grid(base, args.scale)
-            tune_out = args.tune_out or args.out.parent / f"{args.out.name}-tune"
-            trials = tuning.tune(base, grid, tune_out, TUNING_SEEDS)
-            picks, reuse = picks_of(trials, args.scale), tuning.reusable_runs(trials)
-            text = (f"Tuning sweep ({tune_out}), ranked on {tuning.METRIC}, seeds "
-                    f"{' '.join(map(str, TUNING_SEEDS))}:\n\n" + tuning_table(trials) + "\n")
-        runs = variants(args.scale, args.overrides, picks)
-        outcomes = common.run_variants(runs, args.seeds, args.out, engine=args.engine,
-                                       threads=common.threads_arg(args), progress=args.progress, reuse=reuse)
-        common.finish(SCENARIO, args, outcomes, text + report(outcomes))
-        return 0
-
-    return common.main_guard(body)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+COMMAND = common.Scenario(SCENARIO, __doc__, variants, report,
+                          tuning=common.Tuning(
+    base=lambda args: base_of(args.scale, args.overrides),
+    grid=lambda args, base: tuning_grid(base, args.scale),
+    picks=lambda trials, args: picks_of(trials, args.scale),
+    table=tuning_table, untuned="use the last picks (PICKED)", seeds=TUNING_SEEDS))

@@ -9,20 +9,15 @@ Each rule in sync, bounded (staleness 2) and async mode; the table adds the MB s
 inside the collapse (training clock of the first record after recovery minus that of the last before it, an
 upper bound) and the consensus distance at the end.
 
-    python scenarios/bandwidth_collapse.py --scale cpu --seeds 0 1
+    python -m scenarios bandwidth_collapse --scale cpu --seeds 0 1
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Sequence
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from raygossip.timeline import Timeline
-from scenarios import common, timeline_modes
+from raygossip.timeline_builder import Timeline
+from scenarios import common, timeline_common
 from scenarios.common import Outcome, Variant, Whole
 
 SCENARIO = "bandwidth_collapse"
@@ -34,13 +29,13 @@ RULES = {  # CHOCO's gamma is the failures scenario's (top-k 10%), not tuned her
 
 
 def variants(scale: str = "cpu", overrides: Sequence[str] = ()) -> list[Variant]:
-    data, window = timeline_modes.base(scale, overrides, patch={
+    data, window = timeline_common.base(scale, overrides, patch={
         "runtime": {"timing": {"latency_s": LATENCY_S, "bandwidth_mbps": BANDWIDTH_MBPS}}})
     events = Timeline().at(round=window.start).link(bandwidth_mbps=COLLAPSED_MBPS) \
         .at(round=window.end).link(bandwidth_mbps=BANDWIDTH_MBPS).build()
     out: list[Variant] = []
     for name, gossip in RULES.items():
-        out += timeline_modes.mode_variants(SCENARIO, data, events, f", {name}", patch={
+        out += timeline_common.mode_variants(SCENARIO, data, events, f", {name}", patch={
             "gossip": gossip, "schedule": {"averaging_rate": Whole(kind="constant")}})
     return out
 
@@ -56,18 +51,13 @@ def collapse_seconds(runs: list[Outcome], start: int, end: int) -> str:
 
 
 def report(outcomes: Sequence[Outcome]) -> str:
-    start, end = timeline_modes.window_of(outcomes)
+    start, end = timeline_common.window_of(outcomes)
     extra: list[common.Column] = [
         ("MB sent", lambda runs: common.pm([run.summary["bytes_sent"] / 1e6 for run in runs], 1)),
         (f"train s r{start}-{end} (collapsed)", lambda runs: collapse_seconds(runs, start, end)),
-        timeline_modes.consensus_column("consensus at end", end, None, how="last"),
+        timeline_common.consensus_column("consensus at end", end, None, how="last"),
     ]
-    return timeline_modes.report(outcomes, extra) + "\n" + timeline_modes.events_note(outcomes)
+    return timeline_common.report(outcomes, extra) + "\n" + timeline_common.events_note(outcomes)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return common.run_scenario(SCENARIO, __doc__, argv, variants, report, engine=timeline_modes.ray_only)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+COMMAND = common.Scenario(SCENARIO, __doc__, variants, report, engine=timeline_common.ray_only)

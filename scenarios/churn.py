@@ -8,20 +8,15 @@ on them go to the self weight, and records and the merge leave them out. At 60 %
 The table shows merged accuracy against the training clock and the consensus distance before the leave,
 while the agents are away, in the first record after the join and at the end (the scratch joiners pull it up).
 
-    python scenarios/churn.py --scale cpu --seeds 0 1
+    python -m scenarios churn --scale cpu --seeds 0 1
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Sequence
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from raygossip.timeline import Timeline
-from scenarios import common, timeline_modes
+from raygossip.timeline_builder import Timeline
+from scenarios import common, timeline_common
 from scenarios.common import Outcome, Variant
 
 SCENARIO = "churn"
@@ -33,37 +28,32 @@ def leavers(count: int) -> list[int]:
     return list(range(1, 1 + max(1, count // 4)))
 
 
-def timeline(agents: list[int], window: timeline_modes.Window, start: str) -> list[dict]:
+def timeline(agents: list[int], window: timeline_common.Window, start: str) -> list[dict]:
     return Timeline().at(round=window.start).leave(agents).at(round=window.end).join(agents, start=start).build()
 
 
 def variants(scale: str = "cpu", overrides: Sequence[str] = ()) -> list[Variant]:
-    data, window = timeline_modes.base(scale, overrides)
-    agents = leavers(timeline_modes.agents_of(data))
+    data, window = timeline_common.base(scale, overrides)
+    agents = leavers(timeline_common.agents_of(data))
     return [
-        *timeline_modes.mode_variants(SCENARIO, data, timeline(agents, window, "neighbour"), ", join from neighbour"),
-        *timeline_modes.mode_variants(SCENARIO, data, timeline(agents, window, "scratch"), ", join from scratch",
-                                      modes=timeline_modes.MODES[:1]),
+        *timeline_common.mode_variants(SCENARIO, data, timeline(agents, window, "neighbour"), ", join from neighbour"),
+        *timeline_common.mode_variants(SCENARIO, data, timeline(agents, window, "scratch"), ", join from scratch",
+                                      modes=timeline_common.MODES[:1]),
     ]
 
 
 def report(outcomes: Sequence[Outcome]) -> str:
-    start, end = timeline_modes.window_of(outcomes)
+    start, end = timeline_common.window_of(outcomes)
     extra = [
-        timeline_modes.consensus_column(f"consensus at r{start} (leave)", -1, start, how="last"),
-        timeline_modes.consensus_column(f"consensus away (r{start}-{end}), mean", start, end),
-        timeline_modes.consensus_column("consensus first after join", end, None, how="first"),
-        timeline_modes.record_column(f"merged at r{end} (join)", "merged_test_accuracy", -1, end, how="last", digits=4),
-        timeline_modes.record_column("merged first after join", "merged_test_accuracy", end, None, how="first",
+        timeline_common.consensus_column(f"consensus at r{start} (leave)", -1, start, how="last"),
+        timeline_common.consensus_column(f"consensus away (r{start}-{end}), mean", start, end),
+        timeline_common.consensus_column("consensus first after join", end, None, how="first"),
+        timeline_common.record_column(f"merged at r{end} (join)", "merged_test_accuracy", -1, end, how="last", digits=4),
+        timeline_common.record_column("merged first after join", "merged_test_accuracy", end, None, how="first",
                                      digits=4),
-        timeline_modes.consensus_column("consensus at end", end, None, how="last"),
+        timeline_common.consensus_column("consensus at end", end, None, how="last"),
     ]
-    return timeline_modes.report(outcomes, extra) + "\n" + timeline_modes.events_note(outcomes)
+    return timeline_common.report(outcomes, extra) + "\n" + timeline_common.events_note(outcomes)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return common.run_scenario(SCENARIO, __doc__, argv, variants, report, engine=timeline_modes.ray_only)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+COMMAND = common.Scenario(SCENARIO, __doc__, variants, report, engine=timeline_common.ray_only)

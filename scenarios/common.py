@@ -12,21 +12,22 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
 from raygossip.api import run
-from raygossip.config import Config, apply_overrides, load_config, read_yaml
+from raygossip.config import ENGINES, Config
+from raygossip.config_io import apply_overrides, read_yaml
+from raygossip.validation import load_config
 from raygossip.errors import UserError
+from raygossip.results import mean_std
 from scenarios import tuning
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-DATA_ROOT = REPO.parent / "shared" / "data"  # real MNIST for the cpu scale (no downloads)
 
 SCALES = ("smoke", "cpu", "paper")
-ENGINES = ("reference", "ray")
 
 Variant = tuple[str, Config]  # (label shown in tables, the run's config)
 Observer = Callable[[dict], None]
@@ -252,17 +253,16 @@ def fmt(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation over seeds (0 for one seed); None when nothing is known."""
-    known = [float(v) for v in values if v is not None]
-    if not known:
-        return None, None
-    return statistics.fmean(known), statistics.stdev(known) if len(known) > 1 else 0.0
+def plus_minus(mean: float | None, std: float | None, spec: str = ".4f") -> str:
+    """'mean ± std' over seeds; 'mean (1 seed)' where one seed gives no spread; 'n/a' where nothing is known."""
+    if mean is None:
+        return "n/a"
+    return f"{mean:{spec}} (1 seed)" if std is None else f"{mean:{spec}} ± {std:{spec}}"
 
 
 def pm(values: Sequence[float | None], digits: int = 4) -> str:
-    mean, std = mean_std(values)
-    return "n/a" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+    """plus_minus of the values' mean_std, with `digits` decimals."""
+    return plus_minus(*mean_std(values), f".{digits}f")
 
 
 def by_label(outcomes: Sequence[Outcome]) -> dict[str, list[Outcome]]:
@@ -336,7 +336,7 @@ def parse_args(scenario: str, description: str, argv: Sequence[str] | None = Non
 
     `extend` adds a scenario's own options to the parser.
     """
-    parser = argparse.ArgumentParser(prog=f"scenarios/{scenario}.py", description=description,
+    parser = argparse.ArgumentParser(prog=f"python -m scenarios {scenario}", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED", help="seeds (default: 0)")
     parser.add_argument("--scale", choices=SCALES, default="cpu",
@@ -385,33 +385,81 @@ def threads_arg(args: argparse.Namespace) -> int | None:
     return None if args.threads == 0 else args.threads
 
 
-def run_scenario(
-    scenario: str,
-    description: str,
-    argv: Sequence[str] | None,
-    variants: Callable[..., Sequence[Variant]],
-    report: Callable[[Sequence[Outcome]], str],
-    *,
-    extend: Callable[[argparse.ArgumentParser], None] | None = None,
-    options: Sequence[str] = (),
-    engine: Callable[[argparse.Namespace], str | None] | None = None,
-    observer: Callable[[str, int], Observer | None] | None = None,
-) -> int:
-    """A scenario script's main: parse the shared options, run its variants over the seeds, write its tables.
+@dataclass(frozen=True)
+class Tuning:
+    """The tune-then-run hook: a `raygossip sweep` on validation accuracy (scenarios/tuning.py) picks the step sizes,
+    then the scenario's variants run with `picks=` and reuse the sweep's trials; --no-tune skips the sweep."""
 
-    variants(scale, overrides, **extra) builds the runs, extra being the scenario's own options named in
-    `options` (added to the parser by `extend`); report(outcomes) is the text finish() prints and keeps.
-    engine(args) picks runtime.engine for every run and may refuse the user's choice with a UserError
-    (default: --engine as given); observer is passed on to run_variants. Returns the exit status.
+    base: Callable[[argparse.Namespace], dict]  # the config mapping the sweep tunes
+    grid: Callable[[argparse.Namespace, dict], dict[str, list]]  # (args, base) -> the sweep's grid
+    picks: Callable[[dict, argparse.Namespace], Any]  # (trials.json, args) -> what variants(picks=...) takes
+    table: Callable[[dict], str]  # the sweep's table, printed above the scenario's own
+    untuned: str  # what --no-tune runs with, for its help
+    seeds: Sequence[int] = (0,)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One `python -m scenarios NAME`: its variants over seeds, its tables, and the options only it has.
+
+    variants(scale, overrides, **extra) builds the runs, extra being the options named in `options` (added to the
+    parser by `extend`) and `picks` where there is a `tuning` hook; report(outcomes) is the text finish() prints and
+    keeps. engine(args) picks runtime.engine for every run and may refuse the user's choice with a UserError (default:
+    --engine as given); observer is passed on to run_variants. Calling it with argv returns the exit status.
     """
-    args = parse_args(scenario, description, argv, extend=extend)
+
+    name: str
+    doc: str
+    variants: Callable[..., Sequence[Variant]]
+    report: Callable[[Sequence[Outcome]], str]
+    extend: Callable[[argparse.ArgumentParser], None] | None = None
+    options: Sequence[str] = ()
+    engine: Callable[[argparse.Namespace], str | None] | None = None
+    observer: Callable[[str, int], Observer | None] | None = None
+    tuning: Tuning | None = None
+
+    def __call__(self, argv: Sequence[str] | None = None) -> int:
+        return run_scenario(self, argv)
+
+
+def _tuning_options(hook: Tuning) -> Callable[[argparse.ArgumentParser], None]:
+    """The options every tuned scenario takes: where the sweep goes, and skipping it."""
+    def extend(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--tune-out", type=Path, default=None,
+                            help="the tuning sweep's folder (default: OUT-tune); a finished sweep there is reused")
+        parser.add_argument("--no-tune", action="store_true", help=f"skip tuning: {hook.untuned}")
+    return extend
+
+
+def tune_first(hook: Tuning, args: argparse.Namespace) -> tuple[Any, dict | None, str]:
+    """(picks, reusable runs, the sweep's table) of the tuning sweep, or (None, None, "") with --no-tune."""
+    if args.no_tune:
+        return None, None, ""
+    base = hook.base(args)
+    tune_out = args.tune_out or args.out.parent / f"{args.out.name}-tune"
+    trials = tuning.tune(base, hook.grid(args, base), tune_out, hook.seeds)
+    text = (f"Tuning sweep ({tune_out}), ranked on {tuning.METRIC}, seeds {' '.join(map(str, hook.seeds))}:\n\n"
+            + hook.table(trials) + "\n")
+    return hook.picks(trials, args), tuning.reusable_runs(trials), text
+
+
+def run_scenario(scenario: Scenario, argv: Sequence[str] | None) -> int:
+    """Parse the shared options and the scenario's own, tune first where it has a hook, run its variants over the
+    seeds and write its tables. Returns the exit status (2 and one line on stderr for a UserError)."""
+    extensions = [e for e in (scenario.extend, scenario.tuning and _tuning_options(scenario.tuning)) if e]
+    args = parse_args(scenario.name, scenario.doc, argv,
+                      extend=lambda parser: [extension(parser) for extension in extensions])
 
     def body() -> int:
-        chosen = args.engine if engine is None else engine(args)
-        runs = variants(args.scale, args.overrides, **{name: getattr(args, name) for name in options})
-        outcomes = run_variants(runs, args.seeds, args.out, engine=chosen, observer=observer,
-                                threads=threads_arg(args), progress=args.progress)
-        finish(scenario, args, outcomes, report(outcomes))
+        chosen = args.engine if scenario.engine is None else scenario.engine(args)
+        extra = {name: getattr(args, name) for name in scenario.options}
+        reuse, text = None, ""
+        if scenario.tuning is not None:
+            extra["picks"], reuse, text = tune_first(scenario.tuning, args)
+        runs = scenario.variants(args.scale, args.overrides, **extra)
+        outcomes = run_variants(runs, args.seeds, args.out, engine=chosen, observer=scenario.observer,
+                                threads=threads_arg(args), progress=args.progress, reuse=reuse)
+        finish(scenario.name, args, outcomes, text + scenario.report(outcomes))
         return 0
 
     return main_guard(body)

@@ -17,20 +17,16 @@ local accuracy, the wall time, the failures (summary.json "failures"), the mean 
 injected kill to the coordinator noticing the dead actor), the mean recovery time (from detection until the
 new actor runs again from its snapshot), the rounds lost (from the snapshot to the kill) and the lost messages.
 
-    python scenarios/failures.py --scale cpu --seeds 0
-    python scenarios/failures.py --scale cpu --seeds 0 1 2 --rules dpsgd
+    python -m scenarios failures --scale cpu --seeds 0
+    python -m scenarios failures --scale cpu --seeds 0 1 2 --rules dpsgd
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 from typing import Sequence
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raygossip.core.plan import steps_per_epoch
 from scenarios import common
@@ -186,26 +182,24 @@ def extend(parser: argparse.ArgumentParser) -> None:
                         help="gossip rules to compare (default: dpsgd at the smoke scale, dpsgd and choco otherwise)")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    state: dict = {}
-
-    def keep_args(outcomes: Sequence[Outcome]) -> str:
-        text = report(outcomes)
-        out = state.get("out")
-        if out is not None:  # the CSV beside the Markdown report: runs/failures.csv
-            csv = out.parent / f"{out.name}.csv"
-            csv.parent.mkdir(parents=True, exist_ok=True)
-            csv.write_text(csv_rows(outcomes))
-            text += f"\nOne line per run: {csv}\n"
-        return text
-
-    def pick_engine(args: argparse.Namespace) -> str:
-        state["out"] = Path(args.out)
-        return ray_only(args)
-
-    return common.run_scenario(SCENARIO, __doc__, argv, variants, keep_args, extend=extend, options=["rules"],
-                               engine=pick_engine)
+_STATE: dict = {}  # the --out of this process's run, for the CSV beside the report
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _report_with_csv(outcomes: Sequence[Outcome]) -> str:
+    text = report(outcomes)
+    out = _STATE.get("out")
+    if out is not None:  # the CSV beside the Markdown report: runs/failures.csv
+        csv = out.parent / f"{out.name}.csv"
+        csv.parent.mkdir(parents=True, exist_ok=True)
+        csv.write_text(csv_rows(outcomes))
+        text += f"\nOne line per run: {csv}\n"
+    return text
+
+
+def _engine_keeping_out(args: argparse.Namespace) -> str:
+    _STATE["out"] = Path(args.out)
+    return ray_only(args)
+
+
+COMMAND = common.Scenario(SCENARIO, __doc__, variants, _report_with_csv, extend=extend, options=["rules"],
+                          engine=_engine_keeping_out)

@@ -12,19 +12,14 @@ Claim (c): later windows give a better merged model. Claim (d): under high heter
 recovers most of the gap between the agents' own models and parallel SGD; the report gives the fraction
 (merged - mean local) / (parallel SGD - mean local) for no communication + merge and for r = 0.2 + merge.
 
-    python scenarios/late_communication.py --scale cpu --seeds 0 1 2
-    python scenarios/plot_window_position.py runs/late_communication --out window_position.png
+    python -m scenarios late_communication --scale cpu --seeds 0 1 2
+    python -m scenarios plot_window_position runs/late_communication --out window_position.png
 """
 
 from __future__ import annotations
 
 import statistics
-import sys
-from pathlib import Path
 from typing import Sequence
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scenarios import common
 from scenarios.common import Outcome, Variant
@@ -149,7 +144,7 @@ def report(outcomes: Sequence[Outcome]) -> str:
             runs = groups[label]
             rows.append([label, common.pm([r.summary.get("mean_local_test_accuracy") for r in runs]),
                          common.pm([r.summary["merged_test_accuracy"] for r in runs]), common.pm(parallel),
-                         "n/a" if mean is None else f"{mean:.1%} ± {std:.1%}"])
+                         common.plus_minus(mean, std, ".1%")])
     return (common.summary_table(outcomes, extra) + window_trend(outcomes)
             + "\nGap to parallel SGD closed by the final merge, (merged - mean local) / (all-reduce every round "
               "- mean local), per seed:\n\n"
@@ -162,9 +157,4 @@ def report(outcomes: Sequence[Outcome]) -> str:
             + common.curve_table(outcomes, "mean_local_test_accuracy"))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return common.run_scenario(SCENARIO, __doc__, argv, variants, report)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+COMMAND = common.Scenario(SCENARIO, __doc__, variants, report)

@@ -6,20 +6,15 @@ With non-IID shards each half drifts toward its own classes, so the consensus di
 around their average) should rise during the partition and fall after the heal. Variants: sync without a
 partition (the reference), then sync, bounded (staleness 2) and async with it.
 
-    python scenarios/partition_heal.py --scale cpu --seeds 0 1
+    python -m scenarios partition_heal --scale cpu --seeds 0 1
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Sequence
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from raygossip.timeline import Timeline
-from scenarios import common, timeline_modes
+from raygossip.timeline_builder import Timeline
+from scenarios import common, timeline_common
 from scenarios.common import Outcome, Variant
 
 SCENARIO = "partition_heal"
@@ -30,31 +25,26 @@ def halves(count: int) -> list[list[int]]:
 
 
 def variants(scale: str = "cpu", overrides: Sequence[str] = ()) -> list[Variant]:
-    data, window = timeline_modes.base(scale, overrides)
-    events = Timeline().at(round=window.start).partition(halves(timeline_modes.agents_of(data))) \
+    data, window = timeline_common.base(scale, overrides)
+    events = Timeline().at(round=window.start).partition(halves(timeline_common.agents_of(data))) \
         .at(round=window.end).heal().build()
     return [
-        *timeline_modes.mode_variants(SCENARIO, data, None, ", no partition", modes=timeline_modes.MODES[:1]),
-        *timeline_modes.mode_variants(SCENARIO, data, events, ", partition"),
+        *timeline_common.mode_variants(SCENARIO, data, None, ", no partition", modes=timeline_common.MODES[:1]),
+        *timeline_common.mode_variants(SCENARIO, data, events, ", partition"),
     ]
 
 
 def report(outcomes: Sequence[Outcome]) -> str:
     timed = [o for o in outcomes if o.config.timeline]
-    start, end = timeline_modes.window_of(timed)
+    start, end = timeline_common.window_of(timed)
     extra = [
-        timeline_modes.consensus_column(f"consensus before (<= r{start})", -1, start, how="last"),
-        timeline_modes.consensus_column(f"consensus split (r{start}-{end}), mean", start, end),
-        timeline_modes.consensus_column("max", start, end, how="max"),
-        timeline_modes.consensus_column("first after heal", end, None, how="first"),
-        timeline_modes.consensus_column("at end", end, None, how="last"),
+        timeline_common.consensus_column(f"consensus before (<= r{start})", -1, start, how="last"),
+        timeline_common.consensus_column(f"consensus split (r{start}-{end}), mean", start, end),
+        timeline_common.consensus_column("max", start, end, how="max"),
+        timeline_common.consensus_column("first after heal", end, None, how="first"),
+        timeline_common.consensus_column("at end", end, None, how="last"),
     ]
-    return timeline_modes.report(outcomes, extra) + "\n" + timeline_modes.events_note(timed)
+    return timeline_common.report(outcomes, extra) + "\n" + timeline_common.events_note(timed)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return common.run_scenario(SCENARIO, __doc__, argv, variants, report, engine=timeline_modes.ray_only)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+COMMAND = common.Scenario(SCENARIO, __doc__, variants, report, engine=timeline_common.ray_only)

@@ -3,7 +3,7 @@
 Reads the run folders scenarios/late_communication.py wrote (summary.json and config.yaml's label in each):
 one point per window position (mean over seeds, bars min-max), the baselines as horizontal lines.
 
-    python scenarios/plot_window_position.py runs/late_communication --out window_position.png
+    python -m scenarios plot_window_position runs/late_communication --out window_position.png
 """
 
 from __future__ import annotations
@@ -12,14 +12,10 @@ import argparse
 import json
 import re
 import statistics
-import sys
 from pathlib import Path
 from typing import Sequence
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from raygossip.config import read_yaml
+from raygossip.config_io import read_yaml
 from raygossip.errors import UserError
 from scenarios import common, late_communication as lc
 
@@ -82,7 +78,7 @@ def plot(groups: dict[str, list[dict]], out: Path, title: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="scenarios/plot_window_position.py", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m scenarios plot_window_position", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", type=Path, help="the folder scenarios/late_communication.py --out wrote into")
     parser.add_argument("--out", type=Path, default=Path("window_position.png"), help="PNG to write")
@@ -99,5 +95,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     return common.main_guard(body)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+COMMAND = main

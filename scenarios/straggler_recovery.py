@@ -7,21 +7,16 @@ no straggler (the pace the machine allows), then sync, bounded and async with it
 steps each agent took (async ends at runtime.finish_quorum), the seconds an agent waited for neighbours,
 and the stale messages absorbed.
 
-    python scenarios/straggler_recovery.py --scale cpu --seeds 0 1
+    python -m scenarios straggler_recovery --scale cpu --seeds 0 1
 """
 
 from __future__ import annotations
 
 import statistics
-import sys
-from pathlib import Path
 from typing import Sequence
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from raygossip.timeline import Timeline
-from scenarios import common, timeline_modes
+from raygossip.timeline_builder import Timeline
+from scenarios import common, timeline_common
 from scenarios.common import Outcome, Variant
 
 SCENARIO = "straggler_recovery"
@@ -33,12 +28,12 @@ def straggler(count: int) -> int:
 
 
 def variants(scale: str = "cpu", overrides: Sequence[str] = ()) -> list[Variant]:
-    data, window = timeline_modes.base(scale, overrides)
-    agent = straggler(timeline_modes.agents_of(data))
+    data, window = timeline_common.base(scale, overrides)
+    agent = straggler(timeline_common.agents_of(data))
     events = Timeline().at(round=window.start).slow([agent], FACTOR).at(round=window.end).restore([agent]).build()
     return [
-        *timeline_modes.mode_variants(SCENARIO, data, None, ", no straggler", modes=timeline_modes.MODES[:1]),
-        *timeline_modes.mode_variants(SCENARIO, data, events, f", straggler x{FACTOR:g}"),
+        *timeline_common.mode_variants(SCENARIO, data, None, ", no straggler", modes=timeline_common.MODES[:1]),
+        *timeline_common.mode_variants(SCENARIO, data, events, f", straggler x{FACTOR:g}"),
     ]
 
 
@@ -52,20 +47,15 @@ def report(outcomes: Sequence[Outcome]) -> str:
         return f"{min(counts)}-{max(counts)}" if counts else "n/a"
 
     timed = [o for o in outcomes if o.config.timeline]
-    start, end = timeline_modes.window_of(timed)
+    start, end = timeline_common.window_of(timed)
     extra: list[common.Column] = [
         ("waited s / agent", waited),
         common.summary_column("stale msgs", "stale_messages", 0),
         ("steps / agent", steps),
-        timeline_modes.consensus_column(f"consensus slow (r{start}-{end})", start, end),
-        timeline_modes.consensus_column("consensus at end", end, None, how="last"),
+        timeline_common.consensus_column(f"consensus slow (r{start}-{end})", start, end),
+        timeline_common.consensus_column("consensus at end", end, None, how="last"),
     ]
-    return timeline_modes.report(outcomes, extra) + "\n" + timeline_modes.events_note(timed)
+    return timeline_common.report(outcomes, extra) + "\n" + timeline_common.events_note(timed)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return common.run_scenario(SCENARIO, __doc__, argv, variants, report, engine=timeline_modes.ray_only)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+COMMAND = common.Scenario(SCENARIO, __doc__, variants, report, engine=timeline_common.ray_only)

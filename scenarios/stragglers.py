@@ -9,20 +9,15 @@ stretched to at least runtime.timing.step_time_s so the simulated compute sets t
 The runs are driven through the Python API (raygossip.api.run) with an observer callback that prints every
 metrics record as it arrives and notes when it arrived; the table puts wall time beside accuracy.
 
-    python scenarios/stragglers.py --scale cpu --seeds 0 1 2
+    python -m scenarios stragglers --scale cpu --seeds 0 1 2
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Callable, Sequence
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scenarios import common
 from scenarios.common import Outcome, Variant
@@ -127,11 +122,6 @@ def ray_only(args: argparse.Namespace) -> str:
     return "ray"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    watch = Watch()
-    return common.run_scenario(SCENARIO, __doc__, argv, variants, lambda outcomes: report(outcomes, watch),
-                               engine=ray_only, observer=watch)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+WATCH = Watch()  # one scenario run per process: the table reads what it saw
+COMMAND = common.Scenario(SCENARIO, __doc__, variants, lambda outcomes: report(outcomes, WATCH), engine=ray_only,
+                          observer=WATCH)

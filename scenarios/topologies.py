@@ -6,17 +6,12 @@ D-PSGD with gamma 1 and the same non-IID data. The table adds each graph's lambd
 eigenvalue magnitude of W), spectral gap and degree (raygossip.algorithms.topology.spectral_report) and is
 sorted by spectral gap.
 
-    python scenarios/topologies.py --scale cpu --seeds 0 1 2
+    python -m scenarios topologies --scale cpu --seeds 0 1 2
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Sequence
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raygossip.algorithms.topology import build_topology, spectral_report
 from scenarios import common
@@ -64,9 +59,4 @@ def report(outcomes: Sequence[Outcome]) -> str:
     return common.summary_table(ordered, extra)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return common.run_scenario(SCENARIO, __doc__, argv, variants, report)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+COMMAND = common.Scenario(SCENARIO, __doc__, variants, report)

@@ -7,7 +7,9 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from raygossip.config import Config, dump_yaml, load_config, to_dict
+from raygossip.config import Config
+from raygossip.config_io import dump_yaml, to_dict
+from raygossip.validation import load_config
 from raygossip.errors import UserError
 from raygossip.results import read_metrics, write_text_atomic
 

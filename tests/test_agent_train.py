@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raygossip.config import load_config
+from raygossip.validation import load_config
 from raygossip.core.agent import AgentCore
 from raygossip.data import load_dataset, partition
 from raygossip.data.partition import agent_preference, resample_batch

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from raygossip.config import load_config
+from raygossip.validation import load_config
 from raygossip.core.agent import AgentCore
 from raygossip.core.batched import BatchedSteps
 from raygossip.core.flat import FlatParameters
@@ -19,9 +18,10 @@ from raygossip.engines.common import RunSetup, prepare
 from raygossip.engines.ray_engine import RayEngine
 from raygossip.engines.reference import ReferenceEngine
 from raygossip.errors import UserError
-from test_ray_engine import assert_same_run, small, wait_for_idle_cluster
+from scenarios import DATA_ROOT
+from conftest import assert_same_run, small, wait_for_idle_cluster
 
-MNIST_ROOT = str(Path(__file__).resolve().parents[2] / "shared" / "data")  # shared/ sits beside the clone
+MNIST_ROOT = str(DATA_ROOT)
 MLP = ("digits", {"name": "mlp", "hidden": [32, 16]})
 LENET = ("mnist", {"name": "lenet5"})
 RESNET = {"name": "resnet20", "norm": "batch"}
@@ -162,8 +162,21 @@ def test_the_reference_engine_steps_its_actor_groups_batched_with_the_same_numbe
     assert not [e for e in outcome["events"] if e["kind"] == "batched_steps_off"]
 
 
+def tiny_batch_norm_run(engine: str) -> object:
+    """Four MNIST agents, two per actor, one step of a batch-norm ResNet: the least that makes a run say why its
+    actors step one by one (the reason's wording is test_a_batch_norm_model_steps_one_by_one_and_says_why's)."""
+    return load_config(base={
+        "seed": 1, "data": {"name": "mnist", "root": MNIST_ROOT, "download": False, "partition": {"kind": "iid"}},
+        "model": RESNET, "agents": {"count": 4},
+        "train": {"epochs": 1, "steps_per_epoch": 1, "batch_size": 8}, "eval": {"every": 0, "test_samples": 50},
+        "schedule": {"final_merge": {"enabled": False}},
+        "runtime": {"engine": engine, "progress": False, "batched_steps": True, "agents_per_actor": 2,
+                    "num_cpus_per_agent": 0.5, "wait_timeout_s": 60.0}})
+
+
 def test_the_reference_engine_says_once_why_it_steps_one_by_one():
-    outcome = ReferenceEngine(reference_config(True, k=2, model=RESNET, data="mnist")).run(progress=False)
+    config = tiny_batch_norm_run("reference")
+    outcome = ReferenceEngine(config, first_samples(prepare(config), 400)).run(progress=False)
     off = [e for e in outcome["events"] if e["kind"] == "batched_steps_off"]
     assert off == [{"time_s": 0.0, "kind": "batched_steps_off", "reason": "BatchNorm2d keeps running statistics per agent"}]
 
@@ -215,11 +228,7 @@ def test_a_sync_ray_run_with_batched_steps_gives_the_batched_reference_run_bit_f
 
 def test_a_ray_run_says_once_why_its_actors_step_one_by_one(ray_cluster):
     """Two actors of two agents each, a batch-norm model: only agent 0's actor puts the reason in the events."""
-    data = small(train__batch_size=8, train__epochs=1, train__steps_per_epoch=3, eval__test_samples=100)
-    data["data"] = {"name": "mnist", "root": MNIST_ROOT, "download": False, "partition": {"kind": "iid"}}
-    data["model"] = RESNET
-    data["runtime"].update(agents_per_actor=2, batched_steps=True)
-    config = load_config(base=data)
+    config = tiny_batch_norm_run("ray")
     wait_for_idle_cluster()
     engine = RayEngine(config, first_samples(prepare(config), 400))
     try:

@@ -147,7 +147,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def config_with(**runtime):
-    from raygossip.config import load_config
+    from raygossip.validation import load_config
     from raygossip.presets import quickstart
 
     data = quickstart()

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from raygossip.api import resume, run
 from raygossip.checkpoint import MANIFEST, load_checkpoint
-from raygossip.config import load_config
+from raygossip.validation import load_config
 from raygossip.errors import UserError
 from raygossip.presets import quickstart
 from raygossip.results import read_metrics
@@ -50,6 +50,7 @@ def test_resume_in_process_reaches_the_same_final_parameters(tmp_path, uninterru
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # a whole run in a subprocess, killed, then resumed by another
 def test_driver_killed_mid_run_resumes_to_identical_results(tmp_path, uninterrupted):
     whole_dir, whole = uninterrupted
     out = tmp_path / "run"

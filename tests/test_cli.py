@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from raygossip.cli import main
-from raygossip.config import load_config
+from raygossip.validation import load_config
 from raygossip.core.agent import evaluate
 from raygossip.data.datasets import load_dataset
 from raygossip.models import build_model
@@ -261,6 +261,7 @@ def test_run_model_safetensors_loads_into_the_mlp(quick_run):
 # ---------------------------------------------------------------- the console script
 
 
+@pytest.mark.slow  # two fresh interpreters importing the package
 def test_console_script_runs(tmp_path):
     assert CONSOLE_SCRIPT.exists(), f"no console script at {CONSOLE_SCRIPT}; pip install -e . first"
     done = subprocess.run([str(CONSOLE_SCRIPT), "topology", "ring", "--agents", "16", "--json"],

@@ -192,6 +192,7 @@ def test_a_head_that_refuses_the_client_is_one_line_before_any_folder(token_head
     assert not out.exists()
 
 
+@pytest.mark.ray  # a `raygossip run --address` in a subprocess: Ray's client start-up
 def test_an_address_where_nothing_listens_is_one_line_within_15_s(tmp_path):
     port = free_port()  # bound and closed again: nothing listens there
     out = tmp_path / "run"
@@ -206,6 +207,7 @@ def test_an_address_where_nothing_listens_is_one_line_within_15_s(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.ray  # a `raygossip run --address` in a subprocess: Ray's client start-up
 def test_a_port_that_accepts_but_is_no_ray_head_is_one_line_within_15_s(tmp_path):
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]

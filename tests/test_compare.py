@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from raygossip import compare
+from raygossip import compare, plots, results
 from raygossip.api import run as run_experiment
-from raygossip.config import Config, load_config
+from raygossip.config import Config
+from raygossip.validation import load_config
 from raygossip.errors import UserError
 from raygossip.presets import quickstart
 
@@ -109,7 +110,7 @@ def test_csv_parses_back_to_the_table(report, groups):
         assert int(back["n_seeds"]) == 2
 
 
-@pytest.mark.parametrize("name", list(compare.PLOTS))
+@pytest.mark.parametrize("name", list(plots.PLOTS))
 def test_every_plot_is_a_real_png(report, name):
     data = (report["out"] / f"{name}.png").read_bytes()
     assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR"
@@ -205,10 +206,10 @@ def test_distinguishing_pairs_are_the_fewest_keys_that_tell_each_group_apart():
 
 @pytest.mark.parametrize("count", [0, 1, 8, 9, 10, 16, 17, 30])
 def test_panels_hold_at_most_eight_groups_each_as_even_as_possible(count):
-    chunks = compare.panels(count)
+    chunks = plots.panels(count)
     sizes = [len(chunk) for chunk in chunks]
     assert [k for chunk in chunks for k in chunk] == list(range(count))
-    assert len(chunks) == max(1, math.ceil(count / compare.PANEL_GROUPS)) and max(sizes) <= compare.PANEL_GROUPS
+    assert len(chunks) == max(1, math.ceil(count / plots.PANEL_GROUPS)) and max(sizes) <= plots.PANEL_GROUPS
     assert max(sizes) - min(sizes) <= 1
 
 
@@ -224,13 +225,13 @@ def test_a_long_legend_stays_inside_the_saved_image(tmp_path, count):
     groups = [compare.Group(label.format(g), {}, [_fake_run({}, [{"step": s, "round": s, "merged_test_accuracy": g + s,
                                                                   "mean_local_test_accuracy": g}
                                                                  for s in range(3)])]) for g in range(count)]
-    path = compare.PLOTS["accuracy_vs_round"](groups, tmp_path / "a.png")
+    path = plots.PLOTS["accuracy_vs_round"](groups, tmp_path / "a.png")
     pixels = _png_pixels(path)
     border = np.concatenate([pixels[:4].reshape(-1, 4), pixels[-4:].reshape(-1, 4),
                              pixels[:, :4].reshape(-1, 4), pixels[:, -4:].reshape(-1, 4)])
     assert (border[:, :3] == 1.0).all()  # nothing drawn touches the edge: no legend cut off
-    if count > compare.PANEL_GROUPS:
-        three = _png_pixels(compare.PLOTS["accuracy_vs_round"](groups[:3], tmp_path / "b.png"))
+    if count > plots.PANEL_GROUPS:
+        three = _png_pixels(plots.PLOTS["accuracy_vs_round"](groups[:3], tmp_path / "b.png"))
         assert pixels.shape[0] > 1.5 * three.shape[0]  # two panels stacked
 
 
@@ -273,14 +274,14 @@ def test_flatten_makes_dotted_hashable_keys():
 @pytest.mark.parametrize("values, mean, std", [
     ([1.0, 3.0], 2.0, 2**0.5), ([2.0], 2.0, None), ([None, 4.0, 6.0], 5.0, 2**0.5), ([None], None, None)])
 def test_mean_std_is_the_sample_std_over_present_values(values, mean, std):
-    assert compare.mean_std(values) == (pytest.approx(mean) if mean is not None else None,
+    assert results.mean_std(values) == (pytest.approx(mean) if mean is not None else None,
                                         pytest.approx(std) if std is not None else None)
 
 
 def test_group_curve_averages_aligned_seeds_point_by_point():
     runs = [_fake_run({}, [{"step": 1, "wall_time_s": 1.0, "acc": 0.2}, {"step": 2, "wall_time_s": 2.0, "acc": 0.4}]),
             _fake_run({}, [{"step": 1, "wall_time_s": 3.0, "acc": 0.4}, {"step": 2, "wall_time_s": 4.0, "acc": 0.8}])]
-    curve = compare.group_curve(compare.Group("g", {}, runs), "wall_time_s", "acc")
+    curve = plots.group_curve(compare.Group("g", {}, runs), "wall_time_s", "acc")
     np.testing.assert_allclose(curve.x, [2.0, 3.0])
     np.testing.assert_allclose(curve.mean, [0.3, 0.6])
     np.testing.assert_allclose(curve.low, [0.2, 0.4])
@@ -290,7 +291,7 @@ def test_group_curve_averages_aligned_seeds_point_by_point():
 def test_group_curve_interpolates_misaligned_seeds_on_the_shared_range():
     runs = [_fake_run({}, [{"step": s, "x": float(s), "y": float(s)} for s in (0, 2, 4)]),
             _fake_run({}, [{"step": s, "x": float(s), "y": 2.0 * s} for s in (1, 3, 5)])]
-    curve = compare.group_curve(compare.Group("g", {}, runs), "x", "y")
+    curve = plots.group_curve(compare.Group("g", {}, runs), "x", "y")
     np.testing.assert_allclose(curve.x, [1, 2, 3, 4])
     np.testing.assert_allclose(curve.mean, [1.5, 3.0, 4.5, 6.0])
-    assert compare.group_curve(compare.Group("g", {}, [_fake_run({}, [{"step": 1, "x": 1}])]), "x", "y") is None
+    assert plots.group_curve(compare.Group("g", {}, [_fake_run({}, [{"step": 1, "x": 1}])]), "x", "y") is None

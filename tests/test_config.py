@@ -16,22 +16,31 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from raygossip import config as config_module
-from raygossip.config import (
-    CHOICES,
-    Config,
-    apply_overrides,
-    dump_yaml,
-    from_dict,
-    load_config,
-    read_yaml,
-    validate,
-)
+from raygossip import validation
+from raygossip.config import Config
+from raygossip.config_io import apply_overrides, choices, dump_yaml, from_dict, read_yaml, to_dict
+from raygossip.validation import load_config, validate
 from raygossip.errors import UserError
 from raygossip.presets import quickstart
 
+CHOICES = choices()  # {dotted key: allowed values} of every Literal field
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+
+
+def assert_holds(loaded: Any, given: Any, where: str = "") -> None:
+    """Every key the mapping `given` sets has that value in `loaded` (a loaded config's to_dict), sections and lists
+    of sections key by key; keys it leaves out are the defaults' business."""
+    if isinstance(given, dict) and isinstance(loaded, dict):
+        for key, value in given.items():
+            assert key in loaded, f"{where}.{key} not in the loaded config"
+            assert_holds(loaded[key], value, f"{where}.{key}" if where else key)
+    elif isinstance(given, list) and given and all(isinstance(item, dict) for item in given):
+        assert isinstance(loaded, list) and len(loaded) == len(given), where
+        for k, (got, want) in enumerate(zip(loaded, given)):
+            assert_holds(got, want, f"{where}[{k}]")
+    else:
+        assert loaded == given, f"{where}: {loaded!r} != {given!r}"
 
 
 def nested(dotted: str, value: Any) -> dict:
@@ -289,8 +298,8 @@ def test_out_of_range_is_a_user_error_naming_the_field(mapping, field):
 
 def test_every_check_in_validate_has_a_row():
     """Each field validate() (and its registry helper) names, and each CHOICES key, appears in RANGE_ROWS."""
-    source = "".join(inspect.getsource(f) for f in (config_module.validate, config_module._validate_registries,
-                                                     config_module._validate_partition))
+    source = "".join(inspect.getsource(f) for f in (validation.validate, validation._validate_registries,
+                                                     validation._validate_partition))
     named = set(re.findall(r'"([a-z_]+(?:\.[a-z_0-9]+)+)"', source)) | set(CHOICES)
     covered = {field for _, field in RANGE_ROWS}
     assert named, "found no field names in validate()"
@@ -336,7 +345,7 @@ def test_the_same_settings_are_accepted_where_they_are_allowed():
         {"data": {"partition": {"kind": "dirichlet", "min_samples": 5, "balance": True}}},
     ]
     for mapping in accepted:
-        assert isinstance(load_config(base=mapping), Config)
+        assert_holds(to_dict(load_config(base=copy.deepcopy(mapping))), mapping)
 
 
 def test_validate_runs_on_a_config_object_too():
@@ -684,7 +693,7 @@ def _check_outcome(base: dict, overrides: list[str]) -> None:
         assert error.field is not None and text.startswith(f"{error.field}: "), text
         event("UserError")
     else:
-        assert isinstance(config, Config)
+        assert_holds(to_dict(config), apply_overrides(copy.deepcopy(base), list(overrides)))
         assert _round_trip(config) == config
         event("Config")
 

@@ -19,8 +19,9 @@ from raygossip.data import (
     partition,
 )
 from raygossip.errors import UserError
+from scenarios import DATA_ROOT
 
-MNIST_ROOT = str(Path(__file__).resolve().parents[2] / "shared" / "data")  # shared/ sits beside the clone
+MNIST_ROOT = str(DATA_ROOT)
 HAVE_MNIST = (Path(MNIST_ROOT) / "MNIST" / "raw" / "train-labels-idx1-ubyte").exists()
 
 
@@ -408,7 +409,7 @@ def test_preference_resample_shard_is_one_draw_from_the_same_preferences(mnist_l
 
 
 def test_prepare_redraws_dirichlet_until_every_agent_holds_a_minibatch():
-    from raygossip.config import load_config
+    from raygossip.validation import load_config
     from raygossip.engines.common import prepare
 
     setup = prepare(load_config(base={"agents": {"count": 12}, "train": {"batch_size": 16},

@@ -10,7 +10,7 @@ import torch
 from raygossip.algorithms.compressors import Compressed
 from raygossip.api import RunDiverged, run
 from raygossip.cli import main
-from raygossip.config import load_config
+from raygossip.validation import load_config
 from raygossip.core.wire import Kind, Letter
 from raygossip.presets import quickstart
 from test_node import make_nodes
@@ -78,7 +78,7 @@ def test_a_receiver_never_absorbs_a_non_finite_message():
 
 
 def test_the_ray_engine_drops_a_diverged_agent_as_the_reference_engine_does(ray_cluster):
-    from test_ray_engine import assert_same_run, run_ray
+    from conftest import assert_same_run, run_ray
     from raygossip.engines.reference import ReferenceEngine
 
     config = load_config(base=diverging("drop", engine="ray"))
@@ -93,7 +93,7 @@ def test_the_ray_engine_drops_a_diverged_agent_as_the_reference_engine_does(ray_
 
 
 def test_the_ray_engine_aborts_a_diverged_run(ray_cluster, tmp_path):
-    from test_ray_engine import wait_for_idle_cluster
+    from conftest import wait_for_idle_cluster
 
     wait_for_idle_cluster()
     with pytest.raises(RunDiverged, match="agent 2's parameters"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import networkx as nx
 import pytest
@@ -11,18 +10,19 @@ import torch
 
 from raygossip.algorithms.topology import spectral_report, topology_from_graph
 from raygossip.api import run, with_graph
-from raygossip.config import Config, load_config
+from raygossip.config import Config
+from raygossip.validation import load_config
 from raygossip.engines.reference import ReferenceEngine
 from raygossip.models import build_model
 from raygossip.presets import quickstart
+from scenarios import DATA_ROOT
 
 # Merged test accuracy of the quickstart (seed 0), measured with the reference engine:
-#   .venv/bin/python -c "from raygossip.api import run; from raygossip.config import load_config;
+#   .venv/bin/python -c "from raygossip.api import run; from raygossip.validation import load_config;
 #     from raygossip.presets import quickstart;
 #     print(run(load_config(base=quickstart(), overrides=['runtime.progress=false'])).summary['merged_test_accuracy'])"
 # -> 0.9722222222222222 (350 of the 360 held-out digits).
 QUICKSTART_MERGED_ACCURACY = 0.9722
-DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"  # CI clones the repo with shared/ beside it
 TIMING_KEYS = {"wall_time_s", "time_s"}
 
 

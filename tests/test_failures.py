@@ -11,8 +11,8 @@ import pytest
 import ray
 
 from raygossip.api import RunAborted, run
-from raygossip.config import load_config
-from test_ray_engine import run_ray, small, wait_for_idle_cluster
+from raygossip.validation import load_config
+from conftest import run_ray, small, wait_for_idle_cluster
 
 CHOCO = {"rule": "choco", "gamma": 0.5, "compressor": {"name": "top_k", "ratio": 0.1}}
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raygossip.config import FaultsConfig, KillConfig, load_config
+from raygossip.config import FaultsConfig, KillConfig
+from raygossip.validation import load_config
 from raygossip.core.agent import AgentCore
 from raygossip.core.faults import MessageFate, kill_schedule
 from raygossip.data.datasets import load_dataset

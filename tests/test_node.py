@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from raygossip.config import load_config
+from raygossip.validation import load_config
 from raygossip.core.agent import AgentCore
 from raygossip.core.node import GossipNode, NodeOptions
 from raygossip.core.transports import InProcessTransport

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from raygossip.algorithms.topology import build_topology, spectral_report
-from raygossip.config import Config, load_config
+from raygossip.config import Config
+from raygossip.validation import load_config
 from raygossip.core.plan import RunPlan
 
 PAPERS = Path(__file__).resolve().parents[1] / "configs" / "papers"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from raygossip.algorithms.topology import build_topology
-from raygossip.config import Config, from_dict, validate
+from raygossip.config import Config
+from raygossip.config_io import from_dict
+from raygossip.validation import validate
 from raygossip.core.plan import RunPlan, _round_plan, averaging_rate
 
 STEPS_PER_EPOCH = 6

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from raygossip.algorithms.topology import build_topology
-from raygossip.config import load_config
+from raygossip.validation import load_config
 from raygossip.core.plan import RunPlan
 
 BUDGET_WINDOW = [  # the single-merge paper's Fig. 2 protocol: r = 0.2 everywhere, all-reduce inside [0.75, 0.80)

@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 
 from raygossip.api import run
 from raygossip.checkpoint import MANIFEST
-from raygossip.config import load_config
+from raygossip.validation import load_config
 from raygossip.results import read_metrics
-from test_ray_engine import small, wait_for_idle_cluster
+from conftest import small, wait_for_idle_cluster
 
 CLI = str(Path(sys.executable).with_name("raygossip"))
 CHOCO = {"rule": "choco", "gamma": 0.5, "compressor": {"name": "top_k", "ratio": 0.1}}

@@ -7,72 +7,19 @@ import time
 
 import numpy as np
 import pytest
-import ray
 import torch
 
-from raygossip.config import load_config
-from raygossip.engines.common import agent_threads, prepare
-from raygossip.engines.ray_engine import RayEngine
+from raygossip.validation import load_config
+from raygossip.engines.common import agent_threads
 from raygossip.engines.reference import ReferenceEngine
-from raygossip.presets import quickstart
 
-
-def small(**overrides) -> dict:
-    """A 4-agent digits run that takes a few seconds."""
-    base = quickstart()
-    base["agents"] = {"count": 4}
-    base["model"] = {"name": "mlp", "hidden": [32]}
-    base["train"].update(epochs=2, steps_per_epoch=12)
-    base["eval"] = {"every": 1}
-    base["runtime"] = {"engine": "ray", "num_cpus_per_agent": 0.5, "progress": False, "wait_timeout_s": 30.0}
-    for key, value in overrides.items():
-        section, _, name = key.partition("__")
-        node = base.setdefault(section, {})
-        for part in name.split("__")[:-1]:
-            node = node.setdefault(part, {})
-        node[name.split("__")[-1]] = value
-    return base
-
-
-def wait_for_idle_cluster(timeout_s: float = 60.0) -> None:
-    """Let the previous test's actors and placement group release their CPUs (ray.kill is asynchronous)."""
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if ray.available_resources().get("CPU", 0) >= ray.cluster_resources().get("CPU", 0) - 1e-9:
-            return
-        time.sleep(0.2)
-
-
-def run_ray(config, **kwargs):
-    wait_for_idle_cluster()
-    engine = RayEngine(config, prepare(config))
-    try:
-        outcome = engine.run(**kwargs)
-        return engine, outcome
-    except BaseException:
-        engine.close()
-        raise
+from conftest import assert_same_run, run_ray, small, wait_for_idle_cluster
 
 
 CHOCO_TOPK = {"rule": "choco", "gamma": 0.5, "compressor": {"name": "top_k", "ratio": 0.1}}
 
 
 ADAGOSSIP_QSGD = {"rule": "adagossip", "gamma": 0.5, "compressor": {"name": "qsgd", "bits": 4}}
-
-
-def assert_same_run(engine, outcome, reference, expected) -> None:
-    """Bit for bit: every agent's parameters, every record's numbers, the merged model."""
-    for got, want in zip(engine.agent_vectors(), reference.agent_vectors()):
-        assert torch.equal(got, want)
-    assert len(outcome["records"]) == len(expected["records"])
-    for got, want in zip(outcome["records"], expected["records"]):
-        for key in ("local_test_accuracy", "merged_test_accuracy", "bytes_sent", "messages_sent",
-                    "consensus_distance", "train_loss", "gamma", "round", "communication_rounds"):
-            assert got[key] == want[key], key
-    assert outcome["merged_accuracy"] == expected["merged_accuracy"]
-    merged_ref = reference.merged_state_dict()
-    for name, tensor in engine.merged_state_dict().items():
-        assert torch.equal(tensor, merged_ref[name]), name
 
 
 @pytest.mark.parametrize(

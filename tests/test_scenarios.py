@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # scenarios/ sits beside the package, not inside it
-
-from raygossip.config import load_config  # noqa: E402
-from raygossip.core.plan import RunPlan  # noqa: E402
-from raygossip.timeline import Timeline  # noqa: E402
-from raygossip.algorithms.topology import build_topology  # noqa: E402
-from scenarios import (  # noqa: E402
+from raygossip.algorithms.topology import build_topology
+from raygossip.core.plan import RunPlan
+from raygossip.timeline_builder import Timeline
+from raygossip.validation import load_config
+from scenarios import (
     adagossip_vs_choco, adaptive_vs_ars, ars_vs_constant, bandwidth_collapse, churn, common, failures,
-    late_communication, partition_heal, plot_window_position, straggler_recovery, stragglers, timeline_modes,
+    late_communication, partition_heal, plot_window_position, straggler_recovery, stragglers, timeline_common,
     topologies,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 REFERENCE_SCENARIOS = [ars_vs_constant, adagossip_vs_choco, topologies, adaptive_vs_ars]
 TIMELINE_SCENARIOS = [churn, partition_heal, straggler_recovery, bandwidth_collapse]
 ALL_SCENARIOS = [*REFERENCE_SCENARIOS, late_communication, stragglers, failures, *TIMELINE_SCENARIOS]
@@ -178,7 +174,7 @@ def test_smoke_scale_runs_end_to_end(module, tmp_path):
 
 def test_late_communication_script_main_writes_tables(tmp_path, capsys):
     out = tmp_path / "late"
-    assert late_communication.main(["--scale", "smoke", "--seeds", "0", "--out", str(out)]) == 0
+    assert late_communication.COMMAND(["--scale", "smoke", "--seeds", "0", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "Mergeability" in printed and "| r=0.2 + all-reduce 90%-100% | 0 |" in printed
     assert "Gap to parallel SGD" in printed and "Spearman" in printed and "| no communication | " in printed
@@ -193,7 +189,36 @@ def test_late_communication_script_main_writes_tables(tmp_path, capsys):
     assert every["merged_test_accuracy"] == pytest.approx(every["mean_local_test_accuracy"])  # one model after each
     assert "merged_validation_accuracy" in every
     png = tmp_path / "window.png"
-    assert plot_window_position.main([str(out), "--out", str(png)]) == 0 and png.stat().st_size > 1000
+    assert plot_window_position.COMMAND([str(out), "--out", str(png)]) == 0 and png.stat().st_size > 1000
+
+
+def test_every_scenario_is_registered_and_python_m_scenarios_lists_them(capsys):
+    from scenarios import SCENARIOS, summary
+    from scenarios.__main__ import main
+
+    helpers = {"__init__", "__main__", "common", "tuning"}
+    assert set(SCENARIOS.values()) == {p.stem for p in (REPO / "scenarios").glob("*.py")} - helpers
+    assert main(["--list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listed] == list(SCENARIOS)
+    assert all(summary(name) and summary(name) in line for name, line in zip(SCENARIOS, listed))
+    assert main(["no_such_scenario"]) == 2 and "no scenario 'no_such_scenario'" in capsys.readouterr().err
+
+
+def test_a_tuned_scenario_with_no_tune_runs_its_default_picks(tmp_path, capsys):
+    """The tune-then-run hook's options reach the scenario; --no-tune runs the variants with picks=None."""
+    out = tmp_path / "ars"
+    assert ars_vs_constant.COMMAND(["--scale", "smoke", "--no-tune", "--engine", "reference", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Tuning sweep" not in printed
+    labels = [label for label, _ in ars_vs_constant.variants("smoke", (), None)]
+    assert all(f"| {label} | 0 |" in printed for label in labels)
+    for module, options in ((ars_vs_constant, ("--tune-out", "--no-tune")),
+                            (adagossip_vs_choco, ("--graph", "--tune-out", "--no-tune"))):
+        with pytest.raises(SystemExit):
+            module.COMMAND(["--help"])
+        shown = capsys.readouterr().out
+        assert shown.startswith(f"usage: python -m scenarios {module.SCENARIO}") and all(o in shown for o in options)
 
 
 def test_stragglers_smoke_on_the_ray_engine_with_an_observer(ray_cluster, tmp_path):
@@ -214,7 +239,7 @@ def test_stragglers_smoke_on_the_ray_engine_with_an_observer(ray_cluster, tmp_pa
 
 
 def test_stragglers_refuses_the_reference_engine(capsys):
-    assert stragglers.main(["--scale", "smoke", "--engine", "reference", "--out", "unused"]) == 2
+    assert stragglers.COMMAND(["--scale", "smoke", "--engine", "reference", "--out", "unused"]) == 2
     assert "Ray engine" in capsys.readouterr().err
 
 
@@ -234,7 +259,7 @@ def test_failure_variants_share_everything_but_the_faults():
 
 def test_failures_smoke_reports_failures_only_where_injected(ray_cluster, tmp_path, capsys):
     out = tmp_path / "failures"
-    assert failures.main(["--scale", "smoke", "--seeds", "0", "--out", str(out)]) == 0
+    assert failures.COMMAND(["--scale", "smoke", "--seeds", "0", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     variants = failures.variants("smoke")
     for label, _ in variants:
@@ -263,7 +288,7 @@ def test_failures_smoke_reports_failures_only_where_injected(ray_cluster, tmp_pa
 
 
 def test_failures_refuses_the_reference_engine(capsys):
-    assert failures.main(["--scale", "smoke", "--engine", "reference", "--out", "unused"]) == 2
+    assert failures.COMMAND(["--scale", "smoke", "--engine", "reference", "--out", "unused"]) == 2
     assert "Ray engine" in capsys.readouterr().err
 
 
@@ -281,8 +306,8 @@ def test_timeline_scenario_variants_compare_the_three_modes_around_one_event_win
     assert {config.runtime.engine for config in variants.values()} == {"ray"}
     timed = {label: config for label, config in variants.items() if config.timeline}
     assert {config.runtime.mode for config in timed.values()} == {"sync", "bounded", "async"}
-    assert {config.runtime.staleness for config in timed.values()} == {timeline_modes.STALENESS}
-    rounds = failures.total_rounds(common.deep_merge(timeline_modes.base(scale)[0], {}))
+    assert {config.runtime.staleness for config in timed.values()} == {timeline_common.STALENESS}
+    rounds = failures.total_rounds(common.deep_merge(timeline_common.base(scale)[0], {}))
     for label, config in timed.items():
         events = config.timeline
         assert [e.action for e in events] == TIMELINE_ACTIONS[short(module)], label
@@ -313,11 +338,11 @@ def test_churn_smoke_run_leaves_and_rejoins_on_the_ray_engine(ray_cluster, tmp_p
         (label, config), = [v for v in churn.variants("smoke") if v[0] == "sync, join from neighbour"]
     else:  # a scratch joiner has no model to wait for, yet it must come back when the others get there, not as soon
         # as it went through its absent rounds (in no time): async, where nothing else paces it
-        data, _ = timeline_modes.base("smoke", [])
+        data, _ = timeline_common.base("smoke", [])
         data = common.deep_merge(data, {"train": {"epochs": 4, "steps_per_epoch": 10},
                                         "runtime": {"timing": {"step_time_s": 0.05}}})
         events = Timeline().at(round=5).leave([1]).at(round=30).join([1], start="scratch").build()
-        (label, config), = timeline_modes.mode_variants("churn", data, events, ", join from scratch",
+        (label, config), = timeline_common.mode_variants("churn", data, events, ", join from scratch",
                                                         modes=[("async", "async")])
     (outcome,) = common.run_variants([(label, config)], [0], tmp_path, log=None)
     assert_run_folders([outcome], tmp_path)

@@ -195,7 +195,7 @@ def test_allreduce_with_dpsgd_gives_the_exact_average_at_gamma_one(n, gamma):
     ({"kind": "adaptiv"}, {}, "schedule.averaging_rate.kind", "adaptive"),
 ])
 def test_a_wrong_adaptive_averaging_rate_is_one_line_naming_its_field(averaging_rate, extra, field, phrase):
-    from raygossip.config import load_config
+    from raygossip.validation import load_config
     from raygossip.errors import UserError
 
     with pytest.raises(UserError) as caught:

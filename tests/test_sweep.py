@@ -9,11 +9,11 @@ import pytest
 
 from raygossip.cli import main
 from raygossip.compare import group_runs, load_runs
-from raygossip.config import load_config
+from raygossip.validation import load_config
 from raygossip.errors import UserError
 from raygossip.results import read_metrics
 from raygossip.sweep import check_sweep, parse_grid, sweep
-from test_ray_engine import small
+from conftest import small
 
 SETS = ["--set", "runtime.engine=reference", "--set", "agents.count=4", "--set", "eval.every=1",
         "--set", "eval.validation_fraction=0.2", "--set", "train.epochs=2", "--no-progress"]

@@ -10,13 +10,13 @@ import torch
 
 from raygossip import api
 from raygossip.algorithms.topology import build_topology
-from raygossip.config import load_config
+from raygossip.validation import load_config
 from raygossip.core.plan import RunPlan
 from raygossip.core.timeline import ACTIONS, LinkState, compile_timeline, cut_mixing, lost_on_link
 from raygossip.engines.reference import ReferenceEngine
 from raygossip.errors import UserError
 from raygossip.presets import quickstart
-from raygossip.timeline import Timeline
+from raygossip.timeline_builder import Timeline
 
 HALVES = [[0, 1, 2, 3], [4, 5, 6, 7]]
 
@@ -123,7 +123,7 @@ def test_batched_steps_with_a_timeline_is_one_line():
 
 
 def test_a_timeline_survives_the_yaml_round_trip():
-    from raygossip.config import dump_yaml, parse_yaml
+    from raygossip.config_io import dump_yaml, parse_yaml
 
     config = config_with(Timeline().at(round=3).topology("complete").communication("late", start=0.7).build())
     assert load_config(base=parse_yaml(dump_yaml(config))) == config

@@ -16,7 +16,8 @@ from raygossip.algorithms.topology import (
     spectral_report,
     topology_from_graph,
 )
-from raygossip.config import dump_yaml, load_config
+from raygossip.config_io import dump_yaml
+from raygossip.validation import load_config
 from raygossip.errors import UserError
 
 WEIGHTS = ["uniform", "metropolis"]

@@ -9,9 +9,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from raygossip.api import run
 from raygossip.cli import main
-from raygossip.config import load_config
+from raygossip.validation import load_config
 from raygossip.errors import UserError
-from test_ray_engine import small, wait_for_idle_cluster
+from conftest import small, wait_for_idle_cluster
 
 
 def events(folder) -> EventAccumulator:

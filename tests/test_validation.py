@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 from raygossip.api import run
-from raygossip.config import load_config
+from raygossip.validation import load_config
 from raygossip.core.agent import evaluate, make_model
 from raygossip.engines.common import prepare, validation_split
 from raygossip.errors import UserError
-from test_ray_engine import run_ray, small
+from conftest import run_ray, small
 
 
 def test_validation_split_is_seeded_disjoint_and_covers_the_training_set():

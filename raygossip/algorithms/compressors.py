@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..registry import keyword_params
 from .bits import pack_bits, unpack_bits
 from .index_coding import decode_indices, encode_indices
 
@@ -209,7 +210,7 @@ def identity(segments: Sequence[int]) -> Compressor:
     return Compressor("identity", compress, decompress, unbiased=True)
 
 
-def top_k(segments: Sequence[int], ratio: float | None, *, index_coding: str = "plain") -> Compressor:
+def top_k(segments: Sequence[int], *, ratio: float | None, index_coding: str = "plain") -> Compressor:
     """Keep, per segment, the k = max(1, ceil(ratio*size)) entries of largest |value| (biased).
 
     index_coding: "plain" integer indices, or "entropy" (Rice-coded gaps or a bitmap per segment).
@@ -228,7 +229,7 @@ def top_k(segments: Sequence[int], ratio: float | None, *, index_coding: str = "
     return Compressor("top_k", compress, lambda c: _sparse_decompress(c, sizes, ks), unbiased=False)
 
 
-def random_k(segments: Sequence[int], ratio: float | None, *, scaled: bool = False,
+def random_k(segments: Sequence[int], *, ratio: float | None, scaled: bool = False,
              index_coding: str = "plain") -> Compressor:
     """Keep, per segment, k uniformly random entries (without replacement, from `generator`).
 
@@ -253,7 +254,7 @@ def random_k(segments: Sequence[int], ratio: float | None, *, scaled: bool = Fal
     return Compressor("random_k", compress, lambda c: _sparse_decompress(c, sizes, ks), unbiased=scaled)
 
 
-def qsgd(segments: Sequence[int], bits: int | None, *, scaled: bool = False) -> Compressor:
+def qsgd(segments: Sequence[int], *, bits: int | None, scaled: bool = False) -> Compressor:
     """QSGD with s = 2**bits - 1 levels and stochastic rounding; unbiased unless `scaled`.
 
     Per segment: norm = ||x||_2, level = floor(s*|x|/norm + u), u ~ U[0,1), value =
@@ -322,15 +323,6 @@ COMPRESSORS: dict[str, Callable[..., Compressor]] = {
 }
 
 
-_PARAMS: dict[str, tuple[str, ...]] = {  # which make_compressor keywords each factory takes
-    "identity": (),
-    "top_k": ("ratio", "index_coding"),
-    "random_k": ("ratio", "scaled", "index_coding"),
-    "qsgd": ("bits", "scaled"),
-    "sign": (),
-}
-
-
 def make_compressor(
     name: str,
     segments: Sequence[int],
@@ -354,4 +346,4 @@ def make_compressor(
     if scope == "global":
         sizes = (sum(sizes),)
     given = {"ratio": ratio, "bits": bits, "scaled": scaled, "index_coding": index_coding}
-    return COMPRESSORS[name](sizes, **{k: given[k] for k in _PARAMS[name]})
+    return COMPRESSORS[name](sizes, **{k: given[k] for k in keyword_params(COMPRESSORS[name])})

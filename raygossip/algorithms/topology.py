@@ -1,4 +1,7 @@
-"""Communication graphs and their mixing matrices W (who averages with whom, and with what weight)."""
+"""Communication graphs and their mixing matrices W (who averages with whom, and with what weight).
+
+Over 400 lines because it is the registry: a dozen small graph factories share the weights, checks and spectra here.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import networkx as nx
 import numpy as np
 
 from ..errors import UserError
+from ..registry import keyword_params
 
 WEIGHTS = ("metropolis", "uniform")
 _TOL = 1e-9  # stochasticity / symmetry checks
@@ -439,15 +443,10 @@ TOPOLOGIES: dict[str, Callable[..., nx.Graph | Topology]] = {
 """Name -> factory(n, **params). Params are the factory's keyword-only arguments."""
 
 
-def _factory_params(factory: Callable[..., Any]) -> dict[str, inspect.Parameter]:
-    params = inspect.signature(factory).parameters.values()
-    return {p.name: p for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
-
-
 def _check_params(name: str, factory: Callable[..., Any], params: Any) -> dict[str, Any]:
     if not isinstance(params, dict):
         raise UserError("topology.params", f"must be a mapping, got {type(params).__name__}")
-    allowed = _factory_params(factory)
+    allowed = keyword_params(factory)
     for key in params:
         if key not in allowed:
             names = ", ".join(sorted(allowed)) or "none"

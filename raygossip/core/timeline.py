@@ -212,10 +212,7 @@ def _gamma(c: Conditions, e: TimelineEventConfig, base: Base, where: str) -> Con
 
 
 def _communication(c: Conditions, e: TimelineEventConfig, base: Base, where: str) -> Conditions:
-    from ..config import _validate_kind_keys
-
-    spec = e.communication
-    _validate_kind_keys(spec, f"{where}.communication")
+    spec = e.communication  # its keys' values and ranges: the loader and validation.py
     _require(spec.kind != "allreduce" or base.rule == "dpsgd", f"{where}.communication.kind",
              f"allreduce averages full models; {base.rule} sends compressed differences (use gossip.rule: dpsgd)")
     return replace(c, communication=spec)

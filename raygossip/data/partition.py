@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Callable
 
 import numpy as np
 
 from raygossip.errors import UserError
+from raygossip.registry import keyword_params
 
 MAX_TRIES = 1000  # resampling attempts before a Dirichlet partitioner gives up
 LIN_GROUP = 10  # dirichlet_lin draws its bins for this many agents at a time
@@ -104,7 +104,7 @@ def iid(labels: np.ndarray, n_agents: int, seed: int) -> list[np.ndarray]:
 
 
 def dirichlet(
-    labels: np.ndarray, n_agents: int, seed: int, alpha: float = 1.0, balance: bool = False, min_samples: int = 1
+    labels: np.ndarray, n_agents: int, seed: int, *, alpha: float = 1.0, balance: bool = False, min_samples: int = 1
 ) -> list[np.ndarray]:
     """Per class, draw Dir(alpha) over agents and split that class's samples accordingly; every sample once.
 
@@ -169,7 +169,7 @@ def _lin_bins(
     )
 
 
-def dirichlet_lin(labels: np.ndarray, n_agents: int, seed: int, alpha: float = 1.0) -> list[np.ndarray]:
+def dirichlet_lin(labels: np.ndarray, n_agents: int, seed: int, *, alpha: float = 1.0) -> list[np.ndarray]:
     """The two-stage Dirichlet split of the ARS / AdaGossip code (after Lin et al.'s quasi-global momentum).
 
     1. Shuffle all sample indices. Cut them into ceil(n/10) contiguous chunks: chunk g serves
@@ -248,6 +248,7 @@ def preference(
     labels: np.ndarray,
     n_agents: int,
     seed: int,
+    *,
     alpha: float = 1.0,
     samples_per_agent: int | None = None,
     resample: bool = False,
@@ -277,7 +278,7 @@ def preference(
     return [preference_draw(pools, rng.dirichlet(np.full(n_classes, alpha)), m, rng) for _ in range(n_agents)]
 
 
-def shards(labels: np.ndarray, n_agents: int, seed: int, shards_per_agent: int = 2) -> list[np.ndarray]:
+def shards(labels: np.ndarray, n_agents: int, seed: int, *, shards_per_agent: int = 2) -> list[np.ndarray]:
     """Sort by label (random order within a class), cut into n*k near-equal shards, deal k random shards each.
 
     Shard sizes differ by at most one, so the remainder is spread; every sample is used once.
@@ -308,7 +309,7 @@ PARTITIONERS: dict[str, Partitioner] = {
 
 def allowed_params(kind: str) -> list[str]:
     """The keyword parameters a partitioner accepts beyond (labels, n_agents, seed)."""
-    return list(inspect.signature(PARTITIONERS[kind]).parameters)[3:]
+    return list(keyword_params(PARTITIONERS[kind]))
 
 
 def partition(

@@ -13,7 +13,8 @@ import torch
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raygossip.algorithms.topology import build_topology
-from raygossip.config import Config, from_dict
+from raygossip.config import Config
+from raygossip.config_io import from_dict
 from raygossip.core.agent import AgentCore
 from raygossip.core.batched import BatchedSteps
 from raygossip.core.faults import MessageFate, kill_schedule

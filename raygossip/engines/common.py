@@ -18,7 +18,7 @@ from raygossip.core.agent import evaluate, make_model, reestimate_batchnorm
 from raygossip.core.flat import FlatParameters
 from raygossip.core.plan import RunPlan, steps_per_epoch
 from raygossip.data.datasets import Dataset, load_dataset
-from raygossip.data.partition import heterogeneity_report, holdout_split, partition
+from raygossip.data.partition import allowed_params, heterogeneity_report, holdout_split, partition
 from raygossip.errors import UserError
 from raygossip.optim import run_lr_schedule
 
@@ -117,13 +117,7 @@ def _partition_params(config: Config, n_samples: int) -> dict:
               "resample": part.resample, "min_samples": default_min if part.min_samples is None else part.min_samples}
     if part.samples_per_agent is not None:
         params["samples_per_agent"] = part.samples_per_agent
-    takes = {
-        "iid": (),
-        "dirichlet": ("alpha", "balance", "min_samples"),
-        "dirichlet_lin": ("alpha",),
-        "preference": ("alpha", "samples_per_agent", "resample"),
-        "shards": ("shards_per_agent",),
-    }.get(part.kind, ())
+    takes = allowed_params(part.kind)
     return {key: value for key, value in params.items() if key in takes}
 
 

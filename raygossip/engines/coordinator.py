@@ -14,7 +14,8 @@ import torch
 
 from raygossip.algorithms.merge import global_average
 from raygossip.algorithms.topology import build_topology
-from raygossip.config import Config, from_dict
+from raygossip.config import Config
+from raygossip.config_io import from_dict
 from raygossip.core.plan import RunPlan
 from raygossip.engines.ray_setup import dataset_from_numpy, pin_threads
 from raygossip.algorithms.merge import consensus_distance

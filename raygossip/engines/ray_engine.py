@@ -14,7 +14,8 @@ from ray.util.placement_group import get_current_placement_group, placement_grou
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
-from raygossip.config import Config, to_dict
+from raygossip.config import Config
+from raygossip.config_io import to_dict
 from raygossip.core.timing import slowdown_factors
 from raygossip.engines.channels import BUFFERS as CHANNEL_BUFFERS, ENVELOPE_BYTES as CHANNEL_ENVELOPE, available as channels_available
 from raygossip.engines.cluster import ensure_ray, on_started_node

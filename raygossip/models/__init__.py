@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
 
 from raygossip.errors import UserError
+from raygossip.registry import keyword_params
 from raygossip.models.lenet import lenet5
 from raygossip.models.mlp import mlp
 from raygossip.models.mobilenet import mobilenetv2
@@ -32,8 +32,7 @@ __all__ = ["MODELS", "EvoNormS0", "allowed_params", "build_model", "has_batchnor
 
 def allowed_params(name: str) -> list[str]:
     """The param names model `name` accepts (its factory's keyword-only arguments), sorted."""
-    signature = inspect.signature(MODELS[name])
-    return sorted(p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY)
+    return sorted(keyword_params(MODELS[name]))
 
 
 def build_model(

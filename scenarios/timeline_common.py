@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -166,7 +165,7 @@ def ray_only(args: argparse.Namespace) -> str:
 def load_outcomes(folder: str | Path, order: Sequence[str] = ()) -> list[Outcome]:
     """The outcomes of a scenario's run folders (out/<label>-seed<k>), to redo its table without rerunning;
     in the order of the labels in `order` (then by label), seeds ascending."""
-    from raygossip.config import load_config
+    from raygossip.validation import load_config
     from raygossip.results import read_metrics
 
     outcomes = []
@@ -181,11 +180,11 @@ def load_outcomes(folder: str | Path, order: Sequence[str] = ()) -> list[Outcome
     return sorted(outcomes, key=lambda o: (rank.get(o.label, len(rank)), o.label, o.seed))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m scenarios.timeline_modes FAMILY FOLDER`: print a timeline family's table from its run folders."""
+def print_table(argv: Sequence[str] | None = None) -> int:
+    """`python -m scenarios timeline_table FAMILY FOLDER`: print a timeline family's table from its run folders."""
     import importlib
 
-    parser = argparse.ArgumentParser(prog="python -m scenarios.timeline_modes", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m scenarios timeline_table", description=print_table.__doc__)
     parser.add_argument("family", choices=FAMILIES)
     parser.add_argument("folder", type=Path)
     args = parser.parse_args(argv)
@@ -196,6 +195,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 FAMILIES = ("churn", "partition_heal", "straggler_recovery", "bandwidth_collapse")
-
-if __name__ == "__main__":
-    sys.exit(main())
+COMMAND = print_table
