@@ -29,6 +29,7 @@ class PartitionConfig:
     min_samples: int | None = None
     balance: bool = False
     resample: bool = False
+    key: str | None = None
 
 
 @dataclass(kw_only=True)
@@ -38,6 +39,7 @@ class DataConfig:
     download: bool = False
     image_size: int | None = None
     augment: bool | None = None
+    params: dict[str, Any] = field(default_factory=dict)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
 
 
@@ -48,6 +50,7 @@ class ModelConfig:
     width: float | None = None
     hidden: list[int] | None = None
     groups: int | None = None
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(kw_only=True)
@@ -82,6 +85,7 @@ class TrainConfig:
     local_steps: int = 1
     steps_per_epoch: int | None = None
     label_smoothing: float = 0.0
+    loss: str = "cross_entropy"
     grad_clip_value: float | None = None
     on_divergence: str = "abort"
     lr_schedule: LrScheduleConfig = field(default_factory=LrScheduleConfig)
@@ -179,6 +183,8 @@ class RuntimeConfig:
     inline_bytes: int = 1048576
     transport: str = "auto"
     agents_per_actor: int = 1
+    py_modules: list[str] = field(default_factory=list)
+    working_dir: str | None = None
     batched_steps: bool = False
     finish_quorum: float = 0.5
     checkpoint_every: int = 0
@@ -239,6 +245,7 @@ class EvalConfig:
     local: bool = True
     batch_size: int = 1000
     validation_fraction: float = 0.0
+    metric: str = "accuracy"
     tensorboard: bool = False
 
 
@@ -687,11 +694,15 @@ def _validate_registries(config: Config) -> None:
     from raygossip.data.partition import PARTITIONERS
     from raygossip.models import MODELS
 
-    _check(config.data.name in DATASETS, "data.name",
-           f"must be one of {', '.join(DATASETS)}; got {config.data.name!r}")
+    _check(DATASETS.knows(config.data.name), "data.name",
+           f"must be one of {', '.join(DATASETS)} or an import path package.module:loader; got {config.data.name!r}")
     _check(config.data.partition.kind in PARTITIONERS, "data.partition.kind",
            f"must be one of {', '.join(PARTITIONERS)}; got {config.data.partition.kind!r}")
-    _check(config.model.name in MODELS, "model.name", f"must be one of {', '.join(MODELS)}; got {config.model.name!r}")
+    _check(MODELS.knows(config.model.name), "model.name", f"must be one of {', '.join(MODELS)} or an import path "
+                                                          f"package.module:factory; got {config.model.name!r}")
+    from raygossip.usercode import validate_task_fields
+
+    validate_task_fields(config)
     topology = build_topology(config.topology.name, config.agents.count, config.topology.weights, config.topology.params)
     _check(not (topology.time_varying and config.gossip.rule != "dpsgd"), "topology.name",
            f"{config.topology.name!r} changes every round; {config.gossip.rule} needs a static graph (x_hat bookkeeping)")

@@ -17,7 +17,7 @@ from raygossip.config import Config, to_dict
 from raygossip.core.timing import slowdown_factors
 from raygossip.engines.channels import BUFFERS as CHANNEL_BUFFERS, ENVELOPE_BYTES as CHANNEL_ENVELOPE, available as channels_available
 from raygossip.engines.cluster import ensure_ray, on_started_node
-from raygossip.engines.common import Observer, RunSetup, agent_threads, public_copy_error
+from raygossip.engines.common import Observer, RunSetup, agent_threads, metric_key, public_copy_error
 from raygossip.core.agent import Traffic
 from raygossip.core.placement import agent_groups, edges_inside
 from raygossip.engines.agent_actor import spawn_host
@@ -191,7 +191,7 @@ class RayEngine:
                                                      f"{bundles[0]} could not be satisfied within {runtime.wait_timeout_s:g} s")
         self.startup_phases["placement_group_s"] = time.perf_counter() - began
         self.startup_bar.set_description("raygossip[ray] shipping data")
-        data = ray.put(dataset_to_numpy(setup.dataset, setup.test_x, setup.test_y))
+        data = ray.put(dataset_to_numpy(setup.dataset, setup.test_x, setup.test_y, setup.task))
         self.startup_bar.set_description("raygossip[ray] starting agents")
         config_dict = to_dict(config)
         factors = slowdown_factors(runtime.timing, config.agents.count, config.seed)
@@ -291,7 +291,7 @@ class RayEngine:
                 records.append(record)
                 if observer is not None:
                     observer(record)
-                bar.set_postfix(round=record["round"], merged=f"{record['merged_test_accuracy']:.3f}",
+                bar.set_postfix(round=record["round"], merged=f"{record[metric_key('merged_test_accuracy', self.config)]:.3f}",
                                 MB=f"{record['bytes_sent'] / 1e6:.1f}")
                 bar.update(1)
             if finished_now:
@@ -306,7 +306,7 @@ class RayEngine:
         self.train_s = time.perf_counter() - began
         failures = ray.get(self.coordinator.failure_report.remote())
         last = records[-1] if records else None
-        merged = last["merged_test_accuracy"] if last else None
+        merged = last[metric_key("merged_test_accuracy", self.config)] if last else None
         if ending["aborted"] is not None:
             self.merged_state = {}
         elif self.config.schedule.final_merge.enabled:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import torch
 
 from raygossip.data.datasets import Dataset, Split
+from raygossip.task import Task
 
 # Messages up to this size (the default and largest runtime.inline_bytes) travel by value inside the deliver call
 # (one RPC, nothing to fetch); larger ones are put into the object store once and every receiver gets a reference
@@ -46,19 +48,27 @@ def pin_threads(threads: int) -> None:
         pass
 
 
-def dataset_to_numpy(dataset: Dataset, test_x: torch.Tensor, test_y: torch.Tensor) -> dict[str, Any]:
-    """The arrays every actor needs, as numpy (zero-copy through the object store)."""
-    return {
-        "name": dataset.name, "num_classes": dataset.num_classes, "input_shape": tuple(dataset.input_shape),
-        "augment": dataset.augment, "train_x": dataset.train.x.numpy(), "train_y": dataset.train.y.numpy(),
-        "test_x": test_x.numpy(), "test_y": test_y.numpy(),
-    }
+def dataset_to_numpy(dataset: Dataset, test_x: torch.Tensor, test_y: torch.Tensor, task: Task | None = None
+                     ) -> dict[str, Any]:
+    """What every actor needs: in-memory splits as numpy (zero-copy through the object store); a lazily read
+    training split as its (small) dataset object, which each actor indexes itself; the run's resolved user code."""
+    train = dataset.train
+    arrays = {"name": dataset.name, "num_classes": dataset.num_classes, "input_shape": tuple(dataset.input_shape),
+              "augment": dataset.augment, "test_x": test_x.numpy(), "test_y": test_y.numpy(),
+              "task": None if task is None else dataclasses.replace(task, loader=None)}
+    if isinstance(train, Split):
+        arrays.update(train_x=train.x.numpy(), train_y=train.y.numpy())
+    else:
+        arrays["train_lazy"] = train
+    return arrays
 
 
 def dataset_from_numpy(arrays: dict[str, Any]) -> tuple[Dataset, torch.Tensor, torch.Tensor]:
+    """Inverse of dataset_to_numpy (the task is arrays["task"])."""
     test_x, test_y = torch.from_numpy(arrays["test_x"]), torch.from_numpy(arrays["test_y"])
+    train = arrays.get("train_lazy") or Split(torch.from_numpy(arrays["train_x"]), torch.from_numpy(arrays["train_y"]))
     dataset = Dataset(
-        name=arrays["name"], train=Split(torch.from_numpy(arrays["train_x"]), torch.from_numpy(arrays["train_y"])),
+        name=arrays["name"], train=train,
         test=Split(test_x, test_y), num_classes=arrays["num_classes"], input_shape=tuple(arrays["input_shape"]),
         augment=arrays["augment"],
     )
