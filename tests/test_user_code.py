@@ -263,3 +263,104 @@ def test_the_cli_prints_a_bad_reference_as_one_line(user_dir, tmp_path):
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     assert "model.name" in lines[0] and "no weights for you" in lines[0]
+
+
+# ---------------------------------------------------------------- resume (reference engine)
+
+
+def test_a_user_model_resumes_from_its_checkpoint_to_the_same_parameters(user_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from raygossip.api import resume
+
+    whole = run(user_config(user_dir, model={"name": "mymodels_h1:bn_net"}), out_dir=tmp_path / "whole")
+    checkpointed = user_config(user_dir, model={"name": "mymodels_h1:bn_net"}, runtime={"checkpoint_every": 5})
+    run(checkpointed, out_dir=tmp_path / "cut")
+    resumed = resume(tmp_path / "cut")
+    assert resumed.summary["merged_test_accuracy"] == whole.summary["merged_test_accuracy"]
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------- the Ray engine: user code shipped to the actors
+
+
+def ray_user_config(user_dir: Path, **runtime) -> Config:
+    """8 agents of the user's module on Ray, the module shipped with runtime.py_modules (a single .py file)."""
+    return user_config(user_dir, agents={"count": 8}, train={"epochs": 4},
+                       runtime={"engine": "ray", "num_cpus_per_agent": 0.25, "wait_timeout_s": 60.0, **runtime})
+
+
+def ray_run(config: Config):
+    from raygossip.engines.common import prepare
+    from raygossip.engines.ray_engine import RayEngine
+
+    from tests.test_ray_engine import wait_for_idle_cluster
+
+    wait_for_idle_cluster()
+    engine = RayEngine(config, prepare(config))
+    try:
+        return engine, engine.run(progress=False)
+    except BaseException:
+        engine.close()
+        raise
+
+
+def test_a_user_module_outside_the_project_runs_async_with_4_agents_per_actor(ray_cluster, user_dir):
+    engine, outcome = ray_run(ray_user_config(user_dir, mode="async", agents_per_actor=4))
+    try:
+        assert "aborted" not in outcome
+        assert outcome["extra"]["placement"]["actors"] == 2
+        records = outcome["records"]
+        assert [r["epoch"] for r in records] == [1.0, 2.0, 3.0, 4.0]
+        assert records[-1]["train_loss"] < records[0]["train_loss"] and 0 <= outcome["merged_accuracy"] <= 1
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("agents_per_actor", [1, 4])
+def test_sync_on_ray_equals_the_reference_engine_bit_for_bit_with_a_user_model(ray_cluster, user_dir,
+                                                                              agents_per_actor):
+    from raygossip.engines.reference import ReferenceEngine
+
+    config = ray_user_config(user_dir, agents_per_actor=agents_per_actor)
+    config = from_dict(Config, {**to_dict(config), "model": {"name": "mymodels_h1:bn_net"},
+                                "data": {"name": "mymodels_h1:lazy", "partition": {"kind": "dirichlet"}}})
+    reference = ReferenceEngine(config)
+    expected = reference.run(progress=False)
+    engine, outcome = ray_run(config)
+    try:
+        for got, want in zip(engine.agent_vectors(), reference.agent_vectors(), strict=True):
+            assert torch.equal(got, want)
+        assert [r["merged_test_accuracy"] for r in outcome["records"]] == \
+               [r["merged_test_accuracy"] for r in expected["records"]]
+        assert outcome["merged_accuracy"] == expected["merged_accuracy"]
+        merged = reference.merged_state_dict()
+        assert any("running_mean" in name for name in merged)  # the user's batch norm, re-estimated after the merge
+        for name, tensor in engine.merged_state_dict().items():
+            assert torch.equal(tensor, merged[name]), name
+    finally:
+        engine.close()
+
+
+def test_a_killed_agent_of_a_user_model_restarts(ray_cluster, user_dir):
+    config = ray_user_config(user_dir, agents_per_actor=2, snapshot_every=3)
+    config = from_dict(Config, {**to_dict(config), "faults": {"kill": [{"agent": 1, "round": 5}]}})
+    engine, outcome = ray_run(config)
+    try:
+        failures = {f["agent"]: f["action"] for f in outcome["extra"]["failures"]}
+        assert failures == {0: "restarted", 1: "restarted"}  # agent 0 shares agent 1's actor
+        assert "aborted" not in outcome and len(outcome["records"]) == 4
+    finally:
+        engine.close()
+
+
+def test_a_module_the_workers_cannot_import_is_one_line_naming_it_and_the_node(ray_cluster, user_dir, monkeypatch):
+    """The driver imports the module (it is on its path), the workers do not have it (no py_modules)."""
+    monkeypatch.syspath_prepend(str(user_dir))
+    config = ray_user_config(user_dir, py_modules=[])
+    with pytest.raises(UserError) as caught:
+        ray_run(config)
+    text = str(caught.value)
+    assert text.startswith("runtime.py_modules: module mymodels_h1 (ModuleNotFoundError") and "\n" not in text
+    assert "could not be imported on node" in text

@@ -21,7 +21,9 @@ from raygossip.engines.common import Observer, RunSetup, agent_threads, metric_k
 from raygossip.core.agent import Traffic
 from raygossip.core.placement import agent_groups, edges_inside
 from raygossip.engines.agent_actor import spawn_host
-from raygossip.engines.ray_setup import actor_env, check_user_modules, dataset_to_numpy, user_modules
+from raygossip.engines.ray_setup import (
+    actor_env, check_user_modules, dataset_to_numpy, upload_user_code, user_modules,
+)
 from raygossip.usercode import actor_runtime_env as user_runtime_env
 from raygossip.engines.agent_states import split_state, traffic_of
 from raygossip.engines.coordinator import Coordinator
@@ -191,7 +193,7 @@ class RayEngine:
                 raise UserError("runtime.placement", f"{runtime.placement} placement of {len(bundles)} actors x "
                                                      f"{bundles[0]} could not be satisfied within {runtime.wait_timeout_s:g} s")
         self.startup_phases["placement_group_s"] = time.perf_counter() - began
-        user_env = user_runtime_env(config)
+        user_env = upload_user_code(user_runtime_env(config))
         check_user_modules(user_modules(setup), actor_runtime_env(threads, user_env))
         self.startup_bar.set_description("raygossip[ray] shipping data")
         data = ray.put(dataset_to_numpy(setup.dataset, setup.test_x, setup.test_y, setup.task))

@@ -122,3 +122,26 @@ def check_user_modules(modules: list[str], runtime_env: dict | None) -> None:
             raise UserError("runtime.py_modules", f"module {missing[0]} could not be imported on node {address}; "
                                                   f"{hint}")
 
+
+def upload_user_code(env: dict) -> dict:
+    """runtime.py_modules and runtime.working_dir with local paths uploaded to the cluster (GCS) and replaced by
+    their URIs: an actor's own runtime_env takes only URIs (Ray uploads local paths itself only for ray.init's
+    job-wide runtime_env, which a Ray we joined does not have). Uses Ray's own upload helpers (private API)."""
+    if not env:
+        return env
+    import tempfile
+
+    from ray._private.runtime_env.py_modules import upload_py_modules_if_needed
+    from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
+
+    from raygossip.errors import UserError
+    from raygossip.registry import one_line
+
+    scratch = tempfile.mkdtemp(prefix="raygossip-usercode-")
+    try:
+        env = upload_py_modules_if_needed(dict(env), include_gitignore=True, scratch_dir=scratch)
+        return upload_working_dir_if_needed(env, include_gitignore=True, scratch_dir=scratch)
+    except Exception as err:  # a path Ray cannot package (too large, unreadable, ...)
+        field = "runtime.py_modules" if "py_modules" in env else "runtime.working_dir"
+        raise UserError(field, f"could not ship user code to the cluster: {one_line(err)[:300]}") from None
+
