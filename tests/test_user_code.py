@@ -364,3 +364,18 @@ def test_a_module_the_workers_cannot_import_is_one_line_naming_it_and_the_node(r
     text = str(caught.value)
     assert text.startswith("runtime.py_modules: module mymodels_h1 (ModuleNotFoundError") and "\n" not in text
     assert "could not be imported on node" in text
+
+
+def test_batched_steps_stack_a_user_chain_and_step_another_loss_one_by_one(user_dir):
+    from raygossip.core.agent import AgentCore
+    from raygossip.core.batched import BatchedSteps
+    from raygossip.engines.common import prepare
+
+    setup = prepare(user_config(user_dir, runtime={"agents_per_actor": 2, "batched_steps": True}))
+    cores = [AgentCore(i, setup.config, setup.dataset, setup.shards[i], 10, task=setup.task) for i in range(2)]
+    assert BatchedSteps(cores).reason is None  # the user's Linear-ReLU-Linear chain steps stacked
+    config = user_config(user_dir, data={"name": "mymodels_h1:regression", "partition": {"kind": "iid"}},
+                         model={"name": "mymodels_h1:linear"}, train={"loss": "mse"}, eval={"metric": "mse"})
+    setup = prepare(config)
+    cores = [AgentCore(i, setup.config, setup.dataset, setup.shards[i], 10, task=setup.task) for i in range(2)]
+    assert BatchedSteps(cores).reason == "the loss is mse (stacked steps take cross_entropy only)"
