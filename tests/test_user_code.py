@@ -208,6 +208,7 @@ BAD = {
     "model.name": [{"model": {"name": "no_such_module_h1:net"}}, {"model": {"name": "mymodels_h1:nothing"}},
                    {"model": {"name": "mymodels_h1:broken_factory"}}, {"model": {"name": "mymodels_h1:not_a_model"}},
                    {"model": {"name": "mymodels_h1:wide_net"}}, {"model": {"name": "resnet"}}],
+    "model.hidden": [{"model": {"hidden": [8]}}],
     "data.name": [{"data": {"name": "mymodels_h1:broken_loader"}}, {"data": {"name": "mymodels_h1:wrong_loader"}},
                   {"data": {"name": "mymodels_h1:nope"}}],
     "train.loss": [{"train": {"loss": "mse"}}, {"train": {"loss": "hinge"}}, {"train": {"loss": "mymodels_h1:x"}}],
