@@ -296,7 +296,7 @@ def ray_run(config: Config):
     from raygossip.engines.common import prepare
     from raygossip.engines.ray_engine import RayEngine
 
-    from tests.test_ray_engine import wait_for_idle_cluster
+    from test_ray_engine import wait_for_idle_cluster
 
     wait_for_idle_cluster()
     engine = RayEngine(config, prepare(config))
@@ -400,3 +400,18 @@ def test_compare_tensorboard_and_sweep_use_the_metric_name_and_direction(user_di
     metrics = task_metrics(config)
     assert metrics["merged_validation_mse"] == "min" and metrics["merged_test_mse"] == "min"
     assert metrics["train_loss"] == "min" and "merged_test_accuracy" not in metrics
+
+
+def test_a_sweep_on_ray_tune_trains_a_user_model_and_ranks_on_its_metric(ray_cluster, user_dir, tmp_path):
+    """Two Tune trials of the user's regression, ranked on merged_validation_mse (lower is better)."""
+    from raygossip.sweep import sweep
+
+    data = to_dict(user_config(user_dir, data={"name": "mymodels_h1:regression", "partition": {"kind": "iid"}},
+                               model={"name": "mymodels_h1:linear"}, train={"loss": "mse", "epochs": 2},
+                               eval={"metric": "mse", "validation_fraction": 0.2}))
+    result = sweep(data, {"train.lr": [0.001, 0.03]}, out_dir=tmp_path / "sweep", seeds=[0], progress=False,
+                   max_concurrent=1)
+    assert [t["status"] for t in result.trials] == ["finished", "finished"]
+    table = json.loads((tmp_path / "sweep" / "trials.json").read_text())
+    assert table["metric"] == "merged_validation_mse"
+    assert table["best"]["settings"] == {"train.lr": 0.03}  # the larger step gets further in 2 epochs
