@@ -1,4 +1,9 @@
-"""The Python API: run an experiment from a config object, observe its records, keep its outputs."""
+"""The Python API: run an experiment from a config object, observe its records, keep its outputs.
+
+User code: `run(config, model=factory, data=loader, loss=f, metric=g)` takes Python objects (also functions defined
+in a script's __main__) in place of the config's model.name, data.name, train.loss and eval.metric; those fields
+also take registered names (raygossip.models.register, raygossip.data.register) and import paths
+`package.module:name`. docs/CONFIG.md says what each is called with and returns."""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import networkx as nx
 
@@ -16,6 +22,7 @@ from raygossip.config_io import dump_yaml
 from raygossip.validation import validate
 from raygossip.engines.common import Observer, prepare, summary_record
 from raygossip.errors import UserError
+from raygossip.usercode import resolve_task
 from raygossip.results import MetricsLog, read_metrics, save_tensors_atomic, strict_json, write_json_atomic, write_text_atomic
 
 
@@ -55,17 +62,21 @@ def with_graph(config: Config, graph: nx.Graph) -> Config:
 
 
 def run(config: Config, out_dir: str | Path | None = None, observer: Observer | None = None,
-        progress: bool | None = None, graph: nx.Graph | None = None) -> RunResult:
+        progress: bool | None = None, graph: nx.Graph | None = None, *, model: Any = None, data: Any = None,
+        loss: Any = None, metric: Any = None) -> RunResult:
     """Validate, build the engine, train to the end; write config.yaml, metrics.jsonl, summary.json, model.safetensors.
 
     graph: any undirected networkx graph to run on instead of config.topology (see with_graph).
+    model, data, loss, metric: user code as Python objects (a model factory, a data loader, f(outputs, batch) ->
+    loss, f(outputs, batch) -> batch mean), in place of model.name, data.name, train.loss, eval.metric.
     """
     if graph is not None:
         config = with_graph(config, graph)
+    config, task = resolve_task(config, model=model, data=data, loss=loss, metric=metric)
     validate(config)
     _check_checkpointing(config, Path(out_dir) if out_dir is not None else None)
     _check_cluster(config)
-    setup = prepare(config)  # every data, model and schedule error surfaces here, before any folder or Ray process
+    setup = prepare(config, task)  # every data, model and schedule error surfaces here, before any folder or Ray process
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -74,8 +85,10 @@ def run(config: Config, out_dir: str | Path | None = None, observer: Observer | 
     return _execute(config, out, observer, progress, resume=None, setup=setup)
 
 
-def resume(run_dir: str | Path, observer: Observer | None = None, progress: bool | None = None) -> RunResult:
-    """Continue a run from its latest checkpoint (written with runtime.checkpoint_every > 0)."""
+def resume(run_dir: str | Path, observer: Observer | None = None, progress: bool | None = None, *, model: Any = None,
+           data: Any = None, loss: Any = None, metric: Any = None) -> RunResult:
+    """Continue a run from its latest checkpoint (written with runtime.checkpoint_every > 0); model, data, loss and
+    metric: the Python objects the run was given (where config.yaml names them in a script's __main__)."""
     from raygossip.checkpoint import load_checkpoint
     from raygossip.validation import load_config
 
@@ -83,6 +96,7 @@ def resume(run_dir: str | Path, observer: Observer | None = None, progress: bool
     if not (out / "config.yaml").is_file():
         raise UserError("RUN_DIR", f"{str(out)!r} holds no config.yaml (not a raygossip run folder)")
     config = load_config(out / "config.yaml")
+    config, task = resolve_task(config, model=model, data=data, loss=loss, metric=metric)
     run_state, agents = load_checkpoint(out, config)
     if "record_list" in run_state:  # the Ray engine's coordinator keeps them (the driver may have died first)
         previous = run_state["record_list"]
@@ -90,7 +104,7 @@ def resume(run_dir: str | Path, observer: Observer | None = None, progress: bool
         previous = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
         previous = previous[: run_state["records"]]
     write_text_atomic(out / "metrics.jsonl", "".join(strict_json(r) + "\n" for r in previous))
-    return _execute(config, out, observer, progress, resume=(run_state, agents, previous))
+    return _execute(config, out, observer, progress, resume=(run_state, agents, previous), setup=prepare(config, task))
 
 
 def _check_checkpointing(config: Config, out: Path | None) -> None:

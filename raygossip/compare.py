@@ -14,7 +14,7 @@ from raygossip.config_io import to_dict
 from raygossip.validation import load_config
 from raygossip.errors import UserError
 from raygossip.plots import PLOTS
-from raygossip.results import Group, Run, mean_std, read_metrics, write_text_atomic
+from raygossip.results import Group, Run, mean_std, metric_of, named, read_metrics, write_text_atomic
 
 # Keys that never separate groups: the seed is what a group averages over; the rest do not change results
 # (a run's label names its group instead).
@@ -220,13 +220,15 @@ def _sort_key(value: Any) -> tuple:
 
 
 def table(groups: Sequence[Group]) -> list[dict]:
-    """One row per group: label, seeds, each differing key, and METRICS as `<name>_mean` / `<name>_std`."""
+    """One row per group: label, seeds, each differing key, and METRICS as `<name>_mean` / `<name>_std` (accuracy
+    columns named for the runs' metric)."""
     rows = []
+    metric = metric_of(groups)
     for group in groups:
         row: dict[str, Any] = {"group": group.label, "n_seeds": len(group.runs),
-                               "seeds": " ".join(str(run.seed) for run in group.runs)}
+                               "seeds": " ".join(str(run.seed) for run in group.runs), "metric": metric}
         row.update({key: format_value(value) for key, value in group.settings.items()})
-        for column, key, scale in METRICS:
+        for column, key, scale in ((named(c, metric), named(k, metric), f) for c, k, f in METRICS):
             values = [run.summary.get(key) for run in group.runs]
             mean, std = mean_std([None if value is None else value * scale for value in values])
             row[f"{column}_mean"], row[f"{column}_std"] = mean, std
@@ -254,11 +256,13 @@ def _cell(mean: float | None, std: float | None, spec: str) -> str:
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
-    header = ["group", "n seeds"] + [title for title, _, _ in _MARKDOWN_COLUMNS]
+    metric = rows[0].get("metric", "accuracy") if rows else "accuracy"
+    columns = [(named(title, metric), named(column, metric), spec) for title, column, spec in _MARKDOWN_COLUMNS]
+    header = ["group", "n seeds"] + [title for title, _, _ in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for row in rows:
         cells = [row["group"].replace("|", "\\|"), str(row["n_seeds"])]
-        cells += [_cell(row[f"{column}_mean"], row[f"{column}_std"], spec) for _, column, spec in _MARKDOWN_COLUMNS]
+        cells += [_cell(row[f"{column}_mean"], row[f"{column}_std"], spec) for _, column, spec in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

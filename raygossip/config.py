@@ -46,6 +46,7 @@ class PartitionConfig:
     min_samples: int | None = None
     balance: bool = False
     resample: bool = False
+    key: str | None = None
 
 
 @dataclass(kw_only=True)
@@ -55,6 +56,7 @@ class DataConfig:
     download: bool = False
     image_size: int | None = None
     augment: bool | None = None
+    params: dict[str, Any] = field(default_factory=dict)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
 
 
@@ -65,6 +67,7 @@ class ModelConfig:
     width: float | None = None
     hidden: list[int] | None = None
     groups: int | None = None
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(kw_only=True)
@@ -99,6 +102,7 @@ class TrainConfig:
     local_steps: int = 1
     steps_per_epoch: int | None = None
     label_smoothing: float = 0.0
+    loss: str = "cross_entropy"
     grad_clip_value: float | None = None
     on_divergence: OnDivergence = "abort"
     lr_schedule: LrScheduleConfig = field(default_factory=LrScheduleConfig)
@@ -196,6 +200,8 @@ class RuntimeConfig:
     inline_bytes: int = 1048576
     transport: Transport = "auto"
     agents_per_actor: int | Literal["auto"] = "auto"
+    py_modules: list[str] = field(default_factory=list)
+    working_dir: str | None = None
     batched_steps: bool = False
     finish_quorum: float = 0.5
     checkpoint_every: int = 0
@@ -256,6 +262,7 @@ class EvalConfig:
     local: bool = True
     batch_size: int = 1000
     validation_fraction: float = 0.0
+    metric: str = "accuracy"
     tensorboard: bool = False
 
 

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from raygossip.results import Group, Run
+from raygossip.results import Group, Run, metric_of, named
 
 # ---------------------------------------------------------------- curves
 
@@ -179,10 +179,11 @@ def plot_accuracy(groups: Sequence[Group], x_key: str, x_label: str, title: str,
     """Merged test accuracy (solid, band) and mean local test accuracy (dashed) against `x_key`."""
     figure, laid_out = _panel_axes(groups, extra=2)
     curves = []
+    metric = metric_of(groups)
     for ax, members, colors in laid_out:
         for group, color in zip(members, colors):
-            merged = group_curve(group, x_key, "merged_test_accuracy", x_scale)
-            local = group_curve(group, x_key, "mean_local_test_accuracy", x_scale)
+            merged = group_curve(group, x_key, named("merged_test_accuracy", metric), x_scale)
+            local = group_curve(group, x_key, named("mean_local_test_accuracy", metric), x_scale)
             if merged is not None:
                 _draw(ax, merged, color, wrap_label(group.label))
                 curves.append(merged)
@@ -192,7 +193,7 @@ def plot_accuracy(groups: Sequence[Group], x_key: str, x_label: str, title: str,
                 curves.append(local)
     for ax, _, _ in laid_out:
         log_x = _maybe_log_x(ax, curves)
-        ax.set_ylabel("test accuracy (fraction correct)")
+        ax.set_ylabel("test accuracy (fraction correct)" if metric == "accuracy" else f"test {metric}")
         ax.grid(alpha=0.3)
         _legend(ax, [("-", "merged model (average of agents)"), ("--", "mean of local models")])
     laid_out[-1][0].set_xlabel(x_label + (" (log scale)" if log_x else ""))

@@ -159,3 +159,14 @@ def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None
     if not present:
         return None, None
     return statistics.fmean(present), statistics.stdev(present) if len(present) > 1 else None
+
+
+def metric_of(groups: Sequence[Group]) -> str:
+    """The metric the runs were evaluated with (summary.json's metric.name; accuracy for runs from before it)."""
+    return next(((run.summary.get("metric") or {}).get("name", "accuracy") for g in groups for run in g.runs),
+                "accuracy")
+
+
+def named(key: str, metric: str) -> str:
+    """An accuracy key or column as the run's metric names it (merged_test_accuracy -> merged_test_perplexity)."""
+    return key if metric == "accuracy" else key.replace("accuracy", metric).replace("acc.", metric)

@@ -16,6 +16,7 @@ from raygossip.core.timeline import compile_timeline
 from raygossip.data.datasets import DATASETS
 from raygossip.data.partition import PARTITIONERS
 from raygossip.errors import UserError
+from raygossip.usercode import validate_task_fields
 from raygossip.models import MODELS
 
 
@@ -262,11 +263,13 @@ def _validate_registries(config: Config) -> None:
     """Names that live in registries, and the graph itself (built here, so errors come before any run)."""
     count = config.agents.count
     _check(1 <= count <= MAX_AGENTS, "agents.count", f"must be in 1..{MAX_AGENTS}, got {count}")
-    _check(config.data.name in DATASETS, "data.name",
-           f"must be one of {', '.join(DATASETS)}; got {config.data.name!r}")
+    _check(DATASETS.knows(config.data.name), "data.name",
+           f"must be one of {', '.join(DATASETS)} or an import path package.module:loader; got {config.data.name!r}")
     _check(config.data.partition.kind in PARTITIONERS, "data.partition.kind",
            f"must be one of {', '.join(PARTITIONERS)}; got {config.data.partition.kind!r}")
-    _check(config.model.name in MODELS, "model.name", f"must be one of {', '.join(MODELS)}; got {config.model.name!r}")
+    _check(MODELS.knows(config.model.name), "model.name", f"must be one of {', '.join(MODELS)} or an import path "
+                                                          f"package.module:factory; got {config.model.name!r}")
+    validate_task_fields(config)
     topology = build_topology(config.topology.name, config.agents.count, config.topology.weights, config.topology.params)
     _check(not (topology.time_varying and config.gossip.rule != "dpsgd"), "topology.name",
            f"{config.topology.name!r} changes every round; {config.gossip.rule} needs a static graph (x_hat bookkeeping)")

@@ -12,8 +12,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "raygossip"
 # A module is placed by its longest listed prefix ("raygossip" is the package's __init__ only).
 LAYERS: list[tuple[str, ...]] = [
     ("raygossip", "raygossip.errors", "raygossip.registry"),
-    ("raygossip.algorithms", "raygossip.data", "raygossip.models", "raygossip.optim"),
-    ("raygossip.config", "raygossip.config_io", "raygossip.presets", "raygossip.results"),
+    ("raygossip.algorithms", "raygossip.data", "raygossip.models", "raygossip.optim", "raygossip.task"),
+    ("raygossip.config", "raygossip.config_io", "raygossip.presets", "raygossip.results", "raygossip.usercode"),
     ("raygossip.core", "raygossip.checkpoint"),
     ("raygossip.engines", "raygossip.validation"),
     ("raygossip.api", "raygossip.cli", "raygossip.sweep", "raygossip.compare", "raygossip.plots",

@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..algorithms.compressors import Compressed, make_compressor
@@ -15,7 +14,8 @@ from ..config import Config
 from ..core.flat import FlatParameters
 from .timeline import changes_graph
 from ..data.datasets import Dataset, augment_batch
-from ..models import build_model
+from ..models import build_model, call_factory
+from ..task import METRICS, Metric, Task
 from ..optim import build_optimizer, run_lr_schedule
 
 
@@ -26,10 +26,18 @@ def model_params(config: Config) -> dict:
     return {key: value for key, value in fields.items() if value is not None}
 
 
-def make_model(config: Config, dataset: Dataset) -> nn.Module:
-    """The model every agent starts from: identical on all agents for a seed."""
+def make_model(config: Config, dataset: Dataset, task: Task | None = None) -> nn.Module:
+    """The model every agent starts from: identical on all agents for a seed. A zoo model is built by name with its
+    checked params; a user's factory (task.model) is called with model.params (and num_classes, input_shape when it
+    takes them). Without a task, the one the config names."""
+    if task is None:
+        from ..usercode import task_of
+
+        task = task_of(config)
     torch.manual_seed(config.seed)
-    return build_model(config.model.name, dataset.num_classes, dataset.input_shape, model_params(config))
+    if task.zoo_model:
+        return build_model(config.model.name, dataset.num_classes, dataset.input_shape, model_params(config))
+    return call_factory(task.model, dataset.num_classes, dataset.input_shape, config.model.params)
 
 
 @dataclass
@@ -61,13 +69,19 @@ class AgentCore:
         total_steps: int,
         device: str | torch.device = "cpu",
         track_links: bool = False,
+        task: Task | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.config = config
         self.dataset = dataset
         self.device = torch.device(device)
         self.shard = torch.as_tensor(np.asarray(shard, dtype=np.int64))
-        self.model = make_model(config, dataset).to(self.device)
+        if task is None:
+            from ..usercode import task_of
+
+            task = task_of(config)
+        self.task = task
+        self.model = make_model(config, dataset, task).to(self.device)
         self.flat = FlatParameters(self.model)
         train = config.train
         self.optimizer = build_optimizer(
@@ -114,7 +128,7 @@ class AgentCore:
             from ..data.partition import agent_preference, holdout_split, resample_batch
 
             if getattr(self, "_preference", None) is None:  # derived once from the labels and the seed
-                labels, n, seed = self.dataset.train.y.numpy(), self.config.agents.count, self.config.seed
+                labels, n, seed = self.dataset.train.labels, self.config.agents.count, self.config.seed
                 pool = None  # the whole training set
                 if self.config.eval.validation_fraction > 0:
                     pool = holdout_split(labels.size, self.config.eval.validation_fraction, seed)[0]
@@ -130,8 +144,8 @@ class AgentCore:
                 self.cursor = 0
             index = self.order[self.cursor : self.cursor + size]
             self.cursor += size
-        x = self.dataset.train.x[index].to(self.device, non_blocking=True)
-        y = self.dataset.train.y[index].to(self.device, non_blocking=True)
+        x, y = self.dataset.train.batch(index)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         augment = self.config.data.augment
         if self.dataset.augment if augment is None else augment:
             x = augment_batch(x, self.data_generator)
@@ -141,11 +155,11 @@ class AgentCore:
         """One local optimizer step; returns the minibatch loss."""
         if not self.model.training:  # train() walks every module (~50 us for LeNet-5): only after an eval
             self.model.train()
-        x, y = self.next_batch()
+        batch = self.next_batch()
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.train.lr * self.lr_multiplier(self.step)
         train = self.config.train
-        loss = F.cross_entropy(self.model(x), y, label_smoothing=train.label_smoothing)
+        loss = self.task.loss(self.model(batch[0]), batch)
         self.flat.zero_grad()
         loss.backward()
         if train.grad_clip_value is not None:  # per element, as the single-merge code's clamp_(-v, v)
@@ -282,7 +296,7 @@ class AgentCore:
     def initial_state(self) -> dict[str, torch.Tensor]:
         """The model every agent started from (parameters and buffers), rebuilt without touching torch's RNG."""
         with torch.random.fork_rng(devices=[]):
-            model = make_model(self.config, self.dataset)
+            model = make_model(self.config, self.dataset, self.task)
         arrays = {"params": torch.cat([p.detach().reshape(-1) for p in model.parameters()])}
         arrays.update({f"buffer.{k}": v.detach().clone() for k, v in model.named_buffers()})
         return arrays
@@ -305,7 +319,7 @@ class AgentCore:
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
-        return evaluate(self.model, x, y, batch_size, self.device)
+        return evaluate(self.model, x, y, batch_size, self.device, self.task.metric)
 
 
 @torch.no_grad()
@@ -326,12 +340,19 @@ def reestimate_batchnorm(model: nn.Module, batches) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device) -> float:
-    """Top-1 accuracy of `model` on (x, y)."""
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device,
+             metric: Metric | None = None) -> float:
+    """The metric (default: top-1 accuracy) of `model` on (x, y): each batch's value weighted by its size (or the
+    (total, count) a metric returns), then the metric's finish (perplexity: exp of the mean token loss)."""
+    metric = metric or METRICS["accuracy"]
     model.eval()
-    correct = 0
+    total, count = 0.0, 0
     for start in range(0, len(y), batch_size):
         xb = x[start : start + batch_size].to(device, non_blocking=True)
         yb = y[start : start + batch_size].to(device, non_blocking=True)
-        correct += int((model(xb).argmax(dim=1) == yb).sum())
-    return correct / max(1, len(y))
+        value = metric.fn(model(xb), (xb, yb))
+        if isinstance(value, tuple):
+            total, count = total + float(value[0]), count + int(value[1])
+        else:
+            total, count = total + float(value) * len(yb), count + len(yb)
+    return metric.value(total / max(1, count))

@@ -1,4 +1,4 @@
-"""Dataset loading into normalized in-memory tensors, a loader registry, and batch augmentation."""
+"""Dataset loading (in-memory tensors or lazily read map-style datasets), the loader registry, batch augmentation."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ import os
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from raygossip.errors import UserError
+from raygossip.registry import Registry
 
 DIGITS_SPLIT_SEED = 0  # fixed, independent of the run seed, so the digits test set never changes
 CACHE_SIZE = 4
@@ -20,7 +21,8 @@ CACHE_SIZE = 4
 
 @dataclass(frozen=True)
 class Split:
-    """One split: float32 normalized inputs (N x C x H x W or N x D) and int64 labels."""
+    """One split held in memory: inputs x (the zoo's: float32 normalized N x C x H x W or N x D; a user's: any
+    dtype) and targets y (class labels, token ids, regression values), indexed by the first dimension."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -28,17 +30,59 @@ class Split:
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The samples at `index`, as one (inputs, targets) batch."""
+        return self.x[index], self.y[index]
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """Class labels (int64, one per sample) when the targets are those, else None."""
+        return class_labels(self.y)
+
+
+class LazySplit:
+    """One split read on demand from a map-style torch Dataset of (input, target) samples: a batch stacks the
+    samples at its indices, so no process holds the whole split. `labels` were read once in the driver."""
+
+    def __init__(self, source: Any, labels: np.ndarray | None) -> None:
+        self.source = source
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(index) == 0:  # no samples: empty tensors shaped like one sample's
+            x, y = stack_samples([self.source[0]])
+            return x[:0], y[:0]
+        return stack_samples([self.source[int(i)] for i in index])
+
 
 @dataclass(frozen=True)
 class Dataset:
-    """A whole dataset held in memory, ready to be indexed by partitions."""
+    """A whole dataset, ready to be indexed by partitions: splits in memory (Split) or read lazily (LazySplit).
+    num_classes is None when the targets are not integers (regression)."""
 
     name: str
-    train: Split
-    test: Split
-    num_classes: int
+    train: Split | LazySplit
+    test: Split | LazySplit
+    num_classes: int | None
     input_shape: tuple[int, ...]
     augment: bool
+
+
+def class_labels(y: Any) -> np.ndarray | None:
+    """y as int64 class labels when it is a 1-D integer array or tensor of non-negative values, else None."""
+    array = y.numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+    if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer) or (array.size and array.min() < 0):
+        return None
+    return array.astype(np.int64, copy=False)
+
+
+def stack_samples(samples: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input, target) samples -> one (inputs, targets) batch; numbers and numpy arrays become tensors."""
+    xs, ys = zip(*samples)
+    return torch.stack([torch.as_tensor(x) for x in xs]), torch.stack([torch.as_tensor(y) for y in ys])
 
 
 @dataclass(frozen=True)
@@ -157,14 +201,16 @@ def load_digits(root: str, download: bool, image_size: int | None) -> Dataset:
     return Dataset("digits", train, test, 10, (64,), False)
 
 
-DATASETS: dict[str, Callable[..., Dataset]] = {
-    "digits": load_digits,
-    "mnist": _torchvision("mnist", "MNIST"),
-    "fashionmnist": _torchvision("fashionmnist", "FashionMNIST"),
-    "cifar10": _torchvision("cifar10", "CIFAR10"),
-    "cifar100": _torchvision("cifar100", "CIFAR100"),
-    "imagenette": load_imagenette,
-}
+# The zoo's loaders are f(root, download, image_size); a user's loader (registered here, or named by
+# `package.module:loader`) is called with data.params and returns a Dataset or a (train, test) pair (data.user).
+DATASETS: Registry = Registry("data.name", "dataset")
+register = DATASETS.register
+for _name, _loader in (("digits", load_digits), ("mnist", _torchvision("mnist", "MNIST")),
+                       ("fashionmnist", _torchvision("fashionmnist", "FashionMNIST")),
+                       ("cifar10", _torchvision("cifar10", "CIFAR10")),
+                       ("cifar100", _torchvision("cifar100", "CIFAR100")), ("imagenette", load_imagenette)):
+    register(_name)(_loader)
+ZOO = frozenset(DATASETS)
 
 _cache: OrderedDict[tuple[str, str, int | None], Dataset] = OrderedDict()
 

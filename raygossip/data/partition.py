@@ -298,8 +298,36 @@ def shards(labels: np.ndarray, n_agents: int, seed: int, *, shards_per_agent: in
     return [np.concatenate([pieces[s] for s in row]).astype(np.int64) for row in deal]
 
 
+def by_key(labels: np.ndarray, n_agents: int, seed: int) -> list[np.ndarray]:
+    """Samples sorted by their group (labels: the group id data.partition.key gave each sample), in a seeded order
+    within a group, cut into n contiguous parts of nearly equal size: each agent holds few groups, for any data."""
+    y = _labels(labels)
+    _check_agents(y, n_agents)
+    order = _rng(seed).permutation(y.size)
+    order = order[np.argsort(y[order], kind="stable")]
+    return [part.astype(np.int64) for part in np.array_split(order, n_agents)]
+
+
+def group_ids(split, key: str) -> np.ndarray:
+    """Group id (0, 1, ... in sorted order of the groups) of every sample of a split under the user function
+    `key` (an import path, f((input, target)) -> group; the groups must sort among themselves)."""
+    import torch
+
+    from raygossip.registry import import_object, one_line
+
+    fn = import_object(key, "data.partition.key")
+    try:
+        groups = [fn(tuple(t[0] for t in split.batch(torch.tensor([i])))) for i in range(len(split))]
+        groups = [g.item() if hasattr(g, "item") else g for g in groups]
+        _, ids = np.unique(np.asarray(groups), return_inverse=True)
+    except Exception as err:  # the user's key function failed, or its groups do not sort
+        raise UserError("data.partition.key", f"{key} raised {one_line(err)}") from None
+    return ids.astype(np.int64).reshape(-1)
+
+
 PARTITIONERS: dict[str, Partitioner] = {
     "iid": iid,
+    "by_key": by_key,
     "dirichlet": dirichlet,
     "dirichlet_lin": dirichlet_lin,
     "preference": preference,

@@ -54,7 +54,8 @@ class AgentActor:
         pin_threads(threads)
         self.config: Config = from_dict(Config, config_dict)
         config, runtime = self.config, self.config.runtime
-        dataset, test_x, test_y = dataset_from_numpy(ray.get(data[0]))
+        arrays = ray.get(data[0])
+        dataset, test_x, test_y = dataset_from_numpy(arrays)
         data_fetched = time.time()
         topology = build_topology(config.topology.name, config.agents.count, config.topology.weights,
                                   config.topology.params)
@@ -69,7 +70,7 @@ class AgentActor:
         for i in agents:
             life = incarnations.get(i, 0)
             core = AgentCore(i, config, dataset, shards[i], plan.total_steps, self.device,
-                             track_links=tracks_links(config))
+                             track_links=tracks_links(config), task=arrays["task"])
             transport = self.transports[i] = RayTransport(i, self.nodes, runtime.inline_bytes,
                                                           runtime.wait_timeout_s, self.device)
             self.nodes[i] = GossipNode(

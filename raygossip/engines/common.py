@@ -21,6 +21,7 @@ from raygossip.data.datasets import Dataset, load_dataset
 from raygossip.data.partition import allowed_params, heterogeneity_report, holdout_split, partition
 from raygossip.errors import UserError
 from raygossip.optim import run_lr_schedule
+from raygossip.task import Task
 
 Observer = Callable[[dict], None]
 
@@ -44,6 +45,7 @@ class RunSetup:
     test_x: torch.Tensor
     test_y: torch.Tensor
     heterogeneity: dict
+    task: Task | None = None
 
 
 def validation_split(config: Config, train_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -52,10 +54,19 @@ def validation_split(config: Config, train_size: int) -> tuple[np.ndarray, np.nd
     return holdout_split(train_size, config.eval.validation_fraction, config.seed)
 
 
-def prepare(config: Config) -> RunSetup:
-    """Load the data, partition it, build the graph and the plan (raises UserError on bad input)."""
+def prepare(config: Config, task: Task | None = None) -> RunSetup:
+    """Load the data, partition it, build the graph and the plan (raises UserError on bad input). task: the run's
+    user code resolved (usercode.resolve_task); without one, what the config names."""
+    from raygossip.data.user import load_user_data, materialize
+    from raygossip.usercode import resolve_task
+
+    if task is None:
+        config, task = resolve_task(config)
     spec = config.data
-    dataset = load_dataset(spec.name, spec.root, spec.download, image_size=spec.image_size)
+    if task.zoo_data:
+        dataset = load_dataset(spec.name, spec.root, spec.download, image_size=spec.image_size)
+    else:
+        dataset = load_user_data(task.loader, spec.params, spec.name)
     if spec.augment and len(dataset.input_shape) != 3:
         raise UserError("data.augment", f"{spec.name} has flat inputs {dataset.input_shape}; crop and flip need images")
     train_index, held_out = validation_split(config, len(dataset.train))
@@ -63,7 +74,7 @@ def prepare(config: Config) -> RunSetup:
         raise UserError("eval.validation_fraction", f"{config.eval.validation_fraction} of {len(dataset.train)} "
                                                     f"training samples leaves {len(held_out)} for validation and "
                                                     f"{len(train_index)} for training")
-    labels = dataset.train.y.numpy()[train_index]  # the agents never see the held-out part
+    labels = partition_labels(config, dataset)[train_index]  # the agents never see the held-out part
     try:
         shards = [train_index[shard] for shard in partition(spec.partition.kind, labels, config.agents.count,
                                                              config.seed, _partition_params(config, labels.size))]
@@ -81,20 +92,39 @@ def prepare(config: Config) -> RunSetup:
         )
     topology = build_topology(config.topology.name, config.agents.count, config.topology.weights, config.topology.params)
     plan = RunPlan(config, topology, steps_per_epoch(config, len(labels)))
-    test_x, test_y = dataset.test.x, dataset.test.y
-    if config.eval.test_samples is not None and config.eval.test_samples < len(test_y):
-        keep = torch.randperm(len(test_y), generator=torch.Generator().manual_seed(0))[: config.eval.test_samples]
-        test_x, test_y = test_x[keep], test_y[keep]
-    report = heterogeneity_report(dataset.train.y.numpy(), shards, dataset.num_classes)
-    preflight(config, dataset, shards, plan)
-    return RunSetup(config, dataset, shards, topology, plan, test_x, test_y, report)
+    keep = None
+    if config.eval.test_samples is not None and config.eval.test_samples < len(dataset.test):
+        keep = torch.randperm(len(dataset.test), generator=torch.Generator().manual_seed(0))[: config.eval.test_samples]
+    test_x, test_y = materialize(dataset.test, keep)  # a lazy test set is read once, here
+    labels = dataset.train.labels
+    report = {} if labels is None else heterogeneity_report(labels, shards, dataset.num_classes)
+    preflight(config, dataset, shards, plan, task)
+    return RunSetup(config, dataset, shards, topology, plan, test_x, test_y, report, task)
 
 
-def preflight(config: Config, dataset: Dataset, shards: list[np.ndarray], plan: RunPlan) -> None:
-    """Build one agent on the CPU so model, optimizer, schedules and compressor errors surface now."""
+def partition_labels(config: Config, dataset: Dataset) -> np.ndarray:
+    """What the partitioner splits by: group ids of data.partition.key (by_key), the class labels (kinds that need
+    them: a one-line error when the data has none), or placeholders (iid)."""
+    from raygossip.data.partition import group_ids
+
+    part = config.data.partition
+    if part.kind == "by_key":
+        return group_ids(dataset.train, part.key)
+    labels = dataset.train.labels
+    if labels is None and part.kind != "iid":
+        raise UserError("data.partition.kind", f"{part.kind} splits by class label, and {config.data.name}'s targets "
+                                               "are not class labels; use iid or by_key")
+    return np.zeros(len(dataset.train), dtype=np.int64) if labels is None else labels
+
+
+def preflight(config: Config, dataset: Dataset, shards: list[np.ndarray], plan: RunPlan, task: Task | None = None) -> None:
+    """Build one agent on the CPU so model, optimizer, schedules and compressor errors surface now, and run one batch
+    of two samples through its model, loss and metric."""
     from raygossip.core.agent import AgentCore
+    from raygossip.usercode import check_task
 
-    AgentCore(0, config, dataset, shards[0], plan.total_steps, "cpu")
+    core = AgentCore(0, config, dataset, shards[0], plan.total_steps, "cpu", task=task)
+    check_task(config, core.task, core.model, dataset.train.batch(torch.as_tensor(shards[0][:2])))
     for name in ("kill", "corrupt"):
         for k, fault in enumerate(getattr(config.faults, name)):
             if fault.round >= plan.total_rounds:
@@ -196,10 +226,11 @@ class MergedModel:
     def __init__(self, setup: RunSetup, device: str | torch.device = "cpu") -> None:
         self.setup = setup
         self.device = torch.device(device)
-        self.model = make_model(setup.config, setup.dataset).to(self.device)
+        self.model = make_model(setup.config, setup.dataset, setup.task).to(self.device)
         self.flat = FlatParameters(self.model)
         self.train_index, held_out = validation_split(setup.config, len(setup.dataset.train))
-        self.validation = (setup.dataset.train.x[held_out], setup.dataset.train.y[held_out])
+        self.validation = setup.dataset.train.batch(torch.from_numpy(held_out))
+        self.metric = setup.task.metric if setup.task is not None else None
 
     def load(self, vector: torch.Tensor, buffers: dict[str, torch.Tensor]) -> None:
         self.flat.data.copy_(vector.to(self.device))
@@ -209,14 +240,14 @@ class MergedModel:
 
     def evaluate(self) -> float:
         cfg = self.setup.config.eval
-        return evaluate(self.model, self.setup.test_x, self.setup.test_y, cfg.batch_size, self.device)
+        return evaluate(self.model, self.setup.test_x, self.setup.test_y, cfg.batch_size, self.device, self.metric)
 
     def validation_accuracy(self) -> float | None:
         """Accuracy on the held-out validation part of the training set (None when eval.validation_fraction is 0)."""
         x, y = self.validation
         if len(y) == 0:
             return None
-        return evaluate(self.model, x, y, self.setup.config.eval.batch_size, self.device)
+        return evaluate(self.model, x, y, self.setup.config.eval.batch_size, self.device, self.metric)
 
     def reestimate_on_global_sample(self, batches: int, seed: int) -> None:
         """Re-estimate batch-norm statistics on batches drawn uniformly from the whole training set (less the
@@ -229,7 +260,8 @@ class MergedModel:
         def sample():
             for _ in range(batches):
                 index = pool[torch.randint(len(pool), (size,), generator=generator)]
-                yield train.x[index].to(self.device), train.y[index]
+                x, y = train.batch(index)
+                yield x.to(self.device), y
 
         reestimate_batchnorm(self.model, sample())
 
@@ -302,7 +334,31 @@ def network_record(
             max_local_test_accuracy=max(local_accuracies),
             local_test_accuracy=local_accuracies,
         )
-    return record
+    return with_metric_keys(record, plan.config)
+
+
+# ---------------------------------------------------------------- the task's metric in record keys
+
+
+def metric_info(config: Config) -> tuple[str, str]:
+    """(name, direction) of the run's eval.metric as records name it: accuracy keeps today's keys
+    (merged_test_accuracy, ...), another metric puts its name in their place (merged_test_perplexity, ...)."""
+    from raygossip.task import METRICS, metric_name
+
+    name = metric_name(config.eval.metric)
+    known = METRICS.get(config.eval.metric)
+    return name, (known.direction if known is not None else "max")
+
+
+def metric_key(key: str, config: Config) -> str:
+    """An accuracy record key (merged_test_accuracy, ...) as the run's metric names it."""
+    name = metric_info(config)[0]
+    return key if name == "accuracy" else key.replace("accuracy", name)
+
+
+def with_metric_keys(record: dict, config: Config) -> dict:
+    """A record built with accuracy keys, its keys named for the run's metric."""
+    return {metric_key(key, config): value for key, value in record.items()}
 
 
 def lr_multiplier(plan: RunPlan, step: int) -> float:
@@ -324,7 +380,10 @@ def summary_record(
 ) -> dict:
     """summary.json: the run's headline numbers, the graph and data heterogeneity, and its events."""
     config = setup.config
-    return {
+    name, direction = metric_info(config)
+    direction = setup.task.metric.direction if setup.task is not None else direction
+    last = {key.replace(metric_key("accuracy", config), "accuracy"): value for key, value in last.items()}
+    return with_metric_keys({
         "name": config.name,
         "engine": engine,
         "mode": config.runtime.mode,
@@ -352,4 +411,4 @@ def summary_record(
         "topology": spectral_report(setup.topology),
         "heterogeneity": {k: v for k, v in setup.heterogeneity.items() if not isinstance(v, list)},
         "events": events,
-    }
+    }, config) | {"metric": {"name": name, "direction": direction}}

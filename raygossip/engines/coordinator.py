@@ -36,11 +36,12 @@ class Coordinator(Supervision, Checkpoints):
     def __init__(self, config_dict: dict, data: list, steps_per_epoch: int) -> None:
         pin_threads(1)
         self.config: Config = from_dict(Config, config_dict)
-        dataset, test_x, test_y = dataset_from_numpy(ray.get(data[0]))
+        arrays = ray.get(data[0])
+        dataset, test_x, test_y = dataset_from_numpy(arrays)
         topology = build_topology(self.config.topology.name, self.config.agents.count, self.config.topology.weights,
                                   self.config.topology.params)
         self.plan = RunPlan(self.config, topology, steps_per_epoch)
-        setup = RunSetup(self.config, dataset, [], topology, self.plan, test_x, test_y, {})
+        setup = RunSetup(self.config, dataset, [], topology, self.plan, test_x, test_y, {}, arrays["task"])
         self.merged = MergedModel(setup)
         self.adaptive = AdaptiveRate(self.plan)  # (schedule.averaging_rate.kind adaptive: gamma from each epoch's record)
         self.timeline_skipped: set[int] = set()  # wall-clock timeline events that could not be scheduled

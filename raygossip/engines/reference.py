@@ -17,7 +17,7 @@ from raygossip.core.timeline import timeline_record
 from raygossip.core.transports import InProcessTransport
 from raygossip.engines.common import (
     AdaptiveRate, MergedModel, Observer, RunSetup, agent_threads, average_buffers, merge_all, network_record, prepare,
-    public_copy_error,
+    metric_key, public_copy_error,
 )
 from raygossip.algorithms.merge import global_average
 from raygossip.config import Config
@@ -38,7 +38,8 @@ class ReferenceEngine:
         self.device = torch.device(device)
         plan = self.setup.plan
         self.agents = [
-            AgentCore(i, config, self.setup.dataset, self.setup.shards[i], plan.total_steps, self.device)
+            AgentCore(i, config, self.setup.dataset, self.setup.shards[i], plan.total_steps, self.device,
+                      task=self.setup.task)
             for i in range(config.agents.count)
         ]
         nodes: dict[int, GossipNode] = {}
@@ -217,7 +218,7 @@ class ReferenceEngine:
                     self.events.append({"time_s": self.elapsed(), **gamma_set})
                 if observer is not None:
                     observer(record)
-                bar.set_postfix(round=record["round"], merged=f"{record['merged_test_accuracy']:.3f}",
+                bar.set_postfix(round=record["round"], merged=f"{record[metric_key('merged_test_accuracy', self.config)]:.3f}",
                                MB=f"{record['bytes_sent'] / 1e6:.1f}")
             if checkpoint_dir is not None and every and round_index is not None and (round_index + 1) % every == 0:
                 self.checkpoint(checkpoint_dir, step, len(records))
@@ -229,7 +230,7 @@ class ReferenceEngine:
                     "aborted": self.aborted}
         last = records[-1]
         extra = {"public_copy_error": self.public_copy_error()} if self.nodes[0].rule.public_copies else {}
-        merged = self.final_merge() if self.config.schedule.final_merge.enabled else last["merged_test_accuracy"]
+        merged = self.final_merge() if self.config.schedule.final_merge.enabled else last[metric_key("merged_test_accuracy", self.config)]
         return {"records": records, "merged_accuracy": merged, "last": last, "events": self.events, "extra": extra}
 
     def public_copy_error(self) -> float:
