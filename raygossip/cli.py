@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write a resumable checkpoint into --out every N communication rounds")
     run.add_argument("--on-failure", choices=["restart", "drop", "abort"],
                      help="runtime.on_failure: what the Ray engine does when an agent dies")
+    run.add_argument("--py-module", action="append", default=[], metavar="PATH",
+                     help="a folder or .py file of your own code, shipped to every Ray actor (runtime.py_modules; "
+                          "repeatable)")
+    run.add_argument("--working-dir", metavar="DIR", help="a folder the Ray actors start in and import from "
+                                                          "(runtime.working_dir)")
     run.add_argument("--tensorboard", action="store_true",
                      help="eval.tensorboard: TensorBoard event files in the run folder (tensorboard --logdir runs/)")
 
@@ -114,6 +119,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"runtime.on_failure={args.on_failure}")
     if args.tensorboard:
         overrides.append("eval.tensorboard=true")
+    if args.py_module:
+        overrides.append(f"runtime.py_modules={json.dumps(args.py_module)}")
+    if args.working_dir:
+        overrides.append(f"runtime.working_dir={json.dumps(args.working_dir)}")
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address:
         overrides.append(f"runtime.address={address}")
@@ -133,10 +142,11 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def print_summary(s: dict, out: Path) -> None:
-    local = s.get("mean_local_test_accuracy")
-    local_text = f"{local:.4f} +- {s['std_local_test_accuracy']:.4f}" if local is not None else "n/a"
+    metric = s.get("metric", {}).get("name", "accuracy")
+    local = s.get(f"mean_local_test_{metric}")
+    local_text = f"{local:.4f} +- {s[f'std_local_test_{metric}']:.4f}" if local is not None else "n/a"
     print(f"engine={s['engine']} mode={s['mode']} agents={s['agents']} epochs={s['epochs']} rounds={s['rounds']}")
-    print(f"merged_test_accuracy={s['merged_test_accuracy']:.4f}  mean_local_test_accuracy={local_text}")
+    print(f"merged_test_{metric}={s[f'merged_test_{metric}']:.4f}  mean_local_test_{metric}={local_text}")
     print(f"consensus_distance={s['consensus_distance']:.4g}  bytes_sent={s['bytes_sent']}  "
           f"messages_sent={s['messages_sent']}  wall_time_s={s['wall_time_s']:.1f}")
     failures = s.get("failures") or []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import os
 from typing import Any
 
 import torch
@@ -21,8 +22,6 @@ DIRECTIONS = ("max", "min")
 
 def search_paths(config: Config) -> list[str]:
     """Folders the driver adds to its import path: runtime.working_dir and the parents of local runtime.py_modules."""
-    import os
-
     runtime = config.runtime
     paths = [runtime.working_dir] if runtime.working_dir else []
     for module in runtime.py_modules:
@@ -49,6 +48,11 @@ def validate_task_fields(config: Config) -> None:
     for k, module in enumerate(config.runtime.py_modules):
         if not isinstance(module, str) or not module.strip():
             raise UserError(f"runtime.py_modules[{k}]", f"must be a folder, file or URI, got {module!r}")
+        if "://" not in module and not os.path.exists(os.path.expanduser(module)):
+            raise UserError(f"runtime.py_modules[{k}]", f"no such file or folder: {module!r}")
+    folder = config.runtime.working_dir
+    if folder is not None and "://" not in folder and not os.path.isdir(os.path.expanduser(folder)):
+        raise UserError("runtime.working_dir", f"no such folder: {folder!r}")
     for name in ("model", "data"):
         params = getattr(config, name).params
         if not isinstance(params, dict) or not all(isinstance(k, str) for k in params):
@@ -90,8 +94,9 @@ def resolve_task(config: Config, *, model: Any = None, data: Any = None, loss: A
     from raygossip.data.datasets import DATASETS, ZOO
     from raygossip.models import MODELS
 
-    add_search_paths(search_paths(config))
     config = _named(config, model, data, loss, metric)
+    validate_task_fields(config)  # (paths and names, before importing anything)
+    add_search_paths(search_paths(config))
     factory = model if callable(model) else MODELS.resolve(config.model.name)
     loader = data if callable(data) else DATASETS.resolve(config.data.name)
     if not callable(factory):
@@ -162,7 +167,7 @@ def actor_runtime_env(config: Config) -> dict:
     """The runtime_env keys that bring user code to the actors: runtime.py_modules and runtime.working_dir."""
     env: dict[str, Any] = {}
     if config.runtime.py_modules:
-        env["py_modules"] = list(config.runtime.py_modules)
+        env["py_modules"] = [m if "://" in m else os.path.abspath(os.path.expanduser(m)) for m in config.runtime.py_modules]
     if config.runtime.working_dir:
-        env["working_dir"] = config.runtime.working_dir
+        env["working_dir"] = os.path.expanduser(config.runtime.working_dir)
     return env

@@ -115,6 +115,8 @@ class BatchedSteps:
 
     def _check(self) -> str | None:
         first = self.cores[0]
+        if first.task.loss_name != "cross_entropy":
+            return f"the loss is {first.task.loss_name} (stacked steps take cross_entropy only)"
         reason = why_not(first.model)
         if reason is not None:
             return reason

@@ -21,7 +21,10 @@ from raygossip.engines.common import Observer, RunSetup, agent_threads, metric_k
 from raygossip.core.agent import Traffic
 from raygossip.core.placement import agent_groups, edges_inside
 from raygossip.engines.agent_actor import spawn_host
-from raygossip.engines.ray_setup import actor_env, dataset_to_numpy
+from raygossip.engines.ray_setup import (
+    actor_env, check_user_modules, dataset_to_numpy, upload_user_code, user_modules,
+)
+from raygossip.usercode import actor_runtime_env as user_runtime_env
 from raygossip.engines.agent_states import split_state, traffic_of
 from raygossip.engines.coordinator import Coordinator
 from raygossip.errors import UserError
@@ -71,14 +74,14 @@ def open_channels(agents: list, nodes: list[str], links: list[tuple[int, int]]) 
     ray.get([host.seal_links.remote() for host in hosts])
 
 
-def actor_runtime_env(threads: int) -> dict | None:
+def actor_runtime_env(threads: int, user: dict | None = None) -> dict | None:
     """None on the local Ray that ensure_ray started: its workers already inline messages up to INLINE_LIMIT
     and Ray pins OMP to the CPU share, and without a runtime_env the actors reuse the workers Ray
     started ahead (a runtime_env costs ~4 s of start-up for 8 agents on 2 cores). Elsewhere, the
-    same settings as environment variables of the actors' worker processes."""
-    if on_started_node():
-        return None
-    return {"env_vars": actor_env(threads)}
+    same settings as environment variables of the actors' worker processes. `user`: the py_modules and
+    working_dir that bring user code (usercode.actor_runtime_env), added in either case."""
+    env = None if on_started_node() else {"env_vars": actor_env(threads)}
+    return {**(env or {}), **user} if user else env
 
 
 def cpus_per_agent(config: Config, total: float | None = None) -> float:
@@ -190,6 +193,8 @@ class RayEngine:
                 raise UserError("runtime.placement", f"{runtime.placement} placement of {len(bundles)} actors x "
                                                      f"{bundles[0]} could not be satisfied within {runtime.wait_timeout_s:g} s")
         self.startup_phases["placement_group_s"] = time.perf_counter() - began
+        user_env = upload_user_code(user_runtime_env(config))
+        check_user_modules(user_modules(setup), actor_runtime_env(threads, user_env))
         self.startup_bar.set_description("raygossip[ray] shipping data")
         data = ray.put(dataset_to_numpy(setup.dataset, setup.test_x, setup.test_y, setup.task))
         self.startup_bar.set_description("raygossip[ray] starting agents")
@@ -199,14 +204,14 @@ class RayEngine:
         self.recipe = {
             "config": config_dict, "data": [data], "shards": list(setup.shards), "steps_per_epoch": spe,
             "factors": factors, "threads": threads, "cpus": cpus, "gpus": runtime.num_gpus_per_agent,
-            "env": actor_runtime_env(threads), "group": self.group, "groups": self.groups,
+            "env": actor_runtime_env(threads, user_env), "group": self.group, "groups": self.groups,
         }
         self.hosts = [spawn_host(self.recipe, g) for g in range(len(self.groups))]
         self.agents = [self.hosts[self.group_of[i]] for i in range(config.agents.count)]
         # created after the agents: it is off the data path and needed only when the run starts. It lives on the
         # driver's node, so the snapshots it keeps survive the loss of any other node.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self.coordinator = Coordinator.options(num_cpus=0, runtime_env=actor_runtime_env(1), scheduling_strategy=here).remote(config_dict, [data], spe)
+        self.coordinator = Coordinator.options(num_cpus=0, runtime_env=actor_runtime_env(1, user_env), scheduling_strategy=here).remote(config_dict, [data], spe)
         self.startup_phases["submit_s"] = time.perf_counter() - began
         submitted = time.time()
         peers = dict(enumerate(self.agents))

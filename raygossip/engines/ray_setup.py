@@ -82,3 +82,66 @@ def pick_device(requested: str, num_gpus: float) -> torch.device:
     if num_gpus > 0 and torch.cuda.is_available():
         return torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPU
     return torch.device("cpu")
+
+
+def user_modules(setup: Any) -> list[str]:
+    """The modules of the run's user code an actor imports: its task's, and a lazily read dataset's class."""
+    modules = set(setup.task.modules()) if setup.task is not None else set()
+    source = getattr(setup.dataset.train, "source", None)
+    module = type(source).__module__ if source is not None else None
+    if module and module != "__main__" and not module.startswith(("raygossip", "torch")):
+        modules.add(module)
+    return sorted(modules)
+
+
+def check_user_modules(modules: list[str], runtime_env: dict | None) -> None:
+    """Import the user's modules in a task on every alive node (with the actors' runtime_env) before any agent
+    starts; the first that fails is one UserError naming the module and the node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from raygossip.errors import UserError
+    from raygossip.registry import one_line
+    from raygossip.usercode import missing_modules
+
+    if not modules:
+        return
+    probe = ray.remote(num_cpus=0, max_retries=0)(missing_modules)
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    calls = {node["NodeManagerAddress"]: probe.options(
+        runtime_env=runtime_env, scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+    ).remote(modules) for node in nodes}
+    hint = "give its folder or file in runtime.py_modules (--py-module) or runtime.working_dir (--working-dir)"
+    for address, call in calls.items():
+        try:
+            missing = ray.get(call)
+        except Exception as err:  # the runtime_env itself could not be set up there (a path Ray cannot ship, ...)
+            raise UserError("runtime.py_modules", f"user code could not be set up on node {address}: "
+                                                  f"{one_line(err)[:300]}") from None
+        if missing:
+            raise UserError("runtime.py_modules", f"module {missing[0]} could not be imported on node {address}; "
+                                                  f"{hint}")
+
+
+def upload_user_code(env: dict) -> dict:
+    """runtime.py_modules and runtime.working_dir with local paths uploaded to the cluster (GCS) and replaced by
+    their URIs: an actor's own runtime_env takes only URIs (Ray uploads local paths itself only for ray.init's
+    job-wide runtime_env, which a Ray we joined does not have). Uses Ray's own upload helpers (private API)."""
+    if not env:
+        return env
+    import tempfile
+
+    from ray._private.runtime_env.py_modules import upload_py_modules_if_needed
+    from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
+
+    from raygossip.errors import UserError
+    from raygossip.registry import one_line
+
+    scratch = tempfile.mkdtemp(prefix="raygossip-usercode-")
+    try:
+        env = upload_py_modules_if_needed(dict(env), include_gitignore=True, scratch_dir=scratch)
+        return upload_working_dir_if_needed(env, include_gitignore=True, scratch_dir=scratch)
+    except Exception as err:  # a path Ray cannot package (too large, unreadable, ...)
+        field = "runtime.py_modules" if "py_modules" in env else "runtime.working_dir"
+        raise UserError(field, f"could not ship user code to the cluster: {one_line(err)[:300]}") from None
+
