@@ -260,14 +260,27 @@ def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None
     return statistics.fmean(present), statistics.stdev(present) if len(present) > 1 else None
 
 
+def metric_of(groups: Sequence[Group]) -> str:
+    """The metric the runs were evaluated with (summary.json's metric.name; accuracy for runs from before it)."""
+    return next(((run.summary.get("metric") or {}).get("name", "accuracy") for g in groups for run in g.runs),
+                "accuracy")
+
+
+def named(key: str, metric: str) -> str:
+    """An accuracy key or column as the run's metric names it (merged_test_accuracy -> merged_test_perplexity)."""
+    return key if metric == "accuracy" else key.replace("accuracy", metric).replace("acc.", metric)
+
+
 def table(groups: Sequence[Group]) -> list[dict]:
-    """One row per group: label, seeds, each differing key, and METRICS as `<name>_mean` / `<name>_std`."""
+    """One row per group: label, seeds, each differing key, and METRICS as `<name>_mean` / `<name>_std` (accuracy
+    columns named for the runs' metric)."""
     rows = []
+    metric = metric_of(groups)
     for group in groups:
         row: dict[str, Any] = {"group": group.label, "n_seeds": len(group.runs),
-                               "seeds": " ".join(str(run.seed) for run in group.runs)}
+                               "seeds": " ".join(str(run.seed) for run in group.runs), "metric": metric}
         row.update({key: format_value(value) for key, value in group.settings.items()})
-        for column, key, scale in METRICS:
+        for column, key, scale in ((named(c, metric), named(k, metric), f) for c, k, f in METRICS):
             values = [run.summary.get(key) for run in group.runs]
             mean, std = mean_std([None if value is None else value * scale for value in values])
             row[f"{column}_mean"], row[f"{column}_std"] = mean, std
@@ -295,11 +308,13 @@ def _cell(mean: float | None, std: float | None, spec: str) -> str:
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
-    header = ["group", "n seeds"] + [title for title, _, _ in _MARKDOWN_COLUMNS]
+    metric = rows[0].get("metric", "accuracy") if rows else "accuracy"
+    columns = [(named(title, metric), named(column, metric), spec) for title, column, spec in _MARKDOWN_COLUMNS]
+    header = ["group", "n seeds"] + [title for title, _, _ in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for row in rows:
         cells = [row["group"].replace("|", "\\|"), str(row["n_seeds"])]
-        cells += [_cell(row[f"{column}_mean"], row[f"{column}_std"], spec) for _, column, spec in _MARKDOWN_COLUMNS]
+        cells += [_cell(row[f"{column}_mean"], row[f"{column}_std"], spec) for _, column, spec in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -479,10 +494,11 @@ def plot_accuracy(groups: Sequence[Group], x_key: str, x_label: str, title: str,
     """Merged test accuracy (solid, band) and mean local test accuracy (dashed) against `x_key`."""
     figure, laid_out = _panel_axes(groups, extra=2)
     curves = []
+    metric = metric_of(groups)
     for ax, members, colors in laid_out:
         for group, color in zip(members, colors):
-            merged = group_curve(group, x_key, "merged_test_accuracy", x_scale)
-            local = group_curve(group, x_key, "mean_local_test_accuracy", x_scale)
+            merged = group_curve(group, x_key, named("merged_test_accuracy", metric), x_scale)
+            local = group_curve(group, x_key, named("mean_local_test_accuracy", metric), x_scale)
             if merged is not None:
                 _draw(ax, merged, color, wrap_label(group.label))
                 curves.append(merged)
@@ -492,7 +508,7 @@ def plot_accuracy(groups: Sequence[Group], x_key: str, x_label: str, title: str,
                 curves.append(local)
     for ax, _, _ in laid_out:
         log_x = _maybe_log_x(ax, curves)
-        ax.set_ylabel("test accuracy (fraction correct)")
+        ax.set_ylabel("test accuracy (fraction correct)" if metric == "accuracy" else f"test {metric}")
         ax.grid(alpha=0.3)
         _legend(ax, [("-", "merged model (average of agents)"), ("--", "mean of local models")])
     laid_out[-1][0].set_xlabel(x_label + (" (log scale)" if log_x else ""))

@@ -26,6 +26,14 @@ METRICS = {
     "min_local_test_accuracy": "max", "train_loss": "min", "consensus_distance": "min", "bytes_sent": "min",
 }
 SCHEDULERS = ("fifo", "asha")
+
+
+def task_metrics(config: Config) -> dict[str, str]:
+    """METRICS as the trials' eval.metric names its keys (merged_validation_perplexity, ...), with its direction."""
+    from raygossip.engines.common import metric_info
+
+    name, direction = metric_info(config)
+    return {key.replace("accuracy", name): (direction if "accuracy" in key else way) for key, way in METRICS.items()}
 TUNE_DIR = SWEEP_FILES[-1]  # Ray Tune's own experiment folder inside OUT (`raygossip compare OUT/*` skips it)
 
 
@@ -121,21 +129,22 @@ def check_sweep(base: dict, grid: dict[str, list], seeds: Sequence[int], metric:
             row.append(config)
         configs.append(row)
     flat = [config for row in configs for config in row]
+    known = task_metrics(flat[0])
     if metric is None:
         if any(config.eval.validation_fraction == 0 for config in flat):
             raise UserError("--metric", "not given, and eval.validation_fraction is 0, so there is no validation "
                                         "accuracy to rank on: add --set eval.validation_fraction=0.1 (or name a "
                                         "metric, e.g. --metric merged_test_accuracy, which ranks on the test set)")
-        metric = "merged_validation_accuracy"
-    if metric not in METRICS:
-        raise UserError("--metric", f"must be one of {', '.join(METRICS)}; got {metric!r}")
-    if metric == "merged_validation_accuracy" and any(c.eval.validation_fraction == 0 for c in flat):
-        raise UserError("--metric", "merged_validation_accuracy needs eval.validation_fraction > 0 in every trial")
+        metric = next(key for key in known if key.startswith("merged_validation_"))
+    if metric not in known:
+        raise UserError("--metric", f"must be one of {', '.join(known)}; got {metric!r}")
+    if metric.startswith("merged_validation_") and any(c.eval.validation_fraction == 0 for c in flat):
+        raise UserError("--metric", f"{metric} needs eval.validation_fraction > 0 in every trial")
     if "local" in metric and not all(config.eval.local for config in flat):
         raise UserError("--metric", f"{metric} needs eval.local: true in every trial")
     if scheduler == "asha" and min(config.train.epochs for config in flat) < 2:
         raise UserError("--scheduler", "asha stops trials between epochs, so it needs train.epochs >= 2")
-    mode = mode or METRICS[metric]
+    mode = mode or known[metric]
     if mode not in ("max", "min"):
         raise UserError("--mode", f"must be max or min; got {mode!r}")
     return configs, metric, mode

@@ -7,6 +7,12 @@ from pathlib import Path
 import numpy as np
 
 from raygossip.config import Config
+from raygossip.engines.common import metric_info
+
+
+def named(key: str, metric: str) -> str:
+    """An accuracy key or tag as the run's metric names it."""
+    return key.replace("accuracy", metric)
 
 # (record key, TensorBoard tag): the scalars of every record that has them.
 SCALARS = (
@@ -42,20 +48,24 @@ class TensorBoardLog:
 
         self.writer = SummaryWriter(log_dir=str(out_dir), purge_step=purge_step, flush_secs=5)
         self.lr = config.train.lr
+        self.metric = metric_info(config)[0]  # accuracy keys and tags take the run's metric's name
         self.step = 0
 
     def record(self, record: dict) -> None:
         self.step = step = int(record["step"])
         for key, tag in SCALARS:
+            key, tag = named(key, self.metric), named(tag, self.metric)
             if record.get(key) is not None:
                 self.writer.add_scalar(tag, record[key], step)
         if record.get("lr_multiplier") is not None:
             self.writer.add_scalar("schedule/lr", self.lr * record["lr_multiplier"], step)
-        if record.get("local_test_accuracy"):
-            self.writer.add_histogram("accuracy/local_test", np.asarray(record["local_test_accuracy"]), step)
+        local = record.get(named("local_test_accuracy", self.metric))
+        if local:
+            self.writer.add_histogram(named("accuracy/local_test", self.metric), np.asarray(local), step)
 
     def summary(self, summary: dict) -> None:
         for key, tag in SUMMARY_SCALARS:
+            key, tag = named(key, self.metric), named(tag, self.metric)
             if isinstance(summary.get(key), (int, float)):
                 self.writer.add_scalar(tag, summary[key], self.step)
         waits = summary.get("waited_s_per_agent")

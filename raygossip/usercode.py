@@ -57,6 +57,10 @@ def validate_task_fields(config: Config) -> None:
         params = getattr(config, name).params
         if not isinstance(params, dict) or not all(isinstance(k, str) for k in params):
             raise UserError(f"{name}.params", f"must be a mapping of names to values, got {params!r}")
+    zoo_keys = [key for key in ("norm", "width", "hidden", "groups") if getattr(config.model, key) is not None]
+    if zoo_keys and config.model.name not in ZOO_MODELS:
+        raise UserError(f"model.{zoo_keys[0]}", f"is a parameter of the zoo's models; {config.model.name!r} takes "
+                                                "its own in model.params (set it to null)")
     if config.model.params and config.model.name in ZOO_MODELS:
         raise UserError("model.params", f"the zoo's {config.model.name} takes model.norm, width, hidden, groups; "
                                         "model.params is for a user model")

@@ -51,7 +51,7 @@ def assert_user_error(err: pytest.ExceptionInfo, field: str) -> None:
 
 def test_registry_names():
     assert set(DATASETS) == {"digits", "mnist", "fashionmnist", "cifar10", "cifar100", "imagenette"}
-    assert set(PARTITIONERS) == {"iid", "dirichlet", "dirichlet_lin", "preference", "shards"}
+    assert set(PARTITIONERS) == {"iid", "by_key", "dirichlet", "dirichlet_lin", "preference", "shards"}
 
 
 def test_digits_shapes_and_fixed_split(digits):

@@ -208,6 +208,7 @@ BAD = {
     "model.name": [{"model": {"name": "no_such_module_h1:net"}}, {"model": {"name": "mymodels_h1:nothing"}},
                    {"model": {"name": "mymodels_h1:broken_factory"}}, {"model": {"name": "mymodels_h1:not_a_model"}},
                    {"model": {"name": "mymodels_h1:wide_net"}}, {"model": {"name": "resnet"}}],
+    "model.hidden": [{"model": {"hidden": [8]}}],
     "data.name": [{"data": {"name": "mymodels_h1:broken_loader"}}, {"data": {"name": "mymodels_h1:wrong_loader"}},
                   {"data": {"name": "mymodels_h1:nope"}}],
     "train.loss": [{"train": {"loss": "mse"}}, {"train": {"loss": "hinge"}}, {"train": {"loss": "mymodels_h1:x"}}],
@@ -379,3 +380,23 @@ def test_batched_steps_stack_a_user_chain_and_step_another_loss_one_by_one(user_
     setup = prepare(config)
     cores = [AgentCore(i, setup.config, setup.dataset, setup.shards[i], 10, task=setup.task) for i in range(2)]
     assert BatchedSteps(cores).reason == "the loss is mse (stacked steps take cross_entropy only)"
+
+
+def test_compare_tensorboard_and_sweep_use_the_metric_name_and_direction(user_dir, tmp_path):
+    from raygossip.compare import group_runs, load_runs, markdown_table, table
+    from raygossip.sweep import task_metrics
+
+    config = user_config(user_dir, data={"name": "mymodels_h1:regression", "partition": {"kind": "iid"}},
+                         model={"name": "mymodels_h1:linear"}, train={"loss": "mse", "lr": 0.02},
+                         eval={"metric": "mse", "tensorboard": True})
+    run(config, out_dir=tmp_path / "run")
+    text = markdown_table(table(group_runs(load_runs([tmp_path / "run"]))))
+    assert "merged test mse" in text and "n/a" not in text.splitlines()[2].split("|")[3]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(tmp_path / "run"))
+    board.Reload()
+    assert "mse/merged_test" in board.Tags()["scalars"]
+    metrics = task_metrics(config)
+    assert metrics["merged_validation_mse"] == "min" and metrics["merged_test_mse"] == "min"
+    assert metrics["train_loss"] == "min" and "merged_test_accuracy" not in metrics

@@ -36,8 +36,8 @@ def load_user_data(loader: Callable[..., Any], params: Mapping[str, Any], name: 
     num_classes = None
     if all(lab is not None for lab in labels):
         num_classes = int(max(int(lab.max(initial=0)) for lab in labels)) + 1
-    elif _integer_targets(train):  # token ids: the vocabulary is at least the largest id + 1
-        num_classes = _largest_target(train, test) + 1
+    elif isinstance(train, Split) and isinstance(test, Split) and _integer_targets(train):
+        num_classes = _largest_target(train, test) + 1  # token ids: the vocabulary is at least the largest id + 1
     x, _ = train.batch(torch.tensor([0]))
     return Dataset(name, train, test, num_classes, tuple(x.shape[1:]), False)
 
@@ -85,15 +85,8 @@ def _integer_targets(split: Split | LazySplit) -> bool:
 
 
 def _largest_target(*splits: Split | LazySplit) -> int:
-    """The largest integer target over the in-memory splits (lazy ones: their first 1000 samples)."""
-    largest = 0
-    for split in splits:
-        if isinstance(split, Split):
-            largest = max(largest, int(split.y.max()))
-        else:
-            _, y = split.batch(torch.arange(min(len(split), 1000)))
-            largest = max(largest, int(y.max()))
-    return largest
+    """The largest integer target over the splits (held in memory: a lazy split is not read whole for this)."""
+    return max(int(split.y.max()) for split in splits)
 
 
 def materialize(split: Split | LazySplit, index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
