@@ -2,9 +2,10 @@
 
 The text is the project's own: docs/*.md and every raygossip/**/*.py file, nothing downloaded. Each file is
 cut into windows of `seq_len + 1` characters (the first 90 % of a file trains, the last 10 % tests), and the
-windows of the files, taken in path order, form 16 contiguous sections of about equal size: agent k trains on
-section k only (`data.partition.kind: by_key`, the key being a window's section), so one agent reads mostly
-Markdown, another the engines, another the models: non-IID by files. The model (`char_gru`: embedding, one GRU
+windows of the files, taken in path order, form 16 contiguous sections of equal size: agent k trains on
+section k only (`data.partition.kind: by_key` with `data.partition.key: scenarios.own_language_model:section_of`;
+a key sees a sample, not its index, so the loader notes which section each window's text came from), so one
+agent reads docs/CONFIG.md, another the engines, another the models: non-IID by files. The model (`char_gru`: embedding, one GRU
 layer, a linear head) and the loader (`load_text`) are ordinary user code referenced by import path, as a
 user's own package would be:
 
