@@ -88,6 +88,23 @@ def mae(outputs, batch):
 mae.direction = "min"
 
 
+def tokens(n=256, length=12, vocab=7):
+    """Sequences of a counting grammar: each token is the previous + 1 (mod vocab); target: the next tokens."""
+    g = torch.Generator().manual_seed(0)
+    start = torch.randint(0, vocab, (n, 1), generator=g)
+    seq = (start + torch.arange(length + 1)) % vocab
+    x, y = seq[:, :-1], seq[:, 1:]
+    return TensorDataset(x[:192], y[:192]), TensorDataset(x[192:], y[192:])
+
+
+def bigram(num_classes, input_shape, *, width=16):
+    return nn.Sequential(nn.Embedding(num_classes, width), nn.Linear(width, num_classes))
+
+
+def first_token(sample):
+    return int(sample[0][0])
+
+
 def broken_factory():
     raise RuntimeError("no weights for you")
 
@@ -202,6 +219,19 @@ def test_python_objects_registered_names_and_closures(user_dir):
         raygossip.models.MODELS.pop("h1_tiny")
 
 
+def test_a_token_model_learns_next_tokens_and_reports_perplexity(user_dir):
+    """Language modelling: token ids in, (N, T, V) logits out, next_token loss, perplexity (lower is better); the
+    vocabulary (num_classes) is read from the token ids; by_key groups sequences by their first token."""
+    config = user_config(user_dir, data={"name": "mymodels_h1:tokens",
+                                         "partition": {"kind": "by_key", "key": "mymodels_h1:first_token"}},
+                         model={"name": "mymodels_h1:bigram"}, train={"loss": "next_token", "lr": 0.5},
+                         eval={"metric": "perplexity"})
+    result = run(config)
+    assert result.summary["metric"] == {"name": "perplexity", "direction": "min"}
+    first, last = result.records[0]["merged_test_perplexity"], result.records[-1]["merged_test_perplexity"]
+    assert last < first < 7.5 and result.summary["merged_test_perplexity"] < 2.0  # 7 tokens: 7 is a blind guess
+
+
 # ---------------------------------------------------------------- bad references: one line, before any Ray process
 
 BAD = {
@@ -296,7 +326,7 @@ def ray_run(config: Config):
     from raygossip.engines.common import prepare
     from raygossip.engines.ray_engine import RayEngine
 
-    from tests.test_ray_engine import wait_for_idle_cluster
+    from test_ray_engine import wait_for_idle_cluster
 
     wait_for_idle_cluster()
     engine = RayEngine(config, prepare(config))
@@ -400,3 +430,18 @@ def test_compare_tensorboard_and_sweep_use_the_metric_name_and_direction(user_di
     metrics = task_metrics(config)
     assert metrics["merged_validation_mse"] == "min" and metrics["merged_test_mse"] == "min"
     assert metrics["train_loss"] == "min" and "merged_test_accuracy" not in metrics
+
+
+def test_a_sweep_on_ray_tune_trains_a_user_model_and_ranks_on_its_metric(ray_cluster, user_dir, tmp_path):
+    """Two Tune trials of the user's regression, ranked on merged_validation_mse (lower is better)."""
+    from raygossip.sweep import sweep
+
+    data = to_dict(user_config(user_dir, data={"name": "mymodels_h1:regression", "partition": {"kind": "iid"}},
+                               model={"name": "mymodels_h1:linear"}, train={"loss": "mse", "epochs": 2},
+                               eval={"metric": "mse", "validation_fraction": 0.2}))
+    result = sweep(data, {"train.lr": [0.001, 0.03]}, out_dir=tmp_path / "sweep", seeds=[0], progress=False,
+                   max_concurrent=1)
+    assert [t["status"] for t in result.trials] == ["finished", "finished"]
+    table = json.loads((tmp_path / "sweep" / "trials.json").read_text())
+    assert table["metric"] == "merged_validation_mse"
+    assert table["best"]["settings"] == {"train.lr": 0.03}  # the larger step gets further in 2 epochs
