@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 from torch import nn
 
 if __package__ in (None, ""):
@@ -92,7 +91,8 @@ def image_folder(*, root: str = str(DEFAULT_ROOT), per_class: int = 160, test_pe
 
     folder = make_image_folder(root, per_class, test_per_class)
     to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.25,) * 3)])
-    return ImageFolder(str(folder / "train"), transform=to_tensor), ImageFolder(str(folder / "test"), transform=to_tensor)
+    return (ImageFolder(str(folder / "train"), transform=to_tensor),
+            ImageFolder(str(folder / "test"), transform=to_tensor))
 
 
 # ---------------------------------------------------------------- the user's model

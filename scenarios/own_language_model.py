@@ -1,13 +1,13 @@
-"""Your own model and data, (a): a character-level GRU language model written here, gossip-trained on the project's text.
+"""Your own model and data, (a): a character-level GRU language model, gossip-trained on the project's own text.
 
 The text is the project's own: docs/*.md and every raygossip/**/*.py file, nothing downloaded. Each file is
 cut into windows of `seq_len + 1` characters (the first 90 % of a file trains, the last 10 % tests), and the
 windows of the files, taken in path order, form 16 contiguous sections of equal size: agent k trains on
 section k only (`data.partition.kind: by_key` with `data.partition.key: scenarios.own_language_model:section_of`;
 a key sees a sample, not its index, so the loader notes which section each window's text came from), so one
-agent reads docs/CONFIG.md, another the engines, another the models: non-IID by files. The model (`char_gru`: embedding, one GRU
-layer, a linear head) and the loader (`load_text`) are ordinary user code referenced by import path, as a
-user's own package would be:
+agent reads docs/CONFIG.md, another the engines, another the models: non-IID by files. The model (`char_gru`:
+embedding, one GRU layer, a linear head) and the loader (`load_text`) are ordinary user code referenced by
+import path, as a user's own package would be:
 
     model.name: scenarios.own_language_model:char_gru      train.loss: next_token
     data.name:  scenarios.own_language_model:load_text     eval.metric: perplexity
@@ -23,7 +23,6 @@ size, 98) and whether the merged model is within 10 % of parallel SGD.
 
 from __future__ import annotations
 
-import string
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -94,7 +93,8 @@ def _windows(pieces: list[torch.Tensor], seq_len: int, limit: int | None) -> tup
 _SECTION_OF_TEXT: dict[bytes, int] = {}
 
 
-def load_text(*, seq_len: int = 64, max_train: int | None = None, max_test: int | None = None) -> tuple[Windows, Windows]:
+def load_text(*, seq_len: int = 64, max_train: int | None = None,
+              max_test: int | None = None) -> tuple[Windows, Windows]:
     """The loader: (train, test) map-style datasets of character windows from the project's docs and source.
 
     max_train / max_test: at most this many windows, evenly spread over the corpus (None: all). The training
