@@ -91,7 +91,8 @@ def memmap_images(*, root: str = str(DEFAULT_ROOT), samples: int = 200_000, in_m
     """The loader: (train, test) lazily read MemmapImages, or (in_memory) the same samples as TensorDatasets."""
     images, labels = write_images(Path(root), samples)
     y = np.load(labels)
-    train, test = MemmapImages(images, y[:samples], 0, samples), MemmapImages(images, y[samples:], samples, samples + TEST)
+    train = MemmapImages(images, y[:samples], 0, samples)
+    test = MemmapImages(images, y[samples:], samples, samples + TEST)
     if not in_memory:
         return train, test
     whole = torch.from_numpy(np.load(images)).float().div_(255.0).sub_(0.25)
@@ -138,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     data_mb = images.stat().st_size / 1e6
     from raygossip.models import build_model
 
-    model_mb = sum(p.numel() * p.element_size() for p in build_model("lenet5", CLASSES, (1, SIDE, SIDE)).parameters()) / 1e6
+    model = build_model("lenet5", CLASSES, (1, SIDE, SIDE))
+    model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
     print(f"lenet5 ({model_mb:.2f} MB of parameters) on {args.samples} memory-mapped images ({data_mb:.0f} MB file), "
           f"{args.actors} actors, {args.steps} rounds; {os.cpu_count()} cores, {total_memory_bytes() / 2**30:.0f} GiB")
     print(f"{'mode':>6} {'agents':>6} {'k':>4} {'start-up s':>10} {'train s':>8} {'memory GB':>9}")
