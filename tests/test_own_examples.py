@@ -119,3 +119,20 @@ def test_example_on_the_ray_engine_equals_the_reference_engine(module, ray_clust
     assert last < first and math.isfinite(last)
     if module is own_language_model:
         assert last < math.log(own_language_model.VOCAB)  # below a uniform guess's cross-entropy
+
+
+def test_lazy_bench_dataset_travels_without_its_images(tmp_path):
+    """bench/lazy_data.py's memory-mapped dataset: what is pickled to an actor is its path, range and labels."""
+    import pickle
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import lazy_data
+
+    train, test = lazy_data.memmap_images(root=str(tmp_path), samples=3000)
+    x, y = train[7]
+    assert x.shape == (1, 28, 28) and x.dtype == torch.float32 and y == int(train.targets[7])
+    copy = pickle.loads(pickle.dumps(train))
+    assert torch.equal(copy[7][0], x) and len(copy) == 3000 and len(test) == lazy_data.TEST
+    images = (tmp_path / "images-3000.npy").stat().st_size
+    assert len(pickle.dumps(train)) < 0.2 * images  # the labels (8 bytes a sample), not the 784-byte images
+    assert x[0, 2 * y + 3, 10] > x[0, 2 * ((y + 1) % 10) + 3, 10]  # the class's bright bar
