@@ -71,7 +71,7 @@ def test_language_model_learns_and_says_how_far_from_parallel_sgd(tmp_path, caps
     out = tmp_path / "lm"
     assert own_language_model.main(["--scale", "smoke", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "against parallel SGD at equal steps" in printed and "%, within 10%." in printed  # not "NOT within"
+    assert "against parallel SGD" in printed and "at equal steps: " in printed and "%, within 10%." in printed
     summaries = {p.name: json.loads((p / "summary.json").read_text()) for p in out.iterdir()}
     for name, summary in summaries.items():
         assert summary["metric"] == {"name": "perplexity", "direction": "min"}, name
