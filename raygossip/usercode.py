@@ -134,7 +134,8 @@ def check_task(config: Config, task: Task, model: torch.nn.Module, batch: tuple[
     what does not fit is one UserError naming the field, before any Ray process starts."""
     shapes = f"inputs {tuple(batch[0].shape)} {batch[0].dtype}, targets {tuple(batch[1].shape)} {batch[1].dtype}"
     try:
-        outputs = model(batch[0])
+        with torch.random.fork_rng(devices=[]):  # (dropout draws: the run's random stream stays untouched)
+            outputs = model(batch[0])
     except Exception as err:  # the user's model cannot take the data
         raise UserError("model.name", f"the model raised {one_line(err)} on a batch of {shapes}") from None
     if not isinstance(outputs, torch.Tensor):

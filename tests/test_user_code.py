@@ -445,3 +445,26 @@ def test_a_sweep_on_ray_tune_trains_a_user_model_and_ranks_on_its_metric(ray_clu
     table = json.loads((tmp_path / "sweep" / "trials.json").read_text())
     assert table["metric"] == "merged_validation_mse"
     assert table["best"]["settings"] == {"train.lr": 0.03}  # the larger step gets further in 2 epochs
+
+
+def test_functions_of_a_script_reach_the_ray_actors_by_value(ray_cluster, user_dir):
+    """A model factory, loss and metric defined here (as in a script's __main__: not importable by the actors) go
+    to the actors by value; the data comes from the user's module (shipped with runtime.py_modules)."""
+    from test_ray_engine import wait_for_idle_cluster
+
+    scale = 0.5
+
+    def factory(num_classes, input_shape):
+        return nn.Sequential(nn.Linear(input_shape[0], 8), nn.ReLU(), nn.Linear(8, num_classes))
+
+    def smoothed(outputs, batch):
+        return torch.nn.functional.cross_entropy(outputs, batch[1], label_smoothing=scale * 0.1)
+
+    def hit_rate(outputs, batch):
+        return (outputs.argmax(-1) == batch[1]).float().mean()
+
+    wait_for_idle_cluster()
+    config = ray_user_config(user_dir, agents_per_actor=2)
+    result = run(config, model=factory, loss=smoothed, metric=hit_rate)
+    assert result.summary["status"] == "finished" and result.summary["metric"]["name"] == "hit_rate"
+    assert 0 <= result.summary["merged_test_hit_rate"] <= 1
