@@ -103,11 +103,15 @@ class Task:
     metric: Metric
 
     def modules(self) -> list[str]:
-        """The modules an actor must import to rebuild this task (those of user code outside raygossip)."""
+        """The modules an actor must import to rebuild this task: those of user code outside raygossip, less what
+        cloudpickle sends by value (functions of __main__, closures)."""
         found = set()
         for obj in (self.model, self.loader, self.loss, self.metric.fn, self.metric.finish):
-            module = getattr(getattr(obj, "func", obj), "__module__", None)  # a partial's function
-            if module and module != "__main__" and not module.startswith(("raygossip", "torch", "builtins")):
+            obj = getattr(obj, "func", obj)  # a partial's function
+            module = getattr(obj, "__module__", None)
+            by_value = "<locals>" in getattr(obj, "__qualname__", "")  # cloudpickle sends a closure itself
+            if module and not by_value and module != "__main__" and not module.startswith(("raygossip", "torch",
+                                                                                             "builtins")):
                 found.add(module)
         return sorted(found)
 
