@@ -225,8 +225,9 @@ def run_variants(
             if log is not None:
                 s = summary
                 how = f"copied from {source}" if source is not None else f"{seconds:.1f} s"
+                metric = (s.get("metric") or {}).get("name", "accuracy")  # eval.metric: accuracy, mse, perplexity, ...
                 log(f"[{index}/{len(configs)}] {label} seed={config.seed}: {s.get('status', 'finished')} "
-                    f"merged={fmt(s.get('merged_test_accuracy'))} local={fmt(s.get('mean_local_test_accuracy'))} "
+                    f"merged={fmt(s.get(f'merged_test_{metric}'))} local={fmt(s.get(f'mean_local_test_{metric}'))} "
                     f"MB={(s.get('bytes_sent') or 0) / 1e6:.2f} "
                     f"({how}) -> {folder}")
     finally:
