@@ -29,6 +29,9 @@ SCENARIOS: dict[str, str] = {
     "straggler_recovery": "straggler_recovery",
     "bandwidth_collapse": "bandwidth_collapse",
     "timeline_table": "timeline_common",
+    "own_language_model": "own_language_model",
+    "own_image_folder": "own_image_folder",
+    "own_regression": "own_regression",
 }
 
 

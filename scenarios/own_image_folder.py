@@ -13,21 +13,18 @@ norm, global average pooling, a linear head) is ordinary user code referenced by
 It compares 8 agents on a ring (D-PSGD, final merge with batch-norm re-estimation) against parallel SGD and
 local training without communication, and prints the test accuracy of each (a guess is 25 %).
 
-    python scenarios/own_image_folder.py                  # cpu scale: 640 training images, about a minute
-    python scenarios/own_image_folder.py --scale smoke    # seconds (tests)
+    python -m scenarios own_image_folder                  # cpu scale: 640 training images, about a minute
+    python -m scenarios own_image_folder --scale smoke    # seconds (tests)
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from torch import nn
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scenarios import common
 from scenarios.common import Outcome, Variant
@@ -157,9 +154,4 @@ def report(outcomes: Sequence[Outcome]) -> str:
             f"{1 / len(SHAPES):.0%}.\n\n" + common.summary_table(outcomes))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return common.run_scenario(SCENARIO, __doc__, argv, variants, report)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+COMMAND = common.Scenario(SCENARIO, __doc__, variants, report)

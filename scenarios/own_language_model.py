@@ -17,13 +17,12 @@ average every step, complete graph, as in scenarios/late_communication.py) for t
 prints the test perplexity of both (lower is better; a model guessing uniformly has perplexity = vocabulary
 size, 98) and whether the merged model is within 10 % of parallel SGD.
 
-    python scenarios/own_language_model.py                 # the cpu scale: 16 agents, a few minutes
-    python scenarios/own_language_model.py --scale smoke   # seconds (tests)
+    python -m scenarios own_language_model                 # the cpu scale: 16 agents, a few minutes
+    python -m scenarios own_language_model --scale smoke   # seconds (tests)
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -31,8 +30,6 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset as TorchDataset
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scenarios import common
 from scenarios.common import Outcome, Variant
@@ -213,9 +210,4 @@ def report(outcomes: Sequence[Outcome]) -> str:
               f"{merged / parallel - 1:+.1%}, {'within' if ok else 'NOT within'} {WITHIN:.0%}.\n")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return common.run_scenario(SCENARIO, __doc__, argv, variants, report)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+COMMAND = common.Scenario(SCENARIO, __doc__, variants, report)

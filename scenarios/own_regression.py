@@ -13,22 +13,18 @@ It compares 8 agents on a ring (D-PSGD, final merge) against parallel SGD and lo
 communication, and prints the test mean squared error of each (lower is better) beside the variance of the
 test targets (the error of predicting their mean).
 
-    python scenarios/own_regression.py                 # cpu scale, well under a minute
-    python scenarios/own_regression.py --scale smoke   # seconds (tests)
+    python -m scenarios own_regression                 # cpu scale, well under a minute
+    python -m scenarios own_regression --scale smoke   # seconds (tests)
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scenarios import common
 from scenarios.common import Outcome, Variant
@@ -139,9 +135,4 @@ def report(outcomes: Sequence[Outcome]) -> str:
             + common.markdown(["label", "seeds", "merged test mse", "mean local test mse", "final merge"], rows))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return common.run_scenario(SCENARIO, __doc__, argv, variants, report)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+COMMAND = common.Scenario(SCENARIO, __doc__, variants, report)

@@ -69,7 +69,7 @@ def test_language_model_agents_hold_contiguous_sections_of_the_files():
 
 def test_language_model_learns_and_says_how_far_from_parallel_sgd(tmp_path, capsys):
     out = tmp_path / "lm"
-    assert own_language_model.main(["--scale", "smoke", "--out", str(out)]) == 0
+    assert own_language_model.COMMAND(["--scale", "smoke", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "against parallel SGD" in printed and "at equal steps: " in printed and "%, within 10%." in printed
     summaries = {p.name: json.loads((p / "summary.json").read_text()) for p in out.iterdir()}
@@ -93,7 +93,7 @@ def test_image_folder_is_written_once_and_read_lazily(tmp_path):
 
 def test_regression_learns_far_below_predicting_the_mean(tmp_path, capsys):
     out = tmp_path / "reg"
-    assert own_regression.main(["--scale", "smoke", "--out", str(out)]) == 0
+    assert own_regression.COMMAND(["--scale", "smoke", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "Predicting the mean" in printed and "| parallel SGD | 0 |" in printed
     label, config = own_regression.variants("smoke")[0]
