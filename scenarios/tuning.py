@@ -51,11 +51,12 @@ def sweep_command(config: str, grid: dict[str, list], seeds: Sequence[int], out:
 def best_per_group(trials: dict, group: Callable[[dict], Any]) -> dict[Any, dict]:
     """{group(settings): the settings of the best grid point in that group} from a sweep's ranked points.
 
-    Only points whose trials ran to the end (status finished) count; a group with none is left out.
+    Only points whose trials ran to the end (status finished) and none of which was rejected as diverging
+    (`--reject-diverging`) count; a group with none is left out.
     """
     best: dict[Any, dict] = {}
     for point in trials["points"]:  # ranked best first
-        if not point["finished"] or point["mean"] is None:
+        if not point["finished"] or point["mean"] is None or point.get("rejected"):
             continue
         best.setdefault(group(point["settings"]), point)
     return {key: point["settings"] for key, point in best.items()}

@@ -224,6 +224,19 @@ class MergedModel:
             return None
         return evaluate(self.model, x, y, self.setup.config.eval.batch_size, self.device)
 
+    def local_validation_accuracies(self, states: Sequence[tuple[torch.Tensor, dict[str, torch.Tensor]]]
+                                    ) -> list[float] | None:
+        """Each agent's own model (parameters, buffers) on the held-out validation part, in the order given (None when
+        eval.validation_fraction is 0 or eval.local is off). Both engines evaluate here, on this scratch model, so
+        their numbers agree; leaves the last agent's state loaded."""
+        if len(self.validation[1]) == 0 or not self.setup.config.eval.local:
+            return None
+        accuracies = []
+        for vector, buffers in states:
+            self.load(vector, buffers)
+            accuracies.append(self.validation_accuracy())
+        return accuracies
+
     def reestimate_on_global_sample(self, batches: int, seed: int) -> None:
         """Re-estimate batch-norm statistics on batches drawn uniformly from the whole training set (less the
         held-out validation part)."""
@@ -273,6 +286,7 @@ def network_record(
     local_accuracies: list[float] | None,
     merged_accuracy: float,
     merged_validation_accuracy: float | None = None,
+    local_validation_accuracies: list[float] | None = None,
     traffic: Sequence,
     train_loss: float,
     rounds_done: int,
@@ -308,7 +322,17 @@ def network_record(
             max_local_test_accuracy=max(local_accuracies),
             local_test_accuracy=local_accuracies,
         )
+    if local_validation_accuracies is not None:
+        record.update(
+            mean_local_validation_accuracy=statistics.fmean(local_validation_accuracies),
+            std_local_validation_accuracy=statistics.pstdev(local_validation_accuracies),
+            min_local_validation_accuracy=min(local_validation_accuracies),
+        )
     return record
+
+
+LOCAL_VALIDATION_KEYS = ("mean_local_validation_accuracy", "std_local_validation_accuracy",
+                         "min_local_validation_accuracy")
 
 
 def lr_multiplier(plan: RunPlan, step: int) -> float:
@@ -347,6 +371,7 @@ def summary_record(
         "mean_local_test_accuracy": last.get("mean_local_test_accuracy"),
         "std_local_test_accuracy": last.get("std_local_test_accuracy"),
         "local_test_accuracy": last.get("local_test_accuracy"),
+        **{key: last[key] for key in LOCAL_VALIDATION_KEYS if key in last},
         "consensus_distance": last["consensus_distance"],
         "gamma": last.get("gamma"),
         **({"adaptive_gamma": {str(e["epoch"]): e["gamma"] for e in events if e.get("kind") == "gamma_set"}}
