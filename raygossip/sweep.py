@@ -47,13 +47,18 @@ class SweepResult:
 
 
 def parse_grid(items: Sequence[str]) -> dict[str, list]:
-    """`--grid KEY=[v1,v2,...]` (YAML list) items into {KEY: values}, each a one-line error when malformed."""
+    """`--grid KEY=[v1,v2,...]` (YAML list) items into {KEY: values}, each a one-line error when malformed.
+    `KEY@OTHER=VALUE=[...]` is a conditional grid: KEY takes these values only at the points where the grid key
+    OTHER is VALUE (e.g. a gamma grid per gossip.rule); its dict key stays `KEY@OTHER=VALUE`."""
     grid: dict[str, list] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         key = key.strip()
+        if "@" in key and sep:
+            value, sep, raw = raw.partition("=")
+            key = f"{key}={value.strip()}"
         if not sep or not key:
-            raise UserError("--grid", f"expected KEY=[v1,v2,...], got {item!r}")
+            raise UserError("--grid", f"expected KEY=[v1,v2,...] or KEY@OTHER=VALUE=[v1,v2,...], got {item!r}")
         try:
             values = parse_yaml(raw)
         except yaml.YAMLError:
@@ -62,15 +67,59 @@ def parse_grid(items: Sequence[str]) -> dict[str, list]:
             raise UserError(f"--grid {key}", f"expected a non-empty list [v1,v2,...], got {raw!r}")
         if key in grid:
             raise UserError(f"--grid {key}", "given twice")
-        if key == "seed":
+        if key.split("@")[0] == "seed":
             raise UserError("--grid seed", "seeds are averaged over, not searched: use --seeds")
         grid[key] = values
+    check_conditions(grid)
     return grid
 
 
+def condition(key: str) -> tuple[str, str, Any] | None:
+    """(KEY, OTHER, VALUE) of a conditional grid key `KEY@OTHER=VALUE` (VALUE read as YAML), else None."""
+    if "@" not in key:
+        return None
+    name, _, rest = key.partition("@")
+    other, _, raw = rest.partition("=")
+    try:
+        value = parse_yaml(raw)
+    except yaml.YAMLError:
+        raise UserError(f"--grid {key}", f"{raw!r} is not a YAML value") from None
+    return name.strip(), other.strip(), value
+
+
+def check_conditions(grid: dict[str, list]) -> None:
+    """Every conditional key names a plain grid key and one of its values; a key is plain or conditional."""
+    plain = {key for key in grid if "@" not in key}
+    for key in grid:
+        found = condition(key)
+        if found is None:
+            continue
+        name, other, value = found
+        if not name or not other:
+            raise UserError(f"--grid {key}", "expected KEY@OTHER=VALUE=[v1,v2,...]")
+        if other not in plain:
+            raise UserError(f"--grid {key}", f"{other} is not a searched key: give --grid {other}=[...] too")
+        if value not in grid[other]:
+            raise UserError(f"--grid {key}", f"{value!r} is not one of {other}'s values {grid[other]}")
+        if name in plain:
+            raise UserError(f"--grid {key}", f"{name} is also searched at every point (--grid {name}=[...])")
+        if name == other:
+            raise UserError(f"--grid {key}", "a key cannot depend on itself")
+
+
 def grid_points(grid: dict[str, list]) -> list[dict[str, Any]]:
-    """Every combination of the grid's values, in the order given (the last key varies fastest)."""
-    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())] or [{}]
+    """Every combination of the plain keys' values, in the order given (the last key varies fastest); each then
+    takes every value of the conditional keys whose condition it meets (right after that point, in order)."""
+    plain = {key: values for key, values in grid.items() if "@" not in key}
+    points = [dict(zip(plain, values)) for values in itertools.product(*plain.values())] or [{}]
+    for key, values in grid.items():
+        found = condition(key)
+        if found is None:
+            continue
+        name, other, wanted = found
+        points = [extended for point in points for extended in
+                  ([{**point, name: value} for value in values] if point.get(other) == wanted else [point])]
+    return points
 
 
 def point_data(base: dict, settings: dict[str, Any], seed: int) -> dict:

@@ -193,3 +193,31 @@ def test_local_validation_metrics_need_a_validation_part():
         check_sweep(data, {"train.lr": [0.1]}, [0], "mean_local_validation_accuracy", None, "fifo")
     configs, metric, mode = check_sweep(tiny(), {"train.lr": [0.1]}, [0], "min_local_validation_accuracy", None, "fifo")
     assert mode == "max"
+
+
+def test_a_conditional_grid_gives_each_rule_its_own_values():
+    from raygossip.sweep import grid_points
+
+    grid = parse_grid(["gossip.rule=[choco, adagossip]", "gossip.gamma@gossip.rule=choco=[0.1, 0.2, 0.5]",
+                       "gossip.gamma@gossip.rule=adagossip=[0.001, 0.005]"])
+    assert [(p["gossip.rule"], p["gossip.gamma"]) for p in grid_points(grid)] == [
+        ("choco", 0.1), ("choco", 0.2), ("choco", 0.5), ("adagossip", 0.001), ("adagossip", 0.005)]
+    configs, _, _ = check_sweep(tiny(), grid, [0, 1], None, None, "fifo")
+    assert [(c[1].gossip.rule, c[1].gossip.gamma, c[1].seed) for c in configs][::4] == [("choco", 0.1, 1),
+                                                                                       ("adagossip", 0.005, 1)]
+
+
+@pytest.mark.parametrize("items, needle", [
+    (["gossip.gamma@gossip.rule=choco=[0.1]"], "gossip.rule is not a searched key: give --grid gossip.rule=[...]"),
+    (["gossip.rule=[choco]", "gossip.gamma@gossip.rule=dpsgd=[0.1]"], "'dpsgd' is not one of gossip.rule's values"),
+    (["gossip.rule=[choco]", "gossip.gamma=[1]", "gossip.gamma@gossip.rule=choco=[0.1]"],
+     "gossip.gamma is also searched at every point"),
+    (["gossip.rule=[choco]", "gossip.gamma@gossip.rule=choco=[0.1]", "gossip.gamma@gossip.rule=choco=[0.2]"],
+     "--grid gossip.gamma@gossip.rule=choco: given twice"),
+    (["gossip.rule=[choco]", "gossip.gamma@gossip.rule=choco"], "--grid: expected KEY=[v1,v2,...] or KEY@OTHER"),
+    (["gossip.rule=[choco]", "gossip.gamma@=choco=[0.1]"], "expected KEY@OTHER=VALUE=[v1,v2,...]"),
+])
+def test_a_bad_conditional_grid_is_a_one_line_error(items, needle):
+    with pytest.raises(UserError) as error:
+        parse_grid(items)
+    assert needle in str(error.value) and "\n" not in str(error.value), str(error.value)
