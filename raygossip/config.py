@@ -95,6 +95,7 @@ class CompressorConfig:
     scope: str = "tensor"
     scaled: bool = False
     index_coding: str = "plain"
+    count: str = "ceil"
 
 
 @dataclass(kw_only=True)
@@ -449,6 +450,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "gossip.compressor.name": ("identity", "top_k", "random_k", "qsgd", "sign"),
     "gossip.compressor.scope": ("tensor", "global"),
     "gossip.compressor.index_coding": ("plain", "entropy"),
+    "gossip.compressor.count": ("ceil", "authors"),
     "schedule.averaging_rate.kind": AVERAGING_RATE_KINDS,
     "schedule.communication.kind": COMMUNICATION_KINDS,
     "schedule.communication.pull": PULLS,
@@ -477,12 +479,20 @@ def _check(condition: bool, field_name: str, message: str) -> None:
         raise UserError(field_name, message)
 
 
+def _validate_compressor_count(config: Config) -> None:
+    """gossip.compressor.count counts top_k's k; another compressor has no k to count that way."""
+    c = config.gossip.compressor
+    _check(c.count == "ceil" or c.name == "top_k", "gossip.compressor.count",
+           f"{c.count} counts top_k's k per tensor; compressor {c.name!r} has no such k (leave count at ceil)")
+
+
 def validate(config: Config) -> None:
     """Range and cross-field checks; raises the first UserError found. Runs before anything starts."""
     for dotted, allowed in CHOICES.items():
         value = _get(config, dotted)
         _check(value in allowed, dotted, f"must be one of {', '.join(allowed)}; got {value!r}")
     _validate_registries(config)
+    _validate_compressor_count(config)
     t, g, s, r = config.train, config.gossip, config.schedule, config.runtime
     _check(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
     _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
