@@ -221,3 +221,17 @@ def test_a_bad_conditional_grid_is_a_one_line_error(items, needle):
     with pytest.raises(UserError) as error:
         parse_grid(items)
     assert needle in str(error.value) and "\n" not in str(error.value), str(error.value)
+
+
+def test_the_cli_takes_reject_diverging_and_a_conditional_grid_and_checks_them_before_ray(capsys, tmp_path):
+    out = tmp_path / "sweep"
+    code = main(["sweep", "configs/quickstart.yaml", "--grid", "gossip.rule=[choco]",
+                 "--grid", "gossip.gamma@gossip.rule=choco=[0.1, 0.5]", *SETS, "--reject-diverging", "0.5",
+                 "--metric", "mean_local_validation_accuracy", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.splitlines() == [err] and "--reject-diverging: must be a factor >= 1" in err
+    code = main(["sweep", "configs/quickstart.yaml", "--grid", "gossip.gamma@gossip.rule=choco=[0.1]", *SETS,
+                 "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "gossip.rule is not a searched key" in err
+    assert not out.exists()
