@@ -293,7 +293,8 @@ def _stopped_summary(spec: dict, records: list[dict], status: str) -> dict:
     config = spec["config"]
     keys = ("merged_test_accuracy", "merged_validation_accuracy", "mean_local_test_accuracy",
             "std_local_test_accuracy", "local_test_accuracy", "consensus_distance", "bytes_sent", "messages_sent",
-            "communication_rounds", "wall_time_s")
+            "communication_rounds", "wall_time_s", "mean_local_validation_accuracy", "std_local_validation_accuracy",
+            "min_local_validation_accuracy")
     return {"name": config.get("name", "run"), "engine": config.get("runtime", {}).get("engine", "ray"),
             "status": status, "reason": f"stopped by the sweep's scheduler at epoch {last['epoch']:g}"
             if status == "stopped" else "the trial failed", "records": len(records), "last": last,
