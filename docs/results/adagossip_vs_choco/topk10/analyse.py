@@ -48,9 +48,10 @@ for part in PARTS:
                                       for rule, p in picks.items()) + "\n")
     finals = {}
     for rule, point in picks.items():
-        folders = [rows[(point["point"], seed)]["run_dir"] for seed in (0, 1)] + [str(ROOT / part / f"pick-{rule}-s2")]
+        folders = [rows[(point["point"], seed)]["run_dir"] for seed in (0, 1)] + \
+            [str(ROOT / part / f"pick-{rule}-s{seed}") for seed in (2, 3, 4)]
         finals[rule] = [f for f in folders if (Path(f) / "summary.json").is_file()]
-    out.append(f"### {part}: at the picks, seeds {'0, 1, 2' if all(len(v) == 3 for v in finals.values()) else 'as listed'} (test set: reported, never used to pick)\n")
+    out.append(f"### {part}: at the picks, seeds 0 to {max(len(v) for v in finals.values()) - 1} (test set: reported, never used to pick)\n")
     out.append("| rule, gamma | seeds | mean local test acc | min agent test acc | merged test acc (after final merge) | mean local val. acc | consensus distance at the end |")
     out.append("| --- | --- | --- | --- | --- | --- | --- |")
     per_seed = {}
@@ -83,7 +84,8 @@ for part in PARTS:
             axes[0, 0].plot(ep, [r["mean_local_test_accuracy"] for r in recs], color=colours[rule], label=lab, marker="o", ms=3)
             axes[0, 0].plot(ep, [r["min_local_test_accuracy"] for r in recs], color=colours[rule], ls=":", lw=1)
             axes[0, 1].semilogy(ep, [r["consensus_distance"] for r in recs], color=colours[rule], label=lab, marker="o", ms=3)
-    axes[0, 0].set(title=f"{part}: mean (solid) and min (dotted) local test acc., picks, seeds 0-2", xlabel="epoch")
+    n = max(len(v) for v in finals.values())
+    axes[0, 0].set(title=f"{part}: mean (solid), min (dotted) local test acc., picks, seeds 0-{n - 1}", xlabel="epoch")
     axes[0, 1].set(title="consensus distance at the picks", xlabel="epoch")
     for ax in axes[0]:
         ax.legend()
