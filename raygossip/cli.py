@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seeds of every config, averaged before configs are ranked (default: 0)")
     sweep.add_argument("--metric", help="record key to rank on (default: merged_validation_accuracy, which needs "
                                         "eval.validation_fraction > 0)")
+    sweep.add_argument("--reject-diverging", type=float, nargs="?", const=2.0, default=None, metavar="FACTOR",
+                       help="reject a trial whose consensus distance grows by more than FACTOR (default 2) over its "
+                            "last quarter of records, or is not finite; its config ranks last")
     sweep.add_argument("--mode", choices=["max", "min"], help="whether higher or lower is better (default: the "
                                                               "metric's)")
     sweep.add_argument("--scheduler", choices=["fifo", "asha"], default="fifo",
@@ -165,7 +168,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     from raygossip.config_io import apply_overrides, read_yaml
     from raygossip.presets import quickstart
-    from raygossip.sweep import parse_grid, sweep
+    from raygossip.sweep import sweep
+    from raygossip.sweep_grid import parse_grid
 
     data = apply_overrides(read_yaml(args.config) if args.config else quickstart(), list(args.overrides))
     grid = parse_grid(args.grid)
@@ -175,7 +179,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / f"sweep-{data.get('name', 'run')}-{stamp}"
     result = sweep(data, grid, out_dir=out, seeds=args.seeds, metric=args.metric, mode=args.mode,
                    scheduler=args.scheduler, grace_epochs=args.grace_epochs, max_concurrent=args.max_concurrent,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, reject_diverging=args.reject_diverging)
     print((result.out_dir / "trials.md").read_text().split("\n## Trials")[0].rstrip())
     best = result.best
     print(f"best: {best['label']} ({best['mean']:.4f}); config in {out / 'best.yaml'}, trials in {out}")

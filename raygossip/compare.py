@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from raygossip.config import Config
 from raygossip.config_io import to_dict
 from raygossip.validation import load_config
 from raygossip.errors import UserError

@@ -116,6 +116,7 @@ class CompressorConfig:
     scope: Scope = "tensor"
     scaled: bool = False
     index_coding: IndexCoding = "plain"
+    count: Literal["ceil", "authors"] = "ceil"
 
 
 @dataclass(kw_only=True)

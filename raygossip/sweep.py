@@ -3,31 +3,33 @@
 from __future__ import annotations
 
 import copy
-import itertools
 import json
+import math
 import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
 from ray.tune import Callback
 
 from raygossip.config import Config
-from raygossip.config_io import apply_overrides, dump_yaml, from_dict, parse_yaml, to_dict
+from raygossip.config_io import dump_yaml, from_dict, to_dict
 from raygossip.validation import validate
 from raygossip.errors import UserError
 from raygossip.results import mean_std, read_metrics, write_json_atomic, write_text_atomic
+from raygossip.sweep_grid import folder_name, grid_points, label, point_data
 
 # Record keys a sweep can rank on, and the direction each improves in.
 METRICS = {
     "merged_validation_accuracy": "max", "merged_test_accuracy": "max", "mean_local_test_accuracy": "max",
-    "min_local_test_accuracy": "max", "train_loss": "min", "consensus_distance": "min", "bytes_sent": "min",
+    "min_local_test_accuracy": "max", "mean_local_validation_accuracy": "max", "min_local_validation_accuracy": "max",
+    "train_loss": "min", "consensus_distance": "min", "bytes_sent": "min",
 }
 SCHEDULERS = ("fifo", "asha")
 # What a sweep writes beside its trials' run folders (`raygossip compare OUT/*` skips them); TUNE_DIR: Ray Tune's own.
 TUNE_DIR = ".tune"
+DIVERGING_PART = 0.25  # --reject-diverging looks at this last fraction of a trial's records
 SWEEP_FILES = ("best.yaml", "trials.md", "trials.json", TUNE_DIR)
 
 
@@ -48,62 +50,6 @@ class SweepResult:
     points: list[dict]  # every grid point, ranked best first
     trials: list[dict]
     out_dir: Path
-
-
-# ---------------------------------------------------------------- the grid
-
-
-def parse_grid(items: Sequence[str]) -> dict[str, list]:
-    """`--grid KEY=[v1,v2,...]` (YAML list) items into {KEY: values}, each a one-line error when malformed."""
-    grid: dict[str, list] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise UserError("--grid", f"expected KEY=[v1,v2,...], got {item!r}")
-        try:
-            values = parse_yaml(raw)
-        except yaml.YAMLError:
-            raise UserError(f"--grid {key}", f"{raw!r} is not a YAML list") from None
-        if not isinstance(values, list) or not values:
-            raise UserError(f"--grid {key}", f"expected a non-empty list [v1,v2,...], got {raw!r}")
-        if key in grid:
-            raise UserError(f"--grid {key}", "given twice")
-        if key == "seed":
-            raise UserError("--grid seed", "seeds are averaged over, not searched: use --seeds")
-        grid[key] = values
-    return grid
-
-
-def grid_points(grid: dict[str, list]) -> list[dict[str, Any]]:
-    """Every combination of the grid's values, in the order given (the last key varies fastest)."""
-    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())] or [{}]
-
-
-def point_data(base: dict, settings: dict[str, Any], seed: int) -> dict:
-    """The raw config mapping of one trial: the base, the point's settings, the seed."""
-    data = copy.deepcopy(base)
-    for key, value in settings.items():
-        apply_overrides(data, [f"{key}={json.dumps(value)}"])  # JSON is YAML: the value goes in unchanged
-    data["seed"] = seed
-    return data
-
-
-def label(settings: dict[str, Any]) -> str:
-    return ",".join(f"{key}={_show(value)}" for key, value in settings.items()) or "base"
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, (list, dict)):
-        return json.dumps(value, separators=(",", ":"))
-    return str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def _folder_name(index: int, settings: dict[str, Any], seed: int) -> str:
-    safe = "".join(c if c.isalnum() or c in "._=,+-" else "_" for c in label(settings))
-    return f"p{index:02d}-{safe[:80]}-s{seed}"
 
 
 # ---------------------------------------------------------------- checks before any Ray process
@@ -140,7 +86,7 @@ def check_sweep(base: dict, grid: dict[str, list], seeds: Sequence[int], metric:
         metric = next(key for key in known if key.startswith("merged_validation_"))
     if metric not in known:
         raise UserError("--metric", f"must be one of {', '.join(known)}; got {metric!r}")
-    if metric.startswith("merged_validation_") and any(c.eval.validation_fraction == 0 for c in flat):
+    if "validation" in metric and any(c.eval.validation_fraction == 0 for c in flat):
         raise UserError("--metric", f"{metric} needs eval.validation_fraction > 0 in every trial")
     if "local" in metric and not all(config.eval.local for config in flat):
         raise UserError("--metric", f"{metric} needs eval.local: true in every trial")
@@ -196,8 +142,30 @@ def trial_resources(config: Config, cluster_cpus: float) -> tuple[Any, int | Non
 # ---------------------------------------------------------------- ranking
 
 
-def collect(out: Path, specs: list[dict], metric: str, statuses: dict[str, str]) -> list[dict]:
-    """One row per trial from its run folder; a trial stopped early gets a summary.json of its records so far."""
+def growing_distance(records: list[dict], factor: float, part: float = DIVERGING_PART) -> str | None:
+    """Why a trial counts as diverging (None: it does not): its consensus distance is non-finite in some record,
+    or its last record's exceeds `factor` x the record's just before the last `part` of the records (at least
+    the last two records are compared). The rule of `raygossip sweep --reject-diverging`."""
+    distances = [record.get("consensus_distance") for record in records]
+    distances = [float("nan") if d is None else float(d) for d in distances]
+    bad = [k for k, d in enumerate(distances) if not math.isfinite(d)]
+    if bad:
+        return f"consensus distance not finite at record {bad[0] + 1} of {len(distances)}"
+    if len(distances) < 2:
+        return None
+    start = max(0, len(distances) - 1 - math.ceil(part * len(distances)))
+    first, last = distances[start], distances[-1]
+    if last > factor * first:
+        return (f"consensus distance grew {first:.4g} -> {last:.4g} (x{last / max(first, 1e-300):.3g} > x{factor:g}) "
+                f"from record {start + 1} to {len(distances)} (epochs {records[start].get('epoch', 0):g} -> "
+                f"{records[-1].get('epoch', 0):g})")
+    return None
+
+
+def collect(out: Path, specs: list[dict], metric: str, statuses: dict[str, str],
+            reject_diverging: float | None = None) -> list[dict]:
+    """One row per trial from its run folder; a trial stopped early gets a summary.json of its records so far.
+    With `reject_diverging` (a factor) a row's "rejected" says why growing_distance rejects it (else None)."""
     rows = []
     for spec in specs:
         folder = Path(spec["run_dir"])
@@ -219,6 +187,8 @@ def collect(out: Path, specs: list[dict], metric: str, statuses: dict[str, str])
             "status": status, "epochs_done": last.get("epoch", 0.0), "records": len(records),
             metric: last.get(metric), "merged_test_accuracy": summary.get("merged_test_accuracy"),
             "run_dir": str(folder),
+            "rejected": None if reject_diverging is None else
+            (growing_distance(records, reject_diverging) if records else "no records"),
         })
     return rows
 
@@ -229,7 +199,8 @@ def _stopped_summary(spec: dict, records: list[dict], status: str) -> dict:
     config = spec["config"]
     keys = ("merged_test_accuracy", "merged_validation_accuracy", "mean_local_test_accuracy",
             "std_local_test_accuracy", "local_test_accuracy", "consensus_distance", "bytes_sent", "messages_sent",
-            "communication_rounds", "wall_time_s")
+            "communication_rounds", "wall_time_s", "mean_local_validation_accuracy", "std_local_validation_accuracy",
+            "min_local_validation_accuracy")
     return {"name": config.get("name", "run"), "engine": config.get("runtime", {}).get("engine", "ray"),
             "status": status, "reason": f"stopped by the sweep's scheduler at epoch {last['epoch']:g}"
             if status == "stopped" else "the trial failed", "records": len(records), "last": last,
@@ -238,9 +209,12 @@ def _stopped_summary(spec: dict, records: list[dict], status: str) -> dict:
 
 def rank(rows: list[dict], points: list[dict], metric: str, mode: str) -> list[dict]:
     """Grid points with the mean and std over seeds of each trial's last `metric`, best first. A point with
-    trials that ran to the end ranks on those; points whose every trial was stopped early come after them."""
+    trials that ran to the end ranks on those; points whose every trial was stopped early come after them, and a
+    point with a rejected trial (row "rejected", --reject-diverging) after all others, its reasons kept."""
     ranked = []
     for index, settings in enumerate(points):
+        rejected = [f"seed {row['seed']}: {row['rejected']}" for row in rows
+                    if row["point"] == index and row.get("rejected")]
         mine = [row for row in rows if row["point"] == index and row[metric] is not None]
         whole = [row for row in mine if row["status"] == "finished"]
         counted = whole or mine
@@ -252,10 +226,11 @@ def rank(rows: list[dict], points: list[dict], metric: str, mode: str) -> list[d
             "stopped": sum(row["status"] == "stopped" for row in rows if row["point"] == index),
             "errors": sum(row["status"] not in ("finished", "stopped") for row in rows if row["point"] == index),
             "merged_test_accuracy": mean_std([row["merged_test_accuracy"] for row in counted])[0],
+            "rejected": rejected,
         })
     sign = -1.0 if mode == "max" else 1.0
-    return sorted(ranked, key=lambda p: (p["mean"] is None, not p["finished"], sign * (p["mean"] or 0.0),
-                                         p["point"]))
+    return sorted(ranked, key=lambda p: (bool(p["rejected"]), p["mean"] is None, not p["finished"],
+                                         sign * (p["mean"] or 0.0), p["point"]))
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:
@@ -271,8 +246,13 @@ def trials_markdown(ranked: list[dict], rows: list[dict], metric: str, mode: str
              "| --- | --- | --- | --- | --- | --- |"]
     for place, point in enumerate(ranked, 1):
         score = _fmt(point["mean"]) + (f" ± {point['std']:.4f}" if point["std"] is not None else "")
-        lines.append(f"| {place} | {point['label']} | {score} | {' '.join(map(str, point['seeds']))} | "
-                     f"{point['stopped']} | {_fmt(point['merged_test_accuracy'])} |")
+        lines.append(f"| {place} | {point['label']}{' (rejected)' * bool(point.get('rejected'))} | {score} | "
+                     f"{' '.join(map(str, point['seeds']))} | {point['stopped']} | "
+                     f"{_fmt(point['merged_test_accuracy'])} |")
+    rejected = [(point["label"], reason) for point in ranked for reason in point.get("rejected") or []]
+    if rejected:
+        lines += ["", "## Rejected as diverging (--reject-diverging: they rank last)", ""]
+        lines += [f"- {where}, {reason}" for where, reason in rejected]
     lines += ["", "## Trials", "", f"| trial | seed | status | epochs | {metric} | merged test acc. |",
               "| --- | --- | --- | --- | --- | --- |"]
     for row in rows:
@@ -286,35 +266,43 @@ def trials_markdown(ranked: list[dict], rows: list[dict], metric: str, mode: str
 
 def sweep(base: dict | Config, grid: dict[str, list], *, out_dir: str | Path, seeds: Sequence[int] = (0,),
           metric: str | None = None, mode: str | None = None, scheduler: str = "fifo", grace_epochs: int = 1,
-          max_concurrent: int | None = None, progress: bool = True) -> SweepResult:
-    """Run every grid point with every seed as a Ray Tune trial; write best.yaml, trials.md and trials.json."""
+          max_concurrent: int | None = None, progress: bool = True,
+          reject_diverging: float | None = None) -> SweepResult:
+    """Run every grid point with every seed as a Ray Tune trial; write best.yaml, trials.md and trials.json.
+    reject_diverging: a factor; a trial whose consensus distance grows by more over its last records
+    (growing_distance) is rejected, and its grid point ranks last."""
     base = to_dict(base) if isinstance(base, Config) else copy.deepcopy(base)
     base.setdefault("runtime", {})["progress"] = False
     configs, metric, mode = check_sweep(base, grid, seeds, metric, mode, scheduler)
     if grace_epochs < 1:
         raise UserError("--grace-epochs", f"must be >= 1, got {grace_epochs}")
+    if reject_diverging is not None and not (math.isfinite(reject_diverging) and reject_diverging >= 1):
+        raise UserError("--reject-diverging", f"must be a factor >= 1 (default 2), got {reject_diverging}")
     out = Path(out_dir).resolve()
     if out.exists() and any(out.iterdir()):
         raise UserError("--out", f"{out} exists and is not empty (a sweep writes a fresh folder)")
     points = grid_points(grid)
-    specs = [{"name": _folder_name(p, settings, seed), "point": p, "settings": settings, "seed": seed,
-              "config": _portable(configs[p][s]), "run_dir": str(out / _folder_name(p, settings, seed))}
+    specs = [{"name": folder_name(p, settings, seed), "point": p, "settings": settings, "seed": seed,
+              "config": _portable(configs[p][s]), "run_dir": str(out / folder_name(p, settings, seed))}
              for p, settings in enumerate(points) for s, seed in enumerate(seeds)]
     _prepare_points(configs)
     statuses = _run_tune(specs, points, configs[0][0], metric, mode, scheduler, grace_epochs, max_concurrent, out,
                          progress)
-    rows = collect(out, specs, metric, statuses)
+    rows = collect(out, specs, metric, statuses, reject_diverging)
     ranked = rank(rows, points, metric, mode)
     best = ranked[0]
     if best["mean"] is None:
         raise UserError("sweep", f"no trial reported {metric}; see the run folders in {out}")
+    if best["rejected"]:
+        raise UserError("--reject-diverging", f"every config has a diverging trial (e.g. {best['label']}, "
+                                              f"{best['rejected'][0]}); see {out}")
     best_config = configs[best["point"]][0]
     best_config = from_dict(Config, {**to_dict(best_config), "seed": base.get("seed", 0)})
     header = (f"# raygossip sweep: best of {len(points)} configs on {metric} ({mode}), mean over seeds "
               f"{' '.join(map(str, best['seeds']))}: {best['mean']:.4f}\n# {best['label']}\n")
     write_text_atomic(out / "best.yaml", header + dump_yaml(best_config))
     write_json_atomic(out / "trials.json", {"metric": metric, "mode": mode, "scheduler": scheduler,
-                                            "seeds": list(seeds), "grid": grid, "best": best, "points": ranked,
+                                            "seeds": list(seeds), "grid": grid, "reject_diverging": reject_diverging, "best": best, "points": ranked,
                                             "trials": rows})
     write_text_atomic(out / "trials.md", trials_markdown(ranked, rows, metric, mode, scheduler))
     return SweepResult(best=best, best_config=best_config, points=ranked, trials=rows, out_dir=out)

@@ -50,6 +50,7 @@ def _check(condition: bool, field_name: str, message: str) -> None:
 def validate(config: Config) -> None:
     """Range and cross-field checks; raises the first UserError found. Runs before anything starts."""
     _validate_registries(config)
+    _validate_compressor_count(config)
     t, g, s, r = config.train, config.gossip, config.schedule, config.runtime
     _check(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
     _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
@@ -150,6 +151,13 @@ def _validate_kind_keys(m: CommunicationKindConfig, where: str) -> None:
     _check(0 <= m.start <= 1, f"{where}.start", f"must be in [0, 1], got {m.start}")
     _check(0 < m.width <= 1, f"{where}.width", f"must be in (0, 1], got {m.width}")
     _check(m.sparse_every >= 0, f"{where}.sparse_every", "must be >= 0 (0: no rounds outside)")
+
+
+def _validate_compressor_count(config: Config) -> None:
+    """gossip.compressor.count counts top_k's k; another compressor has no k to count that way."""
+    c = config.gossip.compressor
+    _check(c.count == "ceil" or c.name == "top_k", "gossip.compressor.count",
+           f"{c.count} counts top_k's k per tensor; compressor {c.name!r} has no such k (leave count at ceil)")
 
 
 def _validate_packing(config: Config) -> None:

@@ -397,6 +397,8 @@ class Tuning:
     table: Callable[[dict], str]  # the sweep's table, printed above the scenario's own
     untuned: str  # what --no-tune runs with, for its help
     seeds: Sequence[int] = (0,)
+    metric: str = tuning.METRIC  # the record key the sweep ranks on
+    reject_diverging: float | None = None  # raygossip sweep --reject-diverging FACTOR (None: off)
 
 
 @dataclass(frozen=True)
@@ -438,8 +440,8 @@ def tune_first(hook: Tuning, args: argparse.Namespace) -> tuple[Any, dict | None
         return None, None, ""
     base = hook.base(args)
     tune_out = args.tune_out or args.out.parent / f"{args.out.name}-tune"
-    trials = tuning.tune(base, hook.grid(args, base), tune_out, hook.seeds)
-    text = (f"Tuning sweep ({tune_out}), ranked on {tuning.METRIC}, seeds {' '.join(map(str, hook.seeds))}:\n\n"
+    trials = tuning.tune(base, hook.grid(args, base), tune_out, hook.seeds, hook.metric, hook.reject_diverging)
+    text = (f"Tuning sweep ({tune_out}), ranked on {hook.metric}, seeds {' '.join(map(str, hook.seeds))}:\n\n"
             + hook.table(trials) + "\n")
     return hook.picks(trials, args), tuning.reusable_runs(trials), text
 

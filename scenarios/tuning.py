@@ -18,7 +18,7 @@ IGNORED = ("name", "label", "runtime", "data.root", "data.download", "eval.tenso
 
 
 def tune(base: dict, grid: dict[str, list], out: str | Path, seeds: Sequence[int] = (0,),
-         metric: str = METRIC) -> dict:
+         metric: str = METRIC, reject_diverging: float | None = None) -> dict:
     """trials.json of the sweep of `grid` over `base` in `out`: read when `out` already holds that sweep, else run.
 
     Trials run one at a time (reference engine, one Ray actor reused), ranked on the mean over `seeds` of
@@ -29,35 +29,39 @@ def tune(base: dict, grid: dict[str, list], out: str | Path, seeds: Sequence[int
     if done.is_file():
         trials = json.loads(done.read_text())
         if _canonical(trials["grid"]) != _canonical(grid) or list(trials["seeds"]) != list(seeds) \
-                or trials["metric"] != metric:
+                or trials["metric"] != metric or trials.get("reject_diverging") != reject_diverging:
             raise UserError("--tune-out", f"{out} holds a sweep of another grid, seeds or metric: "
                                           "give an empty folder (or delete it) to tune again")
         print(f"tuning: reusing the sweep in {out} ({len(trials['trials'])} trials)")
         return trials
     from raygossip.sweep import sweep
 
-    sweep(base, grid, out_dir=out, seeds=list(seeds), metric=metric, max_concurrent=1, progress=True)
+    sweep(base, grid, out_dir=out, seeds=list(seeds), metric=metric, max_concurrent=1, progress=True,
+          reject_diverging=reject_diverging)
     return json.loads(done.read_text())
 
 
 def sweep_command(config: str, grid: dict[str, list], seeds: Sequence[int], out: str | Path,
-                  overrides: Sequence[str] = ()) -> str:
+                  overrides: Sequence[str] = (), metric: str = METRIC, reject_diverging: float | None = None) -> str:
     """The `raygossip sweep` command line that runs the same sweep as tune()."""
     parts = [f"raygossip sweep {config}"]
     parts += [f"--grid '{key}={json.dumps(values, separators=(', ', ': '))}'" for key, values in grid.items()]
     parts += [f"--set {item}" for item in overrides]
-    parts += [f"--seeds {' '.join(map(str, seeds))}", "--max-concurrent 1", f"--metric {METRIC}", f"--out {out}"]
+    parts += [f"--seeds {' '.join(map(str, seeds))}", "--max-concurrent 1", f"--metric {metric}"]
+    parts += [] if reject_diverging is None else [f"--reject-diverging {reject_diverging:g}"]
+    parts += [f"--out {out}"]
     return " \\\n    ".join(parts)
 
 
 def best_per_group(trials: dict, group: Callable[[dict], Any]) -> dict[Any, dict]:
     """{group(settings): the settings of the best grid point in that group} from a sweep's ranked points.
 
-    Only points whose trials ran to the end (status finished) count; a group with none is left out.
+    Only points whose trials ran to the end (status finished) and none of which was rejected as diverging
+    (`--reject-diverging`) count; a group with none is left out.
     """
     best: dict[Any, dict] = {}
     for point in trials["points"]:  # ranked best first
-        if not point["finished"] or point["mean"] is None:
+        if not point["finished"] or point["mean"] is None or point.get("rejected"):
             continue
         best.setdefault(group(point["settings"]), point)
     return {key: point["settings"] for key, point in best.items()}

@@ -397,3 +397,36 @@ def test_bad_parameters_raise_user_error(name: str, kw: dict, field: str) -> Non
         assert "top_k" in str(err.value) and "qsgd" in str(err.value)
     if field.endswith("index_coding"):
         assert "plain, entropy" in str(err.value)
+
+
+@pytest.mark.parametrize("ratio, sizes, ceil_ks, authors_ks", [
+    # the MNIST MLP 784-128-10: weights, bias, weights, bias
+    (0.1, (100352, 128, 1280, 10), (10036, 13, 128, 1), (10035, 12, 127, 0)),
+    (0.01, (100352, 128, 1280, 10), (1004, 2, 13, 1), (1003, 1, 12, 0)),
+    (0.5, (7, 1, 4), (4, 1, 2), (3, 0, 2)),
+    (1.0, (5, 3), (5, 3), (5, 3)),
+])
+def test_top_k_counts_k_per_tensor_as_ceil_or_as_the_authors(ratio, sizes, ceil_ks, authors_ks):
+    # the authors' count: int(n * (1 - K)) with K = 1 - ratio, the float arithmetic of their code
+    assert authors_ks == tuple(int(n * (1 - (1 - ratio))) for n in sizes)
+    for count, ks in (("ceil", ceil_ks), ("authors", authors_ks)):
+        c = make_compressor("top_k", sizes, ratio=ratio, count=count)
+        x = torch.randn(sum(sizes), generator=torch.Generator().manual_seed(0))
+        packed = c.compress(x, None)
+        assert packed.arrays["values"].numel() == sum(ks), count
+        y = c.decompress(packed)
+        for seg_x, seg_y, k in zip(x.split(sizes), y.split(sizes), ks):
+            assert int((seg_y != 0).sum()) == k
+            if k:
+                assert seg_y.abs().max() == seg_x.abs().max()  # the largest entry of each tensor is kept
+
+
+def test_an_unknown_count_or_a_count_without_top_k_is_a_one_line_error():
+    from raygossip.validation import load_config
+
+    with pytest.raises(UserError, match=r"^gossip.compressor.count: must be one of ceil, authors; got 'floor'$"):
+        make_compressor("top_k", (10,), ratio=0.1, count="floor")
+    base = {"gossip": {"rule": "choco", "gamma": 0.5, "compressor": {"name": "qsgd", "bits": 4, "count": "authors"}}}
+    with pytest.raises(UserError, match=r"^gossip.compressor.count: authors counts top_k's k per tensor; compressor "
+                                        r"'qsgd' has no such k"):
+        load_config(base=base)

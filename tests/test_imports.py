@@ -16,7 +16,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("raygossip.config", "raygossip.config_io", "raygossip.presets", "raygossip.results", "raygossip.usercode"),
     ("raygossip.core", "raygossip.checkpoint"),
     ("raygossip.engines", "raygossip.validation"),
-    ("raygossip.api", "raygossip.cli", "raygossip.sweep", "raygossip.compare", "raygossip.plots",
+    ("raygossip.api", "raygossip.cli", "raygossip.sweep", "raygossip.sweep_grid", "raygossip.compare", "raygossip.plots",
      "raygossip.tracking", "raygossip.timeline_builder"),
 ]
 

@@ -95,13 +95,44 @@ def test_ars_variants_follow_the_protocol_and_scale_the_ramp_to_training_length(
     assert growth == pytest.approx(1.01, abs=1e-3)
 
 
-def test_adagossip_grid_is_the_same_for_both_rules():
+def test_adagossip_grid_gives_each_rule_its_own_five_points_half_a_decade_apart():
+    from raygossip.sweep_grid import grid_points, parse_grid
+
     grid = adagossip_vs_choco.tuning_grid("cpu")
-    assert grid["gossip.rule"] == ["choco", "adagossip"] and len(grid["gossip.gamma"]) == 4
+    assert grid["gossip.rule"] == ["choco", "adagossip"] and "gossip.gamma" not in grid
+    for rule in ("choco", "adagossip"):
+        gammas = grid[f"gossip.gamma@gossip.rule={rule}"]
+        assert len(gammas) == 5 and all(1 < b / a <= 10 ** 0.5 for a, b in zip(gammas, gammas[1:]))
+    assert max(grid["gossip.gamma@gossip.rule=adagossip"]) <= min(grid["gossip.gamma@gossip.rule=choco"])
     assert [p["kind"] for p in grid["data.partition"]] == ["iid", "dirichlet_lin"]
+    points = grid_points(grid)
+    assert len(points) == 2 * 4 * 2 * 5
+    # the sweep command line parses back to the same grid
+    items = [f"{key}={json.dumps(values)}" for key, values in adagossip_vs_choco.tuning_grid("cpu", ["top-k 10%"]).items()]
+    assert len(grid_points(parse_grid(items))) == 2 * 2 * 5
     variants = dict(adagossip_vs_choco.variants("cpu", picks={(0.1, "adagossip", "sign"): 0.02}))
     assert len(variants) == 16 and variants["adagossip, sign, alpha=0.1"].gossip.gamma == 0.02
     assert variants["choco, QSGD 4 bit, IID"].gossip.compressor.scaled
+    assert len(adagossip_vs_choco.variants("cpu", compressor=["top-k 10%"])) == 4
+
+
+def test_adagossip_picks_skip_rejected_points_and_the_table_shows_each_rules_grid():
+    grid = adagossip_vs_choco.tuning_grid("smoke", ["top-k 10%"])
+    topk = adagossip_vs_choco.COMPRESSORS["top-k 10%"]
+
+    def point(rule, gamma, mean, rejected=()):
+        return {"settings": {"data.partition": {"kind": "iid"}, "gossip.rule": rule, "gossip.compressor": topk,
+                             "gossip.gamma": gamma}, "finished": True, "mean": mean, "std": 0.001,
+                "rejected": list(rejected)}
+
+    trials = {"grid": grid, "points": [point("choco", 0.5, 0.97, ["seed 1: consensus distance grew 1 -> 9"]),
+                                       point("choco", 0.1, 0.95), point("adagossip", 0.02, 0.96),
+                                       point("adagossip", 0.005, 0.94)]}
+    assert adagossip_vs_choco.picks_of(trials) == {(None, "choco", "top-k 10%"): 0.1,
+                                                   (None, "adagossip", "top-k 10%"): 0.02}
+    table = adagossip_vs_choco.tuning_table(trials)
+    assert "0.5: 0.9700 ± 0.0010 (rejected)" in table and "0.1: 0.9500 ± 0.0010 **picked**" in table
+    assert "0.02: 0.9600 ± 0.0010 **picked**" in table
 
 
 def test_tuning_picks_per_group_and_the_final_runs_reuse_its_trials(tmp_path):

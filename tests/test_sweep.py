@@ -12,7 +12,8 @@ from raygossip.compare import group_runs, load_runs
 from raygossip.validation import load_config
 from raygossip.errors import UserError
 from raygossip.results import read_metrics
-from raygossip.sweep import check_sweep, parse_grid, sweep
+from raygossip.sweep import check_sweep, sweep
+from raygossip.sweep_grid import parse_grid
 from conftest import small
 
 SETS = ["--set", "runtime.engine=reference", "--set", "agents.count=4", "--set", "eval.every=1",
@@ -142,3 +143,96 @@ def test_ray_engine_trials_reproduce_the_reference_engine(ray_cluster, tmp_path)
         got = read_metrics(Path(t["run_dir"]) / "metrics.jsonl")
         assert [r["merged_validation_accuracy"] for r in got] == pytest.approx(
             [r["merged_validation_accuracy"] for r in expected], abs=1e-6)
+
+
+def _records(distances: list[float]) -> list[dict]:
+    return [{"epoch": float(k + 1), "consensus_distance": d} for k, d in enumerate(distances)]
+
+
+@pytest.mark.parametrize("distances, rejected", [
+    ([0.0, 5.0, 9.0, 8.0, 6.0, 4.0, 3.0, 2.5], None),  # rises early, settles: kept
+    ([0.0, 5.0, 4.0, 4.0, 4.0, 4.0, 4.0, 8.1], "grew 4 -> 8.1"),  # the last quarter (from record 6) doubles
+    ([0.0, 5.0, 4.0, 4.0, 4.0, 4.0, 4.0, 7.9], None),  # by less than the factor 2
+    ([1.0, 2.0, 40.0, 30.0, 20.0, 10.0, 9.0, 8.0], None),  # grew, but before the last quarter
+    ([1.0, 2.0, float("nan"), 3.0], "not finite at record 3 of 4"),
+    ([1.0, 2.5], "grew 1 -> 2.5"),  # two records: the last against the first
+    ([7.0], None),
+])
+def test_the_divergence_rule_looks_at_the_last_quarter_of_records(distances, rejected):
+    from raygossip.sweep import growing_distance
+
+    reason = growing_distance(_records(distances), 2.0)
+    assert (reason is None) == (rejected is None), reason
+    if rejected:
+        assert rejected in reason
+
+
+def test_a_point_with_a_rejected_trial_ranks_last_and_says_why():
+    from raygossip.sweep import rank, trials_markdown
+
+    points = [{"gossip.gamma": 0.1}, {"gossip.gamma": 0.5}]
+    rows = [{"name": f"p{p}-s{s}", "point": p, "settings": points[p], "seed": s, "status": "finished",
+             "epochs_done": 2.0, "records": 2, "m": value, "merged_test_accuracy": value, "run_dir": "",
+             "rejected": "consensus distance grew 1 -> 9" if (p, s) == (1, 1) else None}
+            for (p, s), value in {(0, 0): 0.8, (0, 1): 0.8, (1, 0): 0.9, (1, 1): 0.95}.items()]
+    ranked = rank(rows, points, "m", "max")
+    assert [point["point"] for point in ranked] == [0, 1]  # the better mean of point 1 does not save it
+    assert ranked[1]["rejected"] == ["seed 1: consensus distance grew 1 -> 9"] and ranked[0]["rejected"] == []
+    text = trials_markdown(ranked, rows, "m", "max", "fifo")
+    assert "gossip.gamma=0.5 (rejected)" in text and "- gossip.gamma=0.5, seed 1: consensus distance grew" in text
+
+
+def test_reject_diverging_needs_a_factor_of_at_least_one(tmp_path):
+    with pytest.raises(UserError, match=r"^--reject-diverging: must be a factor >= 1"):
+        sweep(tiny(), {"train.lr": [0.1]}, out_dir=tmp_path / "s", reject_diverging=0.5)
+
+
+def test_local_validation_metrics_need_a_validation_part():
+    data = tiny()
+    data["eval"]["validation_fraction"] = 0.0
+    with pytest.raises(UserError, match=r"^--metric: mean_local_validation_accuracy needs eval.validation_fraction"):
+        check_sweep(data, {"train.lr": [0.1]}, [0], "mean_local_validation_accuracy", None, "fifo")
+    configs, metric, mode = check_sweep(tiny(), {"train.lr": [0.1]}, [0], "min_local_validation_accuracy", None, "fifo")
+    assert mode == "max"
+
+
+def test_a_conditional_grid_gives_each_rule_its_own_values():
+    from raygossip.sweep_grid import grid_points
+
+    grid = parse_grid(["gossip.rule=[choco, adagossip]", "gossip.gamma@gossip.rule=choco=[0.1, 0.2, 0.5]",
+                       "gossip.gamma@gossip.rule=adagossip=[0.001, 0.005]"])
+    assert [(p["gossip.rule"], p["gossip.gamma"]) for p in grid_points(grid)] == [
+        ("choco", 0.1), ("choco", 0.2), ("choco", 0.5), ("adagossip", 0.001), ("adagossip", 0.005)]
+    configs, _, _ = check_sweep(tiny(), grid, [0, 1], None, None, "fifo")
+    assert [(c[1].gossip.rule, c[1].gossip.gamma, c[1].seed) for c in configs][::4] == [("choco", 0.1, 1),
+                                                                                       ("adagossip", 0.005, 1)]
+
+
+@pytest.mark.parametrize("items, needle", [
+    (["gossip.gamma@gossip.rule=choco=[0.1]"], "gossip.rule is not a searched key: give --grid gossip.rule=[...]"),
+    (["gossip.rule=[choco]", "gossip.gamma@gossip.rule=dpsgd=[0.1]"], "'dpsgd' is not one of gossip.rule's values"),
+    (["gossip.rule=[choco]", "gossip.gamma=[1]", "gossip.gamma@gossip.rule=choco=[0.1]"],
+     "gossip.gamma is also searched at every point"),
+    (["gossip.rule=[choco]", "gossip.gamma@gossip.rule=choco=[0.1]", "gossip.gamma@gossip.rule=choco=[0.2]"],
+     "--grid gossip.gamma@gossip.rule=choco: given twice"),
+    (["gossip.rule=[choco]", "gossip.gamma@gossip.rule=choco"], "--grid: expected KEY=[v1,v2,...] or KEY@OTHER"),
+    (["gossip.rule=[choco]", "gossip.gamma@=choco=[0.1]"], "expected KEY@OTHER=VALUE=[v1,v2,...]"),
+])
+def test_a_bad_conditional_grid_is_a_one_line_error(items, needle):
+    with pytest.raises(UserError) as error:
+        parse_grid(items)
+    assert needle in str(error.value) and "\n" not in str(error.value), str(error.value)
+
+
+def test_the_cli_takes_reject_diverging_and_a_conditional_grid_and_checks_them_before_ray(capsys, tmp_path):
+    out = tmp_path / "sweep"
+    code = main(["sweep", "configs/quickstart.yaml", "--grid", "gossip.rule=[choco]",
+                 "--grid", "gossip.gamma@gossip.rule=choco=[0.1, 0.5]", *SETS, "--reject-diverging", "0.5",
+                 "--metric", "mean_local_validation_accuracy", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.splitlines() == [err] and "--reject-diverging: must be a factor >= 1" in err
+    code = main(["sweep", "configs/quickstart.yaml", "--grid", "gossip.gamma@gossip.rule=choco=[0.1]", *SETS,
+                 "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "gossip.rule is not a searched key" in err
+    assert not out.exists()

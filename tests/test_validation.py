@@ -71,9 +71,31 @@ def test_every_record_carries_the_merged_validation_accuracy(tmp_path):
                                                                           abs=1e-12)
 
 
+def test_every_record_carries_each_agents_own_validation_accuracy():
+    from raygossip.engines.reference import ReferenceEngine
+
+    data = small(eval__validation_fraction=0.2, runtime__engine="reference", gossip__rule="choco", gossip__gamma=0.3)
+    data["schedule"]["final_merge"] = {"enabled": False}  # the agents' models at the end are the last record's
+    config = load_config(base=data)
+    engine = ReferenceEngine(config)
+    records = engine.run(progress=False)["records"]
+    assert all({"mean_local_validation_accuracy", "std_local_validation_accuracy",
+                "min_local_validation_accuracy"} <= set(r) for r in records)
+    setup = prepare(config)
+    _, held_out = validation_split(config, len(setup.dataset.train))
+    x, y = setup.dataset.train.x[held_out], setup.dataset.train.y[held_out]
+    own = [evaluate(agent.model, x, y, 1000, torch.device("cpu")) for agent in engine.agents]  # recomputed
+    last = records[-1]
+    assert len(set(own)) > 1  # the agents' own models differ (CHOCO, no merge before the record)
+    assert last["mean_local_validation_accuracy"] == pytest.approx(float(np.mean(own)), abs=1e-12)
+    assert last["min_local_validation_accuracy"] == min(own)
+    assert last["std_local_validation_accuracy"] == pytest.approx(float(np.std(own)), abs=1e-12)
+
+
 def test_records_have_no_validation_accuracy_without_a_fraction(tmp_path):
     result = run(load_config(base=small(runtime__engine="reference")), progress=False)
     assert all("merged_validation_accuracy" not in r for r in result.records)
+    assert all("mean_local_validation_accuracy" not in r for r in result.records)
     assert "merged_validation_accuracy" not in result.summary
 
 
@@ -84,5 +106,6 @@ def test_the_ray_engine_reports_the_reference_validation_accuracy(ray_cluster):
     expected = ReferenceEngine(config).run(progress=False)["records"]
     engine, outcome = run_ray(config, progress=False)
     engine.close()
-    got = [r["merged_validation_accuracy"] for r in outcome["records"]]
-    assert got == pytest.approx([r["merged_validation_accuracy"] for r in expected], abs=1e-6)
+    for key in ("merged_validation_accuracy", "mean_local_validation_accuracy", "min_local_validation_accuracy"):
+        got = [r[key] for r in outcome["records"]]
+        assert got == pytest.approx([r[key] for r in expected], abs=1e-6), key

@@ -134,7 +134,15 @@ def _segment_stat(
     return torch.stack([fn(seg) for seg in x.split(sizes)]).to(torch.float32)
 
 
-def _keep_count(size: int, ratio: float) -> int:
+COUNTS = ("ceil", "authors")  # gossip.compressor.count: how top_k's k per tensor follows from the ratio
+
+
+def _keep_count(size: int, ratio: float, count: str = "ceil") -> int:
+    """k of a segment: "ceil" max(1, ceil(ratio * size)); "authors" the AdaGossip/CHOCO code's int(size * (1 - K))
+    with K = 1 - ratio its dropped fraction, in the same float arithmetic (truncated: 0 for a small tensor, which
+    then sends nothing)."""
+    if count == "authors":
+        return min(size, int(size * (1 - (1 - ratio))))
     return min(size, max(1, math.ceil(ratio * size)))
 
 
@@ -210,15 +218,19 @@ def identity(segments: Sequence[int]) -> Compressor:
     return Compressor("identity", compress, decompress, unbiased=True)
 
 
-def top_k(segments: Sequence[int], *, ratio: float | None, index_coding: str = "plain") -> Compressor:
-    """Keep, per segment, the k = max(1, ceil(ratio*size)) entries of largest |value| (biased).
+def top_k(segments: Sequence[int], *, ratio: float | None, index_coding: str = "plain",
+          count: str = "ceil") -> Compressor:
+    """Keep, per segment, the k = max(1, ceil(ratio*size)) entries of largest |value| (biased); count "authors":
+    k = int(size * (1 - K)), K = 1 - ratio, as the AdaGossip code counts (_keep_count).
 
     index_coding: "plain" integer indices, or "entropy" (Rice-coded gaps or a bitmap per segment).
     """
     ratio = _check_ratio(ratio, "top_k")
     coding = _check_index_coding(index_coding)
     sizes = _check_segments(segments)
-    ks = tuple(_keep_count(s, ratio) for s in sizes)
+    if count not in COUNTS:
+        raise UserError("gossip.compressor.count", f"must be one of {', '.join(COUNTS)}; got {count!r}")
+    ks = tuple(_keep_count(s, ratio, count) for s in sizes)
 
     def compress(x: torch.Tensor, generator: torch.Generator | None = None) -> Compressed:
         x = _check_input(x, sizes).to(_wire_float(x.dtype))
@@ -332,6 +344,7 @@ def make_compressor(
     scope: str = "tensor",
     scaled: bool = False,
     index_coding: str = "plain",
+    count: str = "ceil",
 ) -> Compressor:
     """Build a compressor by name. scope "tensor" compresses each segment (parameter tensor)
     separately; "global" treats the whole vector as one segment. Parameters a compressor does
@@ -345,5 +358,5 @@ def make_compressor(
     sizes = _check_segments(segments)
     if scope == "global":
         sizes = (sum(sizes),)
-    given = {"ratio": ratio, "bits": bits, "scaled": scaled, "index_coding": index_coding}
+    given = {"ratio": ratio, "bits": bits, "scaled": scaled, "index_coding": index_coding, "count": count}
     return COMPRESSORS[name](sizes, **{k: given[k] for k in keyword_params(COMPRESSORS[name])})

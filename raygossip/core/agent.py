@@ -92,7 +92,7 @@ class AgentCore:
         spec = config.gossip.compressor
         compressor = make_compressor(
             spec.name, self.flat.segments, ratio=spec.ratio, bits=spec.bits, scope=spec.scope, scaled=spec.scaled,
-            index_coding=spec.index_coding,
+            index_coding=spec.index_coding, count=spec.count,
         )
         self.rule: GossipRule = make_rule(config.gossip.rule, compressor, beta=config.gossip.beta)
         self.state: RuleState = self.rule.init(self.flat.data)

@@ -249,6 +249,19 @@ class MergedModel:
             return None
         return evaluate(self.model, x, y, self.setup.config.eval.batch_size, self.device, self.metric)
 
+    def local_validation_accuracies(self, states: Sequence[tuple[torch.Tensor, dict[str, torch.Tensor]]]
+                                    ) -> list[float] | None:
+        """Each agent's own model (parameters, buffers) on the held-out validation part, in the order given (None when
+        eval.validation_fraction is 0 or eval.local is off). Both engines evaluate here, on this scratch model, so
+        their numbers agree; leaves the last agent's state loaded."""
+        if len(self.validation[1]) == 0 or not self.setup.config.eval.local:
+            return None
+        accuracies = []
+        for vector, buffers in states:
+            self.load(vector, buffers)
+            accuracies.append(self.validation_accuracy())
+        return accuracies
+
     def reestimate_on_global_sample(self, batches: int, seed: int) -> None:
         """Re-estimate batch-norm statistics on batches drawn uniformly from the whole training set (less the
         held-out validation part)."""
@@ -299,6 +312,7 @@ def network_record(
     local_accuracies: list[float] | None,
     merged_accuracy: float,
     merged_validation_accuracy: float | None = None,
+    local_validation_accuracies: list[float] | None = None,
     traffic: Sequence,
     train_loss: float,
     rounds_done: int,
@@ -334,6 +348,12 @@ def network_record(
             max_local_test_accuracy=max(local_accuracies),
             local_test_accuracy=local_accuracies,
         )
+    if local_validation_accuracies is not None:
+        record.update(
+            mean_local_validation_accuracy=statistics.fmean(local_validation_accuracies),
+            std_local_validation_accuracy=statistics.pstdev(local_validation_accuracies),
+            min_local_validation_accuracy=min(local_validation_accuracies),
+        )
     return with_metric_keys(record, plan.config)
 
 
@@ -359,6 +379,10 @@ def metric_key(key: str, config: Config) -> str:
 def with_metric_keys(record: dict, config: Config) -> dict:
     """A record built with accuracy keys, its keys named for the run's metric."""
     return {metric_key(key, config): value for key, value in record.items()}
+
+
+LOCAL_VALIDATION_KEYS = ("mean_local_validation_accuracy", "std_local_validation_accuracy",
+                         "min_local_validation_accuracy")
 
 
 def lr_multiplier(plan: RunPlan, step: int) -> float:
@@ -400,6 +424,7 @@ def summary_record(
         "mean_local_test_accuracy": last.get("mean_local_test_accuracy"),
         "std_local_test_accuracy": last.get("std_local_test_accuracy"),
         "local_test_accuracy": last.get("local_test_accuracy"),
+        **{key: last[key] for key in LOCAL_VALIDATION_KEYS if key in last},
         "consensus_distance": last["consensus_distance"],
         "gamma": last.get("gamma"),
         **({"adaptive_gamma": {str(e["epoch"]): e["gamma"] for e in events if e.get("kind") == "gamma_set"}}

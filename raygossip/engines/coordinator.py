@@ -338,6 +338,7 @@ class Coordinator(Supervision, Checkpoints):
                 for host in self.hosts(self.live()):
                     host.set_gammas.remote({gamma_set["epoch"]: gamma_set["gamma"]})
                 self.event(**gamma_set)
+        local_validation = self.merged.local_validation_accuracies(states)
         self.merged.load(global_average(vectors), average_buffers([buffers for _, buffers in states]))
         accuracies = [reports[i].accuracy for i in order]
         rounds_done = (step + 1) // self.plan.local_steps
@@ -346,6 +347,7 @@ class Coordinator(Supervision, Checkpoints):
             local_accuracies=None if accuracies[0] is None else accuracies,
             merged_accuracy=self.merged.evaluate(), traffic=[traffic_of(reports[i].traffic) for i in counted],
             merged_validation_accuracy=self.merged.validation_accuracy(),
+            local_validation_accuracies=local_validation,
             train_loss=float(np.mean([reports[i].loss for i in order])), rounds_done=rounds_done,
             communication_rounds=self.communication_rounds(rounds_done),
             wall_time_s=time.time() - self.started,

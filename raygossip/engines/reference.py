@@ -114,11 +114,14 @@ class ReferenceEngine:
         local = None
         if self.config.eval.local:
             local = [agent.evaluate(self.setup.test_x, self.setup.test_y, batch) for agent in agents]
-        self.merged.load(global_average(vectors), average_buffers([a.buffers() for a in agents]))
+        buffers = [a.buffers() for a in agents]
+        local_validation = self.merged.local_validation_accuracies(list(zip(vectors, buffers)))
+        self.merged.load(global_average(vectors), average_buffers(buffers))
         record = network_record(
             step=step, plan=self.setup.plan, vectors=vectors, local_accuracies=local,
             merged_accuracy=self.merged.evaluate(), traffic=[self.agents[i].traffic for i in self.live],
             merged_validation_accuracy=self.merged.validation_accuracy(),
+            local_validation_accuracies=local_validation,
             train_loss=float(np.mean(losses)),  # as the coordinator: from 8 agents on numpy sums pairwise, not as sum()
             rounds_done=self.rounds_done,
             communication_rounds=self.communication_rounds, wall_time_s=self.elapsed(),

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
 
 from raygossip.errors import UserError
-from raygossip.registry import keyword_params
+from raygossip.registry import Registry, keyword_params, one_line
 from raygossip.models.lenet import lenet5
 from raygossip.models.mlp import mlp
 from raygossip.models.mobilenet import mobilenetv2
 from raygossip.models.norms import EvoNormS0
 from raygossip.models.resnet import resnet18, resnet20
 from raygossip.models.vgg import vgg11
-from raygossip.registry import Registry, one_line
 
 # Each zoo factory is f(num_classes, input_shape, *, <params>); its keyword-only arguments are the model's params,
 # so the registry is the single source of what each model accepts. A user factory registered here (or named by
