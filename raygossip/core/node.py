@@ -108,7 +108,9 @@ class GossipNode(TimelineSteps, PeerEvents, Checkpointing):
         self.incarnation = incarnation
         self.evaluation_set = evaluation_set
         self.rule = core.rule
-        self.peers = PeerTable(core.agent_id, plan.topology.mixing(0))
+        first_row = plan.mixing_at(0)[core.agent_id]
+        self.peers = PeerTable(core.agent_id, plan.support(),
+                               {j: float(w) for j, w in enumerate(first_row) if j != core.agent_id and w > 0})
         self.mailbox = Mailbox(list(range(plan.topology.n)))
         self.link_lock = threading.Lock()
         self.round_reached = core.step // plan.local_steps - 1
@@ -168,6 +170,12 @@ class GossipNode(TimelineSteps, PeerEvents, Checkpointing):
         self.phases.process_cpu += time.process_time() - process_began
         return self.stats()
 
+    def link_weight(self, sender: int) -> float:
+        """The weight with which `sender`'s known public copy is counted in s now (CHOCO/AdaGossip)."""
+        if self.links is not None:
+            return self.links.weight.get(sender, 0.0)
+        return float(self.plan.mixing_at(self.round_reached)[self.agent_id, sender])
+
     def local_step(self) -> None:
         """One local optimizer step, stretched to its simulated duration when timing is simulated."""
         step = self.core.step
@@ -218,8 +226,9 @@ class GossipNode(TimelineSteps, PeerEvents, Checkpointing):
                 self.receive(round_index, senders, round_plan)
             if me in round_plan.mixers:
                 gamma = self.gamma(round_index)
-                with self.phases("mix"), self.link_lock:
-                    self.core.mix(round_plan.weights[me][0] + self.peers.dropped_weight, gamma)
+                self_weight, row = round_plan.weights[me]
+                with self.phases("mix"), self.link_lock:  # a dropped sender's weight of this round goes to the self
+                    self.core.mix(self_weight + self.peers.moved_weight(row), gamma)
         self.send_states(round_index)  # (to an agent that joins from this one at the next round)
         every = self.options.snapshot_every
         if every and (round_index + 1) % every == 0 and self.supervisor is not None:
@@ -302,10 +311,10 @@ class GossipNode(TimelineSteps, PeerEvents, Checkpointing):
     def resync_receivers(self) -> list[int]:
         """Who gets this agent's resync letters: its out-neighbours for a rule with public copies (a static
         graph), else everyone (round marks are tiny, and the graph may change every round)."""
-        if self.links is not None:  # the graph in force now
+        if self.rule.public_copies:  # the graph in force now
             column = self.plan.mixing_at(self.round_reached)[:, self.agent_id]
             return [k for k in self.peers.others if column[k] > 0]
-        return self.peers.out_neighbours if self.rule.public_copies else self.peers.others
+        return self.peers.others
 
     def post_resync(self, receiver: int) -> None:
         now = time.time()
@@ -394,9 +403,7 @@ class GossipNode(TimelineSteps, PeerEvents, Checkpointing):
         finished)."""
         up_to = round_index if self.options.mode == "sync" else None
         whole_models = self.rule.whole_models
-        weights = dict(round_plan.weights.get(self.agent_id, (1.0, {}))[1])
-        if self.rule.public_copies:
-            weights = self.peers.in_weights  # (a graph a timeline changes: the link weights, apply_letters)
+        weights = round_plan.weights.get(self.agent_id, (1.0, {}))[1]  # (a graph a timeline changes: apply_letters)
         taken: list[Letter] = []
         quiet: list[int] = []
         for sender in sorted(set(senders) | set(self.mailbox.queues)):
@@ -450,10 +457,10 @@ class GossipNode(TimelineSteps, PeerEvents, Checkpointing):
 
     def drain(self, timeout_s: float) -> int:
         """After the run: once every live in-neighbour's final letter arrived, absorb every message still queued."""
-        senders = [j for j in self.peers.in_weights if j not in self.peers.dropped]
-        if self.links is not None:  # the in-neighbours of the graph in force at the end
-            row = self.plan.mixing_at(self.plan.total_rounds - 1)[self.agent_id]
-            senders = [j for j in self.peers.others if row[j] > 0 and j not in self.peers.dropped]
+        row = self.plan.mixing_at(self.plan.total_rounds - 1)[self.agent_id]  # the graph in force at the end
+        senders = [j for j in self.peers.in_neighbours if j not in self.peers.dropped]
+        if self.rule.public_copies:
+            senders = [j for j in senders if row[j] > 0]
         deadline = time.time() + timeout_s
         mailbox = self.mailbox
         for j in senders:
@@ -469,7 +476,7 @@ class GossipNode(TimelineSteps, PeerEvents, Checkpointing):
         if self.rule.whole_models:
             return len(taken)
         with self.link_lock:
-            self.apply_letters(taken, {j: self.peers.in_weights.get(j, 0.0) for j in senders}, None)
+            self.apply_letters(taken, {j: float(row[j]) for j in senders}, None)
         return len(taken)
 
     # ------------------------------------------------------------ reporting

@@ -21,14 +21,14 @@ class Checkpointing:
         """Continue from a snapshot (a restarted agent, before it runs); returns the step it continues at."""
         with self.link_lock:
             self.core.restore(tensors, meta)
+            self.round_reached = self.core.step // self.plan.local_steps - 1
+            if self.links is not None:  # the snapshot's s counts its links with the weights of its round
+                self.links = LinkWeights(self.plan.mixing_at(self.round_reached)[self.agent_id], self.agent_id,
+                                         self.round_reached)
+                self.graph_round = self.round_reached
             if self.core.link_copies is not None:  # the snapshot may predate drops this agent already knows of
                 for j in self.peers.dropped:
-                    self.core.drop_link(j, self.peers.in_weights.get(j, 0.0))
-        self.round_reached = self.core.step // self.plan.local_steps - 1
-        if self.links is not None:  # the snapshot's s counts its links with the weights of its round
-            self.links = LinkWeights(self.plan.mixing_at(self.round_reached)[self.agent_id], self.agent_id,
-                                     self.round_reached)
-            self.graph_round = self.round_reached
+                    self.core.drop_link(j, self.link_weight(j))
         return self.core.step
 
     def keep_snapshot(self) -> None:

@@ -175,7 +175,7 @@ class RayEngine:
         cpus = cpus_per_agent(config)
         check_resources(config, cpus)
         threads = agent_threads(runtime)
-        mixing = setup.topology.mixing(0)
+        mixing = setup.plan.support()  # every edge of the run, not round 0's alone
         self.groups = agent_groups(mixing, runtime.agents_per_actor)
         self.group_of = {i: g for g, members in enumerate(self.groups) for i in members}
         bundles = agent_bundles(config, cpus)

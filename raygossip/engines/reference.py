@@ -50,7 +50,7 @@ class ReferenceEngine:
         self.aborted: dict | None = None
         self.batched: list[tuple[list[GossipNode], BatchedSteps]] = []
         if config.runtime.batched_steps:  # the Ray engine's actors, stepped as they step their agents
-            groups = agent_groups(self.setup.topology.mixing(0), config.runtime.agents_per_actor)
+            groups = agent_groups(self.setup.plan.support(), config.runtime.agents_per_actor)
             self.batched = [([self.nodes[i] for i in g], BatchedSteps([self.agents[i] for i in g])) for g in groups]
         self.merged = MergedModel(self.setup, self.device)
         self.adaptive = AdaptiveRate(plan)  # (schedule.averaging_rate.kind adaptive: gamma from each epoch's record)
