@@ -68,6 +68,8 @@ class ReferenceEngine:
             for node in self.live_nodes():
                 node.send_round(round_index)
             self.check_divergence()
+            if self.aborted is not None:  # stop means stop: no agent waits for the round's letters
+                return
         for node in self.live_nodes():  # (a silent round: only what follows a round, e.g. a joining agent's model)
             node.finish_round(round_index)
 
@@ -88,7 +90,8 @@ class ReferenceEngine:
         """Agents whose loss or parameters went non-finite: abort the run or drop them (train.on_divergence)."""
         for node in [node for node in self.live_nodes() if node.divergence is not None]:
             i, step, what = node.agent_id, node.divergence["step"], node.divergence["what"]
-            self.events.append({"time_s": self.elapsed(), "kind": "diverged", "agent": i, "step": step, "what": what})
+            self.events.append({"time_s": self.elapsed(), "kind": "diverged", "agent": i, "step": step, "what": what,
+                                "unix_s": time.time()})
             reason = f"agent {i}'s {what} became non-finite at step {step}"
             self.live.remove(i)
             if self.config.train.on_divergence == "abort" or not self.live:
