@@ -1,8 +1,9 @@
-"""One agent's gossip node: its round loop (send, wait, absorb, mix), peer table and counters, over a Transport.
+"""One agent's gossip node: its round steps (local step, send, wait, absorb, mix), peer table and counters, over a
+Transport.
 
-The node knows neither Ray nor processes. Both engines drive it: the reference engine steps its nodes one
-after another over an in-process transport; the Ray engine runs each node's loop in an actor thread over
-Ray calls or shared-memory channels. So the two share every line that decides which letters count.
+The node knows neither Ray nor processes. Both engines drive it with the one round loop (core.round_loop): the
+reference engine all its nodes over an in-process transport; the Ray engine each actor's nodes in an actor thread
+over Ray calls or shared-memory channels. So the two share every line that decides which letters count.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class NodeOptions:
 
 
 class GossipNode(TimelineSteps, PeerEvents, Checkpointing):
-    """One agent's loop and link state. The training thread calls run (or the steps in it); a control thread may
+    """One agent's round steps and link state. The training thread drives it (core.round_loop); a control thread may
     call the peer_* methods, release and stop meanwhile: they share `link_lock`, so the rule state and each
     outgoing stream change atomically."""
 
@@ -135,40 +136,6 @@ class GossipNode(TimelineSteps, PeerEvents, Checkpointing):
         self.graph_round = -1  # the last round whose graph change this agent applied (graph_step)
 
     # ------------------------------------------------------------ the loop
-
-    def run(self, checkpoints: bool = False, resync: bool = False) -> dict:
-        """The training loop to the end (or until stopped). checkpoints: stop at every checkpoint_every-th round
-        until the supervisor wrote the whole run's checkpoint; resync: first resend the whole public copy to every
-        neighbour (a restarted agent, or a run resumed from an asynchronous checkpoint)."""
-        plan = self.plan
-        cpu_began, process_began = time.thread_time(), time.process_time()
-        every = self.options.checkpoint_every if checkpoints else 0
-        if self.incarnation > 0 or resync:
-            self.announce()
-        for step in range(self.core.step, plan.total_steps):
-            if self.stop_requested.is_set():
-                break
-            self.local_step()
-            if self.divergence is not None:
-                break
-            round_index = plan.round_after_step(step)
-            if round_index is not None:
-                self.send_round(round_index)
-                if self.divergence is not None:
-                    break
-                self.finish_round(round_index)
-            if plan.is_eval_step(step):
-                with self.phases("report"):
-                    self.report_evaluation(step)
-            if every and round_index is not None and (round_index + 1) % every == 0 and step + 1 < plan.total_steps:
-                with self.phases("wait"):
-                    self.checkpoint_barrier(step)
-        self.finish()
-        if self.supervisor is not None:
-            self.supervisor.flush()  # every report is in before the end
-        self.phases.loop_cpu += time.thread_time() - cpu_began
-        self.phases.process_cpu += time.process_time() - process_began
-        return self.stats()
 
     def link_weight(self, sender: int) -> float:
         """The weight with which `sender`'s known public copy is counted in s now (CHOCO/AdaGossip)."""

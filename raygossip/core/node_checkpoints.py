@@ -35,13 +35,9 @@ class Checkpointing:
         tensors, meta = self.snapshot()
         self.supervisor.keep_snapshot(self.agent_id, self.incarnation, tensors, meta)
 
-    def checkpoint_barrier(self, step: int) -> None:
-        """Give the supervisor this agent's state after `step`, then wait until it wrote the run's checkpoint
-        (nobody sends the next round's messages before every agent's state is in: a consistent cut)."""
-        self.offer_checkpoint(step)
-        self.await_release(step)
-
     def offer_checkpoint(self, step: int) -> None:
+        """Give the supervisor this agent's state after `step` (then await_release: nobody sends the next round's
+        messages before every agent's state is in, a consistent cut)."""
         tensors, meta = self.snapshot()
         self.barrier.clear()
         self.barrier_step = step
