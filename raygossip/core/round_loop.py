@@ -81,12 +81,7 @@ def run_rounds(nodes: list[GossipNode], *, checkpoints: bool = False, resync: bo
                 node.send_round(round_index)
         live = _settled(live, steward)
         if live and round_index is not None:
-            if not early:
-                for node in live:
-                    node.send_round(round_index)
-                live = _settled(live, steward)
-            for node in live:
-                node.finish_round(round_index)
+            live = gossip_round(live, round_index, steward, sent=early)
         if steward is not None and steward.ended:
             break
         if plan.is_eval_step(step):
@@ -110,6 +105,19 @@ def run_rounds(nodes: list[GossipNode], *, checkpoints: bool = False, resync: bo
         node.phases.loop_cpu += (time.thread_time() - cpu_began) * share
         node.phases.process_cpu += (time.process_time() - process_began) * share
     return [node.stats() for node in nodes]
+
+
+def gossip_round(live: list[GossipNode], round_index: int, steward: Steward | None = None,
+                 sent: bool = False) -> list[GossipNode]:
+    """One round of these nodes after their local steps: every send (unless `sent` already), the steward's turn,
+    then every receive and mix. Returns the nodes that went on."""
+    if not sent:
+        for node in live:
+            node.send_round(round_index)
+        live = _settled(live, steward)
+    for node in live:
+        node.finish_round(round_index)
+    return live
 
 
 def _settled(live: list[GossipNode], steward: Steward | None) -> list[GossipNode]:

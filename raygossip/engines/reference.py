@@ -12,7 +12,7 @@ from raygossip.core.agent import AgentCore
 from raygossip.core.batched import BatchedSteps
 from raygossip.core.node import GossipNode, NodeOptions
 from raygossip.core.placement import agent_groups
-from raygossip.core.round_loop import run_rounds
+from raygossip.core.round_loop import gossip_round, run_rounds
 from raygossip.core.timeline import timeline_record
 from raygossip.core.transports import InProcessTransport
 from raygossip.engines.common import (
@@ -71,9 +71,12 @@ class ReferenceEngine:
         self.note_timeline(step)
         round_index = self.setup.plan.round_after_step(step)
         if round_index is not None:
-            self.rounds_done = round_index + 1
-            if self.setup.plan.round_plan(round_index) is not None:
-                self.communication_rounds += 1
+            self.count_round(round_index)
+
+    def count_round(self, round_index: int) -> None:
+        self.rounds_done = round_index + 1
+        if self.setup.plan.round_plan(round_index) is not None:
+            self.communication_rounds += 1
 
     def settle(self) -> None:
         """After the local steps and after the sends: a diverged agent is dropped, or the run aborts; then every node
@@ -82,6 +85,12 @@ class ReferenceEngine:
         if self.aborted is not None:
             for node in self.nodes:
                 node.stop()
+
+    def gossip_round(self, round_index: int) -> None:
+        """One round of the live agents after their local steps (what the round loop does; for tests that step the
+        engine by hand)."""
+        self.count_round(round_index)
+        gossip_round(self.live_nodes(), round_index, self)
 
     def step_done(self, step: int, round_index: int | None) -> None:
         """A record at an evaluation step, a checkpoint when one is due."""
