@@ -179,3 +179,17 @@ def test_the_ray_engine_drops_on_a_changing_graph_as_the_reference_engine_does(r
         assert outcome["merged_accuracy"] == expected["merged_accuracy"]
     finally:
         engine.close()
+
+
+def test_choco_forgets_a_dropped_agents_public_copy_on_the_reference_engine():
+    """A diverged CHOCO agent dropped: its known public copy leaves every neighbour's s (s_i = sum_j W_ij x_hat_j
+    over the agents left, public_copy_error 0), so its weight on the self weight is not counted twice."""
+    from raygossip.engines.reference import ReferenceEngine
+    from test_divergence import diverging
+
+    data = diverging("drop")
+    data["gossip"] = {"rule": "choco", "gamma": 0.5, "compressor": {"name": "top_k", "ratio": 0.2}}
+    data["train"].update(epochs=2)
+    outcome = ReferenceEngine(load_config(base=data)).run(progress=False)
+    assert [e["agent"] for e in outcome["events"] if e["kind"] == "agent_dropped"] == [2]
+    assert outcome["extra"]["public_copy_error"] < 1e-5

@@ -29,9 +29,10 @@ from raygossip.engines.ray_setup import dataset_from_numpy, pick_device, pin_thr
 
 def tracks_links(config: Config) -> bool:
     """Whether agents keep a copy of each neighbour's public copy (one vector per neighbour): whenever a link may
-    have to be resynchronised, after a restart (on_failure not abort) or after a resume (checkpoints on)."""
+    have to be resynchronised or dropped, after a restart or drop (on_failure not abort, on_divergence drop) or after
+    a resume (checkpoints on)."""
     runtime = config.runtime
-    return runtime.on_failure != "abort" or runtime.checkpoint_every > 0
+    return runtime.on_failure != "abort" or runtime.checkpoint_every > 0 or config.train.on_divergence == "drop"
 
 
 def node_options(config: Config) -> NodeOptions:

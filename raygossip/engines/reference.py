@@ -39,7 +39,8 @@ class ReferenceEngine:
         self.device = torch.device(device)
         plan = self.setup.plan
         self.agents = [
-            AgentCore(i, config, self.setup.dataset, self.setup.shards[i], plan.total_steps, self.device)
+            AgentCore(i, config, self.setup.dataset, self.setup.shards[i], plan.total_steps, self.device,
+                      track_links=config.train.on_divergence == "drop")  # (a dropped agent's copy leaves s)
             for i in range(config.agents.count)
         ]
         nodes: dict[int, GossipNode] = {}
