@@ -12,7 +12,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from .node_checkpoints import Checkpointing
 from .node_peers import PeerEvents
 from .node_timeline import TimelineSteps
 from ..config import TimingConfig
+from .transports import Supervisor, Transport
 from .wire import Kind, Letter
 
 
@@ -38,41 +39,6 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
     is (or when it overflows float32, which only a diverged vector reaches); `isfinite(t).all()` costs ten times
     as much, and it ran on every message and every send."""
     return all(math.isfinite(float(t.sum())) for t in tensors)
-
-
-class Transport(Protocol):
-    """How one node's letters reach the others. `post` never blocks on the receiver's training."""
-
-    pulls: bool  # whether letters wait on links that `pull` must read (shared-memory channels)
-
-    def post(self, receiver: int, letter: Letter) -> None: ...
-
-    def pull(self, sender: int, satisfied: Callable[[], bool], deadline: float,
-             stopped: Callable[[], bool]) -> Iterator[Letter]: ...
-
-    def open(self, letters: list[Letter]) -> list[Compressed | None]: ...
-
-    def close(self, peer: int) -> None: ...
-
-
-class Supervisor(Protocol):
-    """The node's line to whoever supervises the run (the Ray engine's coordinator)."""
-
-    def event(self, event: dict) -> None: ...
-
-    def report(self, agent: int, step: int, accuracy: float | None, state: dict[str, torch.Tensor], loss: float,
-               traffic: dict, incarnation: int) -> None: ...
-
-    def keep_snapshot(self, agent: int, incarnation: int, tensors: dict[str, torch.Tensor], meta: dict) -> None: ...
-
-    def keep_checkpoint(self, agent: int, incarnation: int, step: int, tensors: dict[str, torch.Tensor],
-                        meta: dict) -> None: ...
-
-    def crash(self, agent: int, round_index: int, step: int) -> None: ...
-
-    def diverged(self, agent: int, incarnation: int, step: int, what: str) -> None: ...
-
-    def flush(self) -> None: ...
 
 
 @dataclass(frozen=True, kw_only=True)
