@@ -193,3 +193,19 @@ def test_choco_forgets_a_dropped_agents_public_copy_on_the_reference_engine():
     outcome = ReferenceEngine(load_config(base=data)).run(progress=False)
     assert [e["agent"] for e in outcome["events"] if e["kind"] == "agent_dropped"] == [2]
     assert outcome["extra"]["public_copy_error"] < 1e-5
+
+
+def test_graph_links_move_close_and_open_with_a_timelines_partition():
+    """GraphLinks alone: on a ring of 8 split into halves at round 2 and healed at round 4, agent 3's link from 4
+    goes to weight 0 at round 2 (once), and opens again, both ways, at round 4."""
+    from raygossip.core.graph_links import GraphLinks
+
+    config = config_of({"timeline": [{"round": 2, "action": "partition", "groups": [[0, 1, 2, 3], [4, 5, 6, 7]]},
+                                     {"round": 4, "action": "heal"}]}, corrupt=False)
+    links = GraphLinks(prepare(config).plan, 3)
+    assert links.weight[4] == pytest.approx(1 / 3) and links.weight[5] == 0.0
+    assert [links.changed(r) for r in (0, 1, 2, 2, 3, 4)] == [False, False, True, False, False, True]
+    assert links.move(4, 2) == (pytest.approx(1 / 3), 0.0) and links.move(4, 2) is None and links.move(4, 1) is None
+    assert links.move(2, 2) is None  # (same half: its weight stays)
+    assert links.opened(2, outgoing=False) == [] and links.opened(4, outgoing=False) == [4]
+    assert links.opened(4, outgoing=True) == [4]

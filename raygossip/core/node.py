@@ -22,7 +22,8 @@ from ..algorithms.schedules import RoundPlan
 from .agent import AgentCore
 from .faults import MessageFate
 from .mailbox import Mailbox
-from .peers import LinkWeights, PeerTable
+from .graph_links import GraphLinks
+from .peers import PeerTable
 from .phases import PhaseClock
 from .plan import RunPlan
 from .timing import StepClock, link_delay
@@ -96,10 +97,8 @@ class GossipNode(TimelineSteps, PeerEvents, Checkpointing):
         self.corrupt_rounds = {c.round for c in core.config.faults.corrupt if c.agent == core.agent_id}
         self.divergence: dict | None = None  # {"step", "what"} once this agent's loss or parameters went non-finite
         self._round_plan: tuple[int, RoundPlan | None] = (-1, None)
-        # CHOCO/AdaGossip under a timeline that changes the graph: each in-link's weight in s (core.peers.LinkWeights)
-        self.links = (LinkWeights(plan.mixing_at(0)[self.agent_id], self.agent_id)
-                      if self.rule.public_copies and plan.timeline.changes_graph else None)
-        self.graph_round = -1  # the last round whose graph change this agent applied (graph_step)
+        # CHOCO/AdaGossip under a timeline that changes the graph: each in-link's weight in s (core.graph_links)
+        self.links = GraphLinks(plan, self.agent_id) if self.rule.public_copies and plan.timeline.changes_graph else None
 
     # ------------------------------------------------------------ the loop
 

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from .peers import LinkWeights
+from .graph_links import GraphLinks
 
 
 class Checkpointing:
@@ -23,9 +23,7 @@ class Checkpointing:
             self.core.restore(tensors, meta)
             self.round_reached = self.core.step // self.plan.local_steps - 1
             if self.links is not None:  # the snapshot's s counts its links with the weights of its round
-                self.links = LinkWeights(self.plan.mixing_at(self.round_reached)[self.agent_id], self.agent_id,
-                                         self.round_reached)
-                self.graph_round = self.round_reached
+                self.links = GraphLinks(self.plan, self.agent_id, self.round_reached)
             if self.core.link_copies is not None:  # the snapshot may predate drops this agent already knows of
                 for j in self.peers.dropped:
                     self.core.drop_link(j, self.link_weight(j))

@@ -68,29 +68,3 @@ class PeerTable:
         self.sent_seq[j] = 0
         self.down.discard(j)
         return True
-
-
-class LinkWeights:
-    """CHOCO/AdaGossip under a changing graph (a timeline's partition, leave, join, topology): the weight with which
-    each in-neighbour's known public copy is counted in s, and the round that weight is of. Pure bookkeeping.
-
-    The invariant s_i = sum_j weight[j] * known_j holds at every moment; a weight only moves forward in rounds
-    (at the receiver's round boundary, or with a letter of a later round: in bounded/async mode a sender may be
-    ahead), so a late letter of an earlier round is counted with the weight in force, never an older one."""
-
-    def __init__(self, row: np.ndarray, agent: int, round_index: int = -1) -> None:
-        self.agent = agent
-        self.weight = {j: float(row[j]) for j in range(len(row)) if j != agent}
-        self.round = dict.fromkeys(self.weight, round_index)
-
-    def move(self, j: int, round_index: int, target: float) -> tuple[float, float] | None:
-        """Link j's weight at `round_index` is `target`: (old, new) when it changes (the caller re-weights s), None
-        when it stays or the round is not later than the weight's."""
-        if round_index <= self.round.get(j, -1):
-            return None
-        self.round[j] = round_index
-        old = self.weight.get(j, 0.0)
-        if old == target:
-            return None
-        self.weight[j] = float(target)
-        return old, float(target)
