@@ -105,6 +105,18 @@ class Topology:
         row = self.mixing(t, seed)[i] if self.pulls is not None else self._rounds[t % len(self._rounds)][i]
         return [int(j) for j in np.flatnonzero(row > 0) if j != i]
 
+    def support(self) -> np.ndarray:
+        """The union of the run's edges: support[i, j] (i != j) when agent i may receive from j at some round, whatever
+        the seed (a random topology: every candidate it may pull). What channels and placement are set up for."""
+        if self.pulls is not None:
+            out = np.zeros((self.n, self.n), dtype=bool)
+            for i, candidates in enumerate(self.pulls.candidates):
+                out[i, list(candidates)] = True
+        else:
+            out = np.logical_or.reduce([w > 0 for w in self._rounds])
+        np.fill_diagonal(out, False)
+        return out
+
     def period(self) -> int:
         """Rounds after which W(t) repeats: 1 for static graphs, log2(n) for one-peer exponential, 0 (never) for
         random ones."""

@@ -1,8 +1,9 @@
-"""One agent's gossip node: its round loop (send, wait, absorb, mix), peer table and counters, over a Transport.
+"""One agent's gossip node: its round steps (local step, send, wait, absorb, mix), peer table and counters, over a
+Transport.
 
-The node knows neither Ray nor processes. Both engines drive it: the reference engine steps its nodes one
-after another over an in-process transport; the Ray engine runs each node's loop in an actor thread over
-Ray calls or shared-memory channels. So the two share every line that decides which letters count.
+The node knows neither Ray nor processes. Both engines drive it with the one round loop (core.round_loop): the
+reference engine all its nodes over an in-process transport; the Ray engine each actor's nodes in an actor thread
+over Ray calls or shared-memory channels. So the two share every line that decides which letters count.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +22,8 @@ from ..algorithms.schedules import RoundPlan
 from .agent import AgentCore
 from .faults import MessageFate
 from .mailbox import Mailbox
-from .peers import LinkWeights, PeerTable
+from .graph_links import GraphLinks
+from .peers import PeerTable
 from .phases import PhaseClock
 from .plan import RunPlan
 from .timing import StepClock, link_delay
@@ -29,6 +31,7 @@ from .node_checkpoints import Checkpointing
 from .node_peers import PeerEvents
 from .node_timeline import TimelineSteps
 from ..config import TimingConfig
+from .transports import Supervisor, Transport
 from .wire import Kind, Letter
 
 
@@ -37,41 +40,6 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
     is (or when it overflows float32, which only a diverged vector reaches); `isfinite(t).all()` costs ten times
     as much, and it ran on every message and every send."""
     return all(math.isfinite(float(t.sum())) for t in tensors)
-
-
-class Transport(Protocol):
-    """How one node's letters reach the others. `post` never blocks on the receiver's training."""
-
-    pulls: bool  # whether letters wait on links that `pull` must read (shared-memory channels)
-
-    def post(self, receiver: int, letter: Letter) -> None: ...
-
-    def pull(self, sender: int, satisfied: Callable[[], bool], deadline: float,
-             stopped: Callable[[], bool]) -> Iterator[Letter]: ...
-
-    def open(self, letters: list[Letter]) -> list[Compressed | None]: ...
-
-    def close(self, peer: int) -> None: ...
-
-
-class Supervisor(Protocol):
-    """The node's line to whoever supervises the run (the Ray engine's coordinator)."""
-
-    def event(self, event: dict) -> None: ...
-
-    def report(self, agent: int, step: int, accuracy: float | None, state: dict[str, torch.Tensor], loss: float,
-               traffic: dict, incarnation: int) -> None: ...
-
-    def keep_snapshot(self, agent: int, incarnation: int, tensors: dict[str, torch.Tensor], meta: dict) -> None: ...
-
-    def keep_checkpoint(self, agent: int, incarnation: int, step: int, tensors: dict[str, torch.Tensor],
-                        meta: dict) -> None: ...
-
-    def crash(self, agent: int, round_index: int, step: int) -> None: ...
-
-    def diverged(self, agent: int, incarnation: int, step: int, what: str) -> None: ...
-
-    def flush(self) -> None: ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,7 +56,7 @@ class NodeOptions:
 
 
 class GossipNode(TimelineSteps, PeerEvents, Checkpointing):
-    """One agent's loop and link state. The training thread calls run (or the steps in it); a control thread may
+    """One agent's round steps and link state. The training thread drives it (core.round_loop); a control thread may
     call the peer_* methods, release and stop meanwhile: they share `link_lock`, so the rule state and each
     outgoing stream change atomically."""
 
@@ -108,7 +76,9 @@ class GossipNode(TimelineSteps, PeerEvents, Checkpointing):
         self.incarnation = incarnation
         self.evaluation_set = evaluation_set
         self.rule = core.rule
-        self.peers = PeerTable(core.agent_id, plan.topology.mixing(0))
+        first_row = plan.mixing_at(0)[core.agent_id]
+        self.peers = PeerTable(core.agent_id, plan.support(),
+                               {j: float(w) for j, w in enumerate(first_row) if j != core.agent_id and w > 0})
         self.mailbox = Mailbox(list(range(plan.topology.n)))
         self.link_lock = threading.Lock()
         self.round_reached = core.step // plan.local_steps - 1
@@ -127,46 +97,16 @@ class GossipNode(TimelineSteps, PeerEvents, Checkpointing):
         self.corrupt_rounds = {c.round for c in core.config.faults.corrupt if c.agent == core.agent_id}
         self.divergence: dict | None = None  # {"step", "what"} once this agent's loss or parameters went non-finite
         self._round_plan: tuple[int, RoundPlan | None] = (-1, None)
-        # CHOCO/AdaGossip under a timeline that changes the graph: each in-link's weight in s (core.peers.LinkWeights)
-        self.links = (LinkWeights(plan.mixing_at(0)[self.agent_id], self.agent_id)
-                      if self.rule.public_copies and plan.timeline.changes_graph else None)
-        self.graph_round = -1  # the last round whose graph change this agent applied (graph_step)
+        # CHOCO/AdaGossip under a timeline that changes the graph: each in-link's weight in s (core.graph_links)
+        self.links = GraphLinks(plan, self.agent_id) if self.rule.public_copies and plan.timeline.changes_graph else None
 
     # ------------------------------------------------------------ the loop
 
-    def run(self, checkpoints: bool = False, resync: bool = False) -> dict:
-        """The training loop to the end (or until stopped). checkpoints: stop at every checkpoint_every-th round
-        until the supervisor wrote the whole run's checkpoint; resync: first resend the whole public copy to every
-        neighbour (a restarted agent, or a run resumed from an asynchronous checkpoint)."""
-        plan = self.plan
-        cpu_began, process_began = time.thread_time(), time.process_time()
-        every = self.options.checkpoint_every if checkpoints else 0
-        if self.incarnation > 0 or resync:
-            self.announce()
-        for step in range(self.core.step, plan.total_steps):
-            if self.stop_requested.is_set():
-                break
-            self.local_step()
-            if self.divergence is not None:
-                break
-            round_index = plan.round_after_step(step)
-            if round_index is not None:
-                self.send_round(round_index)
-                if self.divergence is not None:
-                    break
-                self.finish_round(round_index)
-            if plan.is_eval_step(step):
-                with self.phases("report"):
-                    self.report_evaluation(step)
-            if every and round_index is not None and (round_index + 1) % every == 0 and step + 1 < plan.total_steps:
-                with self.phases("wait"):
-                    self.checkpoint_barrier(step)
-        self.finish()
-        if self.supervisor is not None:
-            self.supervisor.flush()  # every report is in before the end
-        self.phases.loop_cpu += time.thread_time() - cpu_began
-        self.phases.process_cpu += time.process_time() - process_began
-        return self.stats()
+    def link_weight(self, sender: int) -> float:
+        """The weight with which `sender`'s known public copy is counted in s now (CHOCO/AdaGossip)."""
+        if self.links is not None:
+            return self.links.weight.get(sender, 0.0)
+        return float(self.plan.mixing_at(self.round_reached)[self.agent_id, sender])
 
     def local_step(self) -> None:
         """One local optimizer step, stretched to its simulated duration when timing is simulated."""
@@ -218,8 +158,9 @@ class GossipNode(TimelineSteps, PeerEvents, Checkpointing):
                 self.receive(round_index, senders, round_plan)
             if me in round_plan.mixers:
                 gamma = self.gamma(round_index)
-                with self.phases("mix"), self.link_lock:
-                    self.core.mix(round_plan.weights[me][0] + self.peers.dropped_weight, gamma)
+                self_weight, row = round_plan.weights[me]
+                with self.phases("mix"), self.link_lock:  # a dropped sender's weight of this round goes to the self
+                    self.core.mix(self_weight + self.peers.moved_weight(row), gamma)
         self.send_states(round_index)  # (to an agent that joins from this one at the next round)
         every = self.options.snapshot_every
         if every and (round_index + 1) % every == 0 and self.supervisor is not None:
@@ -302,10 +243,10 @@ class GossipNode(TimelineSteps, PeerEvents, Checkpointing):
     def resync_receivers(self) -> list[int]:
         """Who gets this agent's resync letters: its out-neighbours for a rule with public copies (a static
         graph), else everyone (round marks are tiny, and the graph may change every round)."""
-        if self.links is not None:  # the graph in force now
+        if self.rule.public_copies:  # the graph in force now
             column = self.plan.mixing_at(self.round_reached)[:, self.agent_id]
             return [k for k in self.peers.others if column[k] > 0]
-        return self.peers.out_neighbours if self.rule.public_copies else self.peers.others
+        return self.peers.others
 
     def post_resync(self, receiver: int) -> None:
         now = time.time()
@@ -394,9 +335,7 @@ class GossipNode(TimelineSteps, PeerEvents, Checkpointing):
         finished)."""
         up_to = round_index if self.options.mode == "sync" else None
         whole_models = self.rule.whole_models
-        weights = dict(round_plan.weights.get(self.agent_id, (1.0, {}))[1])
-        if self.rule.public_copies:
-            weights = self.peers.in_weights  # (a graph a timeline changes: the link weights, apply_letters)
+        weights = round_plan.weights.get(self.agent_id, (1.0, {}))[1]  # (a graph a timeline changes: apply_letters)
         taken: list[Letter] = []
         quiet: list[int] = []
         for sender in sorted(set(senders) | set(self.mailbox.queues)):
@@ -450,10 +389,10 @@ class GossipNode(TimelineSteps, PeerEvents, Checkpointing):
 
     def drain(self, timeout_s: float) -> int:
         """After the run: once every live in-neighbour's final letter arrived, absorb every message still queued."""
-        senders = [j for j in self.peers.in_weights if j not in self.peers.dropped]
-        if self.links is not None:  # the in-neighbours of the graph in force at the end
-            row = self.plan.mixing_at(self.plan.total_rounds - 1)[self.agent_id]
-            senders = [j for j in self.peers.others if row[j] > 0 and j not in self.peers.dropped]
+        row = self.plan.mixing_at(self.plan.total_rounds - 1)[self.agent_id]  # the graph in force at the end
+        senders = [j for j in self.peers.in_neighbours if j not in self.peers.dropped]
+        if self.rule.public_copies:
+            senders = [j for j in senders if row[j] > 0]
         deadline = time.time() + timeout_s
         mailbox = self.mailbox
         for j in senders:
@@ -469,7 +408,7 @@ class GossipNode(TimelineSteps, PeerEvents, Checkpointing):
         if self.rule.whole_models:
             return len(taken)
         with self.link_lock:
-            self.apply_letters(taken, {j: self.peers.in_weights.get(j, 0.0) for j in senders}, None)
+            self.apply_letters(taken, {j: float(row[j]) for j in senders}, None)
         return len(taken)
 
     # ------------------------------------------------------------ reporting

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from .peers import LinkWeights
+from .graph_links import GraphLinks
 
 
 class Checkpointing:
@@ -21,27 +21,21 @@ class Checkpointing:
         """Continue from a snapshot (a restarted agent, before it runs); returns the step it continues at."""
         with self.link_lock:
             self.core.restore(tensors, meta)
+            self.round_reached = self.core.step // self.plan.local_steps - 1
+            if self.links is not None:  # the snapshot's s counts its links with the weights of its round
+                self.links = GraphLinks(self.plan, self.agent_id, self.round_reached)
             if self.core.link_copies is not None:  # the snapshot may predate drops this agent already knows of
                 for j in self.peers.dropped:
-                    self.core.drop_link(j, self.peers.in_weights.get(j, 0.0))
-        self.round_reached = self.core.step // self.plan.local_steps - 1
-        if self.links is not None:  # the snapshot's s counts its links with the weights of its round
-            self.links = LinkWeights(self.plan.mixing_at(self.round_reached)[self.agent_id], self.agent_id,
-                                     self.round_reached)
-            self.graph_round = self.round_reached
+                    self.core.drop_link(j, self.link_weight(j))
         return self.core.step
 
     def keep_snapshot(self) -> None:
         tensors, meta = self.snapshot()
         self.supervisor.keep_snapshot(self.agent_id, self.incarnation, tensors, meta)
 
-    def checkpoint_barrier(self, step: int) -> None:
-        """Give the supervisor this agent's state after `step`, then wait until it wrote the run's checkpoint
-        (nobody sends the next round's messages before every agent's state is in: a consistent cut)."""
-        self.offer_checkpoint(step)
-        self.await_release(step)
-
     def offer_checkpoint(self, step: int) -> None:
+        """Give the supervisor this agent's state after `step` (then await_release: nobody sends the next round's
+        messages before every agent's state is in, a consistent cut)."""
         tensors, meta = self.snapshot()
         self.barrier.clear()
         self.barrier_step = step

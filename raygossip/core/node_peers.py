@@ -40,13 +40,14 @@ class PeerEvents:
             self.forget(agent)
 
     def forget(self, agent: int) -> None:
-        weight = self.peers.drop(agent)
-        if weight is None:
+        if not self.peers.drop(agent):
             return
         self.last_models.pop(agent, None)
         self.mailbox.mark_down(agent, gone=True)
-        if weight > 0.0 and self.core.link_copies is not None:
-            self.core.drop_link(agent, weight)
+        if self.core.link_copies is not None:  # its known public copy leaves s with the weight it has there
+            weight = self.link_weight(agent)
+            if weight > 0.0:
+                self.core.drop_link(agent, weight)
 
     def learn_peers(self, incarnations: dict[int, int], dropped: list[int], down: list[int]) -> None:
         """A restarted agent learns who is dropped, down, and in which life each peer is."""

@@ -120,20 +120,12 @@ class TimelineSteps:
         the in-links whose weight W_ij changes now are re-weighted in s (s += (new - old) x_hat_j as known) or
         dropped, and this agent's whole public copy goes, as a link letter, to every agent whose link from it opens
         now (the rule's resync adds it there), so that s_i = sum_j W_ij x_hat_j holds for the new W."""
-        if self.links is None or round_index <= self.graph_round:
+        if self.links is None or not self.links.changed(round_index):
             return
-        self.graph_round = round_index
-        if round_index == 0:
-            return
-        before, now = self.plan.mixing_at(round_index - 1), self.plan.mixing_at(round_index)
-        if before is now:
-            return
-        me = self.agent_id
         with self.link_lock:
             for j in self.peers.others:
                 self.move_link(j, round_index)
-            opened = [k for k in self.peers.live(self.peers.others) if before[k, me] == 0 and now[k, me] > 0]
-            for k in opened:
+            for k in self.peers.live(self.links.opened(round_index, outgoing=True)):
                 x_hat = self.core.public_copy()
                 nbytes = x_hat.numel() * x_hat.element_size()
                 sent_at = time.time()
@@ -144,14 +136,12 @@ class TimelineSteps:
     def move_link(self, sender: int, round_index: int) -> None:
         """The in-link from `sender` takes its weight of this round, if that round is later than its weight's (call
         with link_lock held)."""
-        change = self.links.move(sender, round_index, float(self.plan.mixing_at(round_index)[self.agent_id, sender]))
+        change = self.links.move(sender, round_index)
         if change is not None:
             self.core.reweight_link(sender, *change)
 
     def opened_links(self, round_index: int) -> list[int]:
         """The agents whose link to this one opens at this round (their link letters come this round)."""
-        if self.links is None or round_index == 0:
+        if self.links is None:
             return []
-        before, now = self.plan.mixing_at(round_index - 1), self.plan.mixing_at(round_index)
-        me = self.agent_id
-        return [j for j in self.peers.live(self.peers.others) if before[me, j] == 0 and now[me, j] > 0]
+        return self.peers.live(self.links.opened(round_index, outgoing=False))

@@ -1,4 +1,4 @@
-"""One agent's peer table: mixing weights of the static graph, and which peers are down, dropped or restarted."""
+"""One agent's peer table: which peers are down, dropped or restarted (liveness; weights come from the round's plan)."""
 
 from __future__ import annotations
 
@@ -9,21 +9,25 @@ class PeerTable:
     """Pure bookkeeping of one agent's view of the others (no transport, no locks: the node holds its lock).
 
     A peer is `down` while it is dead and may come back (nothing is sent to it), `dropped` once it is gone for
-    good (its weight W_ij moves to the self weight, so rows stay stochastic). Each restart of a peer is a new
-    incarnation and starts a new stream of letters to it at seq 0."""
+    good (a round's weight on it moves to the self weight, so rows stay stochastic). Each restart of a peer is a
+    new incarnation and starts a new stream of letters to it at seq 0.
 
-    def __init__(self, agent: int, base_mixing: np.ndarray) -> None:
+    The table holds no weights of its own: every weight comes from the round's plan row (`moved_weight`). Who is a
+    neighbour at all is the run's support (RunPlan.support: the union of its edges, whatever the round)."""
+
+    def __init__(self, agent: int, support: np.ndarray, first_row: dict[int, float] | None = None) -> None:
         self.agent = agent
-        self.base_mixing = base_mixing
-        row = base_mixing[agent]
-        self.in_weights = {j: float(row[j]) for j in range(len(row)) if j != agent and row[j] > 0}
-        self.out_neighbours = [j for j in range(len(row)) if j != agent and base_mixing[j, agent] > 0]
-        self.others = [j for j in range(len(row)) if j != agent]
+        n = len(support)
+        self.others = [j for j in range(n) if j != agent]
+        self.in_neighbours = [j for j in self.others if support[agent, j]]  # who may ever send to this agent
+        self.out_neighbours = [j for j in self.others if support[j, agent]]  # whom this agent may ever send to
         self.down: set[int] = set()
         self.dropped: set[int] = set()
-        self.dropped_weight = 0.0
         self.incarnation: dict[int, int] = {}
         self.sent_seq: dict[int, int] = {}
+        # the in-weights of the last round's row, and the weight moved from dropped senders to the self weight in it
+        self.in_weights: dict[int, float] = dict(first_row or {})
+        self.dropped_weight = 0.0
 
     def live(self, receivers: list[int]) -> list[int]:
         """The receivers that are neither down nor dropped."""
@@ -35,20 +39,26 @@ class PeerTable:
         return seq
 
     def is_neighbour(self, j: int) -> bool:
-        return j in self.in_weights or j in self.out_neighbours
+        """Whether j sends to or receives from this agent at some round of the run."""
+        return j in self.in_neighbours or j in self.out_neighbours
 
     def mark_down(self, j: int) -> None:
         self.down.add(j)
 
-    def drop(self, j: int) -> float | None:
-        """Forget peer j for good; returns W_ij (0.0 when j is no in-neighbour), None when it was dropped before."""
+    def drop(self, j: int) -> bool:
+        """Forget peer j for good; False when it was dropped before."""
         if j in self.dropped:
-            return None
+            return False
         self.dropped.add(j)
         self.down.add(j)
-        weight = self.in_weights.get(j, 0.0)
-        self.dropped_weight += weight
-        return weight
+        return True
+
+    def moved_weight(self, row: dict[int, float]) -> float:
+        """This round's in-weights `row` (sender -> W_ij of the round's plan): the part on dropped senders, which
+        goes to the self weight. Recorded as in_weights and dropped_weight (for reports and checks)."""
+        self.in_weights = dict(row)
+        self.dropped_weight = sum(w for j, w in row.items() if j in self.dropped)
+        return self.dropped_weight
 
     def restarted(self, j: int, incarnation: int) -> bool:
         """Peer j came back as `incarnation`: True (a new stream to it begins) unless that life is not newer."""
@@ -58,29 +68,3 @@ class PeerTable:
         self.sent_seq[j] = 0
         self.down.discard(j)
         return True
-
-
-class LinkWeights:
-    """CHOCO/AdaGossip under a changing graph (a timeline's partition, leave, join, topology): the weight with which
-    each in-neighbour's known public copy is counted in s, and the round that weight is of. Pure bookkeeping.
-
-    The invariant s_i = sum_j weight[j] * known_j holds at every moment; a weight only moves forward in rounds
-    (at the receiver's round boundary, or with a letter of a later round: in bounded/async mode a sender may be
-    ahead), so a late letter of an earlier round is counted with the weight in force, never an older one."""
-
-    def __init__(self, row: np.ndarray, agent: int, round_index: int = -1) -> None:
-        self.agent = agent
-        self.weight = {j: float(row[j]) for j in range(len(row)) if j != agent}
-        self.round = dict.fromkeys(self.weight, round_index)
-
-    def move(self, j: int, round_index: int, target: float) -> tuple[float, float] | None:
-        """Link j's weight at `round_index` is `target`: (old, new) when it changes (the caller re-weights s), None
-        when it stays or the round is not later than the weight's."""
-        if round_index <= self.round.get(j, -1):
-            return None
-        self.round[j] = round_index
-        old = self.weight.get(j, 0.0)
-        if old == target:
-            return None
-        self.weight[j] = float(target)
-        return old, float(target)

@@ -133,6 +133,30 @@ class RunPlan:
                 conditions.absent)
         return mixing
 
+    def support(self) -> np.ndarray:
+        """support[i, j]: agent i may receive from j at some round of this run (i != j): the union of the edges of
+        the config's graph, of every graph a timeline event may switch to, and every pair when some round may be an
+        all-reduce. A pure function of the config (not of its seed): channels and placement are set up for it, and
+        a node's peers are its in- and out-neighbours in it."""
+        cached = self._plans.get("support")
+        if cached is not None:
+            return cached
+        out = self.topology.support()
+        config = self.config
+        comm = config.schedule.communication
+        kinds = [comm.kind, *(phase.kind for phase in comm.phases)]
+        for event in config.timeline:
+            if event.topology is not None:
+                out = out | build_topology(event.topology.name, self.topology.n, event.topology.weights,
+                                           event.topology.params).support()
+            if event.communication is not None:
+                kinds.append(event.communication.kind)
+        if "allreduce" in kinds:
+            out = ~np.eye(self.topology.n, dtype=bool)
+        out.setflags(write=False)
+        self._plans["support"] = out
+        return out
+
     def topology_at(self, round_index: int) -> Topology:
         """The graph in force at this round: the config's, or the last one a timeline event switched to."""
         spec = self._timeline.at(round_index).topology

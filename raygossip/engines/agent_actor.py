@@ -18,7 +18,7 @@ from raygossip.config_io import from_dict
 from raygossip.core.agent import AgentCore
 from raygossip.core.batched import BatchedSteps
 from raygossip.core.faults import MessageFate, kill_schedule
-from raygossip.core.lockstep import run_together
+from raygossip.core.round_loop import run_rounds
 from raygossip.core.node import GossipNode, NodeOptions
 from raygossip.core.plan import RunPlan
 from raygossip.core.timing import StepClock
@@ -30,9 +30,10 @@ from raygossip.engines.ray_setup import dataset_from_numpy, pick_device, pin_thr
 
 def tracks_links(config: Config) -> bool:
     """Whether agents keep a copy of each neighbour's public copy (one vector per neighbour): whenever a link may
-    have to be resynchronised, after a restart (on_failure not abort) or after a resume (checkpoints on)."""
+    have to be resynchronised or dropped, after a restart or drop (on_failure not abort, on_divergence drop) or after
+    a resume (checkpoints on)."""
     runtime = config.runtime
-    return runtime.on_failure != "abort" or runtime.checkpoint_every > 0
+    return runtime.on_failure != "abort" or runtime.checkpoint_every > 0 or config.train.on_divergence == "drop"
 
 
 def node_options(config: Config) -> NodeOptions:
@@ -133,18 +134,19 @@ class AgentActor:
 
     @ray.method(concurrency_group="train")
     def run(self, agent: int, checkpoints: bool = False, resync: bool = False) -> dict:
-        stats = self.nodes[agent].run(checkpoints, resync)
+        (stats,) = run_rounds([self.nodes[agent]], checkpoints=checkpoints, resync=resync)
         return {**stats, "sent_by_reference": self.transports[agent].by_reference}
 
     @ray.method(concurrency_group="train")
     def run_together(self, agents: list[int], checkpoints: bool = False, resync: bool = False) -> dict | list[dict]:
-        """Sync mode: the loops of these hosted agents in lockstep on one thread (core.node.run_together); one
+        """Sync mode: the loops of these hosted agents in lockstep on one thread (core.round_loop); one
         return value per agent (call it with num_returns=len(agents))."""
         nodes = [self.nodes[i] for i in agents]
         batched = BatchedSteps([node.core for node in nodes]) if self.config.runtime.batched_steps else None
         if batched is not None and batched.reason is not None and 0 in agents:  # one model for all: said once
             self.nodes[0].event("batched_steps_off", reason=batched.reason)
-        stats = run_together(nodes, checkpoints, resync, batched)
+        stats = run_rounds(nodes, checkpoints=checkpoints, resync=resync,
+                           batches=[(nodes, batched)] if batched is not None else [])
         out = [{**s, "sent_by_reference": self.transports[i].by_reference} for i, s in zip(agents, stats)]
         return out if len(out) > 1 else out[0]
 

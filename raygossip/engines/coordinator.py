@@ -199,8 +199,9 @@ class Coordinator(Supervision, Checkpoints):
                     continue
             if not waiting:
                 break
+            # in slices: an abort (divergence, a failure under abort) set by another thread ends this loop at once
             ready, _ = ray.wait(list(waiting), num_returns=1,
-                                timeout=0.5 if restarting else max(0.0, deadline - time.time()))
+                                timeout=0.5 if restarting else max(0.0, min(0.2, deadline - time.time())))
             if not ready:
                 if restarting or time.time() < deadline:
                     continue

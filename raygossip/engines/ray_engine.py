@@ -58,10 +58,11 @@ def node_object_store_bytes(node_id: str) -> float:
     return next((n["Resources"].get("object_store_memory", 0.0) for n in ray.nodes() if n["NodeID"] == node_id), 0.0)
 
 
-def cross_actor_links(mixing: np.ndarray, group_of: dict[int, int]) -> list[tuple[int, int]]:
-    """The directed links i -> j (W_ji > 0) between agents of different actors (the others stay in memory)."""
-    n = len(mixing)
-    return [(i, j) for i in range(n) for j in range(n) if j != i and mixing[j, i] > 0 and group_of[i] != group_of[j]]
+def cross_actor_links(support: np.ndarray, group_of: dict[int, int]) -> list[tuple[int, int]]:
+    """The directed links i -> j (j may receive from i at some round of the run) between agents of different actors
+    (the others stay in memory)."""
+    n = len(support)
+    return [(i, j) for i in range(n) for j in range(n) if j != i and support[j, i] and group_of[i] != group_of[j]]
 
 
 def open_channels(agents: list, nodes: list[str], links: list[tuple[int, int]]) -> None:
@@ -192,8 +193,8 @@ class RayEngine:
         cpus = cpus_per_agent(config)
         check_resources(config, cpus)
         threads = agent_threads(runtime)
-        mixing = setup.topology.mixing(0)
-        self.groups = agent_groups(mixing, runtime.agents_per_actor)
+        support = setup.plan.support()  # every edge of the run, not round 0's alone
+        self.groups = agent_groups(support, runtime.agents_per_actor)
         self.group_of = {i: g for g, members in enumerate(self.groups) for i in members}
         bundles = agent_bundles(config, cpus)
         assert [len(members) for members in self.groups] == group_sizes(config)
@@ -233,13 +234,13 @@ class RayEngine:
         self.snapshot_dir = ray.get(self.coordinator.snapshot_place.remote())
         self.placement = self.connect_hosts(peers)
         self.startup_phases["agents_ready_s"] = time.perf_counter() - began
-        links = cross_actor_links(mixing, self.group_of)
+        links = cross_actor_links(support, self.group_of)
         self.transport, self.transport_reason = pick_transport(
             config, self.placement, len(links), node_object_store_bytes(self.placement[0]["node"]))
         if self.transport == "channels" and links:
             self.startup_bar.set_description("raygossip[ray] opening channels")
             open_channels(self.agents, [p["node"] for p in self.placement], links)
-        inside, total = edges_inside(self.groups, mixing)
+        inside, total = edges_inside(self.groups, support)
         self.packing = {"agents_per_actor": runtime.agents_per_actor, "chosen": self.packing_chosen,
                         "actors": len(self.groups), "gpus_per_actor": [bundle.get("GPU", 0.0) for bundle in bundles],
                         "groups": self.groups, "links_inside_actors": inside, "links": total,

@@ -10,9 +10,9 @@ from tqdm import tqdm
 
 from raygossip.core.agent import AgentCore
 from raygossip.core.batched import BatchedSteps
-from raygossip.core.lockstep import step_together
 from raygossip.core.node import GossipNode, NodeOptions
 from raygossip.core.placement import agent_groups
+from raygossip.core.round_loop import gossip_round, run_rounds
 from raygossip.core.timeline import timeline_record
 from raygossip.core.transports import InProcessTransport
 from raygossip.engines.common import (
@@ -24,9 +24,10 @@ from raygossip.config import Config
 
 
 class ReferenceEngine:
-    """The oracle: the same GossipNode code as the Ray engine's agents, over an in-process transport, stepped in a
-    fixed order (every agent's local step, then every agent's send, then every agent's receive and mix), so the
-    Ray engine in sync mode reproduces these numbers exactly."""
+    """The oracle: the Ray engine's round loop (core.round_loop) over all the run's nodes, in an in-process transport,
+    stepped in a fixed order (every agent's local step, then every agent's send, then every agent's receive and mix),
+    so the Ray engine in sync mode reproduces these numbers exactly. Between the loop's phases the engine is the
+    loop's Steward: it drops or aborts on a divergence, records, checkpoints."""
 
     name = "reference"
 
@@ -39,6 +40,7 @@ class ReferenceEngine:
         plan = self.setup.plan
         self.agents = [
             AgentCore(i, config, self.setup.dataset, self.setup.shards[i], plan.total_steps, self.device,
+                      track_links=config.train.on_divergence == "drop",  # (a dropped agent's copy leaves s)
                       task=self.setup.task)
             for i in range(config.agents.count)
         ]
@@ -51,7 +53,7 @@ class ReferenceEngine:
         self.aborted: dict | None = None
         self.batched: list[tuple[list[GossipNode], BatchedSteps]] = []
         if config.runtime.batched_steps:  # the Ray engine's actors, stepped as they step their agents
-            groups = agent_groups(self.setup.topology.mixing(0), config.runtime.agents_per_actor)
+            groups = agent_groups(self.setup.plan.support(), config.runtime.agents_per_actor)
             self.batched = [([self.nodes[i] for i in g], BatchedSteps([self.agents[i] for i in g])) for g in groups]
         self.merged = MergedModel(self.setup, self.device)
         self.adaptive = AdaptiveRate(plan)  # (schedule.averaging_rate.kind adaptive: gamma from each epoch's record)
@@ -59,18 +61,56 @@ class ReferenceEngine:
         self.rounds_done = 0
         self.communication_rounds = 0
         self.started = 0.0
+        self.running: dict = {}  # what one run's step_done needs: records, observer, progress bar, checkpoint folder
 
-    # ------------------------------------------------------------ one round
+    # ------------------------------------------------------------ the round loop's steward
 
-    def gossip_round(self, round_index: int) -> None:
+    @property
+    def ended(self) -> bool:
+        return self.aborted is not None
+
+    def step_began(self, step: int) -> None:
+        self.note_timeline(step)
+        round_index = self.setup.plan.round_after_step(step)
+        if round_index is not None:
+            self.count_round(round_index)
+
+    def count_round(self, round_index: int) -> None:
         self.rounds_done = round_index + 1
         if self.setup.plan.round_plan(round_index) is not None:
             self.communication_rounds += 1
-            for node in self.live_nodes():
-                node.send_round(round_index)
-            self.check_divergence()
-        for node in self.live_nodes():  # (a silent round: only what follows a round, e.g. a joining agent's model)
-            node.finish_round(round_index)
+
+    def settle(self) -> None:
+        """After the local steps and after the sends: a diverged agent is dropped, or the run aborts; then every node
+        stops at once (none waits for a letter that will never come)."""
+        self.check_divergence()
+        if self.aborted is not None:
+            for node in self.nodes:
+                node.stop()
+
+    def gossip_round(self, round_index: int) -> None:
+        """One round of the live agents after their local steps (what the round loop does; for tests that step the
+        engine by hand)."""
+        self.count_round(round_index)
+        gossip_round(self.live_nodes(), round_index, self)
+
+    def step_done(self, step: int, round_index: int | None) -> None:
+        """A record at an evaluation step, a checkpoint when one is due."""
+        run = self.running
+        if self.setup.plan.is_eval_step(step):
+            record = self.evaluate(step)
+            run["records"].append(record)
+            gamma_set = self.adaptive.observe(step, record["consensus_distance"])
+            if gamma_set is not None:
+                self.events.append({"time_s": self.elapsed(), **gamma_set})
+            if run["observer"] is not None:
+                run["observer"](record)
+            run["bar"].set_postfix(round=record["round"], merged=f"{record[metric_key('merged_test_accuracy', self.config)]:.3f}",
+                                   MB=f"{record['bytes_sent'] / 1e6:.1f}")
+        every = self.config.runtime.checkpoint_every
+        if run["checkpoint_dir"] is not None and every and round_index is not None and (round_index + 1) % every == 0:
+            self.checkpoint(run["checkpoint_dir"], step, len(run["records"]))
+        run["bar"].update(1)
 
     def note_timeline(self, step: int) -> None:
         """At a round's first step: record the timeline events that take effect now (every one, on this engine)."""
@@ -89,7 +129,8 @@ class ReferenceEngine:
         """Agents whose loss or parameters went non-finite: abort the run or drop them (train.on_divergence)."""
         for node in [node for node in self.live_nodes() if node.divergence is not None]:
             i, step, what = node.agent_id, node.divergence["step"], node.divergence["what"]
-            self.events.append({"time_s": self.elapsed(), "kind": "diverged", "agent": i, "step": step, "what": what})
+            self.events.append({"time_s": self.elapsed(), "kind": "diverged", "agent": i, "step": step, "what": what,
+                                "unix_s": time.time()})
             reason = f"agent {i}'s {what} became non-finite at step {step}"
             self.live.remove(i)
             if self.config.train.on_divergence == "abort" or not self.live:
@@ -185,7 +226,6 @@ class ReferenceEngine:
         """Train to the end; returns {'records', 'merged_accuracy', 'last', 'events'}."""
         plan = self.setup.plan
         show = self.config.runtime.progress if progress is None else progress
-        every = self.config.runtime.checkpoint_every
         self.started = time.perf_counter()
         if start_step == 0:
             self.events.append({"time_s": 0.0, "kind": "run_started", "engine": self.name})
@@ -197,35 +237,9 @@ class ReferenceEngine:
         records = list(previous_records or [])
         bar = tqdm(total=plan.total_steps, initial=start_step, desc="raygossip", unit="step",
                    disable=True if not show else None, leave=False)
-        for step in range(start_step, plan.total_steps):
-            self.note_timeline(step)
-            if self.batched:
-                for members, batched in self.batched:
-                    live = [node for node in members if node.agent_id in self.live]
-                    if live:
-                        step_together(live, batched)
-            else:
-                for node in self.live_nodes():
-                    node.local_step()
-            self.check_divergence()
-            round_index = plan.round_after_step(step)
-            if round_index is not None and self.aborted is None:
-                self.gossip_round(round_index)
-            if self.aborted is not None:
-                break
-            if plan.is_eval_step(step):
-                record = self.evaluate(step)
-                records.append(record)
-                gamma_set = self.adaptive.observe(step, record["consensus_distance"])
-                if gamma_set is not None:
-                    self.events.append({"time_s": self.elapsed(), **gamma_set})
-                if observer is not None:
-                    observer(record)
-                bar.set_postfix(round=record["round"], merged=f"{record[metric_key('merged_test_accuracy', self.config)]:.3f}",
-                               MB=f"{record['bytes_sent'] / 1e6:.1f}")
-            if checkpoint_dir is not None and every and round_index is not None and (round_index + 1) % every == 0:
-                self.checkpoint(checkpoint_dir, step, len(records))
-            bar.update(1)
+        self.running = {"records": records, "observer": observer, "bar": bar, "checkpoint_dir": checkpoint_dir}
+        assert all(node.core.step == start_step for node in self.nodes)
+        run_rounds(self.nodes, batches=self.batched, steward=self)
         bar.close()
         if self.aborted is not None:
             last = records[-1] if records else None

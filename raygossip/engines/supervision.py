@@ -44,7 +44,7 @@ class Supervision:
             self.failures.append(record)
             self.event("agent_failed", **{k: v for k, v in record.items() if k != "policy"})
         if policy == "abort":
-            self.aborted = {"agents": ids, "reason": f"agent {ids[0]} died and runtime.on_failure is abort"}
+            self.abort({"agents": ids, "reason": f"agent {ids[0]} died and runtime.on_failure is abort"})
             self.event("run_aborted", agents=ids)
             return
         others = self.live(exclude=ids)
@@ -61,23 +61,30 @@ class Supervision:
                     self.restart_worker = threading.Thread(target=self.restart_loop, daemon=True)
                     self.restart_worker.start()
         if not self.live():
-            self.aborted = {"agents": ids, "reason": "every agent was dropped"}
+            self.abort({"agents": ids, "reason": "every agent was dropped"})
 
     @ray.method(concurrency_group="control")
     def agent_diverged(self, agent: int, incarnation: int, step: int, what: str) -> None:
         """An agent's loss or parameters went non-finite (it stopped): drop it or abort, as train.on_divergence says."""
         if incarnation != self.incarnations[agent] or agent in self.dropped:
             return
-        self.event("diverged", agent=agent, step=step, what=what)
+        self.event("diverged", agent=agent, step=step, what=what, unix_s=time.time())  # (when, on the wall clock)
         reason = f"agent {agent}'s {what} became non-finite at step {step}"
         if self.config.train.on_divergence == "drop":
             self.drop(agent, reason=f"diverged ({reason})")
             if not self.live():
-                self.aborted = {"agents": [agent], "field": "train.on_divergence", "status": "diverged",
-                                "reason": f"{reason}, the last agent left"}
+                self.abort({"agents": [agent], "field": "train.on_divergence", "status": "diverged",
+                            "reason": f"{reason}, the last agent left"})
             return
-        self.aborted = {"agents": [agent], "field": "train.on_divergence", "status": "diverged",
-                        "reason": f"{reason} (train.on_divergence is abort)"}
+        self.abort({"agents": [agent], "field": "train.on_divergence", "status": "diverged",
+                    "reason": f"{reason} (train.on_divergence is abort)"})
+
+    def abort(self, aborted: dict) -> None:
+        """The run ends now: every other live agent is told to stop at once (its wait for a letter, a gamma or a
+        checkpoint ends), so nobody waits out runtime.wait_timeout_s; wait_finished collects what they return."""
+        self.aborted = aborted
+        for i in self.live(exclude=aborted["agents"]):
+            self.agents[i].stop.remote(i)
 
     def drop(self, agent: int, reason: str) -> None:
         with self.condition:
