@@ -120,6 +120,14 @@ EVERY_ROUND = {"kind": "every", "p": 1.0, "pull": "neighbours"}
 EXACT_GOSSIP = {"rule": "dpsgd", "gamma": 1.0, "compressor": Whole(name="identity")}
 
 
+def scaled_base(cpu: dict, smoke: dict, scale: str, overrides: Sequence[str] = ()) -> dict:
+    """A config mapping written in a script (no YAML file): `cpu`, or `cpu` shrunk by `smoke` to seconds."""
+    if scale not in ("smoke", "cpu"):
+        raise UserError("--scale", f"this example has the scales smoke and cpu, got {scale!r}")
+    base = cpu if scale == "cpu" else deep_merge(cpu, smoke)
+    return apply_overrides(copy.deepcopy(base), list(overrides))
+
+
 def parallel_sgd(scenario: str, base: dict, suffix: str = "") -> Variant:
     """Parallel SGD: the exact average every round (complete graph, D-PSGD with gamma 1)."""
     return variant(scenario, base, f"parallel SGD{suffix}", {

@@ -135,10 +135,7 @@ GOSSIP = "D-PSGD ring + final merge"
 
 def base_of(scale: str, overrides: Sequence[str] = ()) -> dict:
     """The example's own config (no YAML file): cpu, or smoke shrunk to seconds."""
-    if scale not in ("smoke", "cpu"):
-        raise common.UserError("--scale", f"this example has the scales smoke and cpu, got {scale!r}")
-    base = CPU if scale == "cpu" else common.deep_merge(CPU, SMOKE)
-    return common.apply_overrides(common.copy.deepcopy(base), list(overrides))
+    return common.scaled_base(CPU, SMOKE, scale, overrides)
 
 
 def variants(scale: str = "cpu", overrides: Sequence[str] = ()) -> list[Variant]:
