@@ -187,7 +187,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_topology(args: argparse.Namespace) -> int:
-    from raygossip.algorithms.topology import build_topology, spectral_report
+    from raygossip.algorithms.spectral import spectral_report
+    from raygossip.algorithms.topology import build_topology
 
     from raygossip.config import MAX_AGENTS
 

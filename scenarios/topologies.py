@@ -3,7 +3,7 @@
 All graphs have 32 agents (the Dyck graph has exactly 32 nodes): ring (gap 0.013), 2-D torus 4x8 (0.117),
 Dyck (0.191), static exponential (0.400) and complete (1.0, which is parallel SGD), with uniform weights,
 D-PSGD with gamma 1 and the same non-IID data. The table adds each graph's lambda_2 (the second largest
-eigenvalue magnitude of W), spectral gap and degree (raygossip.algorithms.topology.spectral_report) and is
+eigenvalue magnitude of W), spectral gap and degree (raygossip.algorithms.spectral.spectral_report) and is
 sorted by spectral gap.
 
     python -m scenarios topologies --scale cpu --seeds 0 1 2
@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from raygossip.algorithms.topology import build_topology, spectral_report
+from raygossip.algorithms.spectral import spectral_report
+from raygossip.algorithms.topology import build_topology
 from scenarios import common
 from scenarios.common import Outcome, Variant, Whole
 

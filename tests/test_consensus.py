@@ -8,7 +8,8 @@ import torch
 from raygossip.algorithms.compressors import make_compressor
 from raygossip.algorithms.consensus import adagossip, choco, dpsgd, make_rule
 from raygossip.algorithms.merge import consensus_distance, global_average
-from raygossip.algorithms.topology import build_topology, spectral_report
+from raygossip.algorithms.spectral import spectral_report
+from raygossip.algorithms.topology import build_topology
 from raygossip.errors import UserError
 
 

@@ -8,7 +8,8 @@ import networkx as nx
 import pytest
 import torch
 
-from raygossip.algorithms.topology import spectral_report, topology_from_graph
+from raygossip.algorithms.spectral import spectral_report
+from raygossip.algorithms.topology import topology_from_graph
 from raygossip.api import run, with_graph
 from raygossip.config import Config
 from raygossip.validation import load_config

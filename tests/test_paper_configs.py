@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from raygossip.algorithms.topology import build_topology, spectral_report
+from raygossip.algorithms.spectral import spectral_report
+from raygossip.algorithms.topology import build_topology
 from raygossip.config import Config
 from raygossip.validation import load_config
 from raygossip.core.plan import RunPlan

@@ -13,9 +13,9 @@ from raygossip.algorithms.topology import (
     build_topology,
     edges_from_graph,
     mixing_matrix,
-    spectral_report,
     topology_from_graph,
 )
+from raygossip.algorithms.spectral import spectral_report
 from raygossip.config_io import dump_yaml
 from raygossip.validation import load_config
 from raygossip.errors import UserError

@@ -12,7 +12,8 @@ import torch
 
 from raygossip.algorithms.merge import consensus_distance, global_average
 from raygossip.algorithms.schedules import adaptive_gamma
-from raygossip.algorithms.topology import Topology, build_topology, spectral_report
+from raygossip.algorithms.spectral import spectral_report
+from raygossip.algorithms.topology import Topology, build_topology
 from raygossip.config import Config, RuntimeConfig
 from raygossip.core.agent import evaluate, make_model, reestimate_batchnorm
 from raygossip.core.flat import FlatParameters
