@@ -68,8 +68,9 @@ def run_rounds(nodes: list[GossipNode], *, checkpoints: bool = False, resync: bo
             break
         if steward is not None:
             steward.step_began(step)
+        live_ids = {id(node) for node in live}
         for members, group in batches:
-            together = [node for node in members if node in live]
+            together = [node for node in members if id(node) in live_ids]
             if together:
                 step_together(together, group)
         round_index = plan.round_after_step(step)
