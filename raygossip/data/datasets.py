@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from raygossip.errors import UserError
-from raygossip.registry import Registry
+from raygossip.registry import Registry, one_line
 
 DIGITS_SPLIT_SEED = 0  # fixed, independent of the run seed, so the digits test set never changes
 CACHE_SIZE = 4
@@ -215,11 +215,6 @@ ZOO = frozenset(DATASETS)
 _cache: OrderedDict[tuple[str, str, int | None], Dataset] = OrderedDict()
 
 
-def _one_line(err: BaseException) -> str:
-    """An exception's text squeezed onto one line."""
-    return " ".join(str(err).split()) or type(err).__name__
-
-
 def _load_uncached(name: str, root: str, download: bool, image_size: int | None) -> Dataset:
     """Call the registered loader, turning missing files and failed downloads into UserError."""
     try:
@@ -231,7 +226,7 @@ def _load_uncached(name: str, root: str, download: bool, image_size: int | None)
         if spec is None:
             raise
         if download:
-            msg = f"could not fetch {spec.display} into '{root}': {_one_line(err)}"
+            msg = f"could not fetch {spec.display} into '{root}': {one_line(err)}"
             raise UserError("data.download", msg) from None
         raise UserError(
             "data.root",
