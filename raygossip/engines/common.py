@@ -379,7 +379,10 @@ def metric_key(key: str, config: Config) -> str:
 
 def with_metric_keys(record: dict, config: Config) -> dict:
     """A record built with accuracy keys, its keys named for the run's metric."""
-    return {metric_key(key, config): value for key, value in record.items()}
+    name = metric_info(config)[0]
+    if name == "accuracy":
+        return record
+    return {key.replace("accuracy", name): value for key, value in record.items()}
 
 
 LOCAL_VALIDATION_KEYS = ("mean_local_validation_accuracy", "std_local_validation_accuracy",
