@@ -17,7 +17,7 @@ from raygossip.config import Config
 from raygossip.config_io import from_dict
 from raygossip.core.agent import AgentCore
 from raygossip.core.batched import BatchedSteps
-from raygossip.core.faults import MessageFate, kill_schedule
+from raygossip.core.faults import MessageFate, death_round, death_rounds
 from raygossip.core.round_loop import run_rounds
 from raygossip.core.node import GossipNode, NodeOptions
 from raygossip.core.plan import RunPlan
@@ -63,7 +63,7 @@ class AgentActor:
         plan = RunPlan(config, topology, steps_per_epoch)
         self.device = pick_device(runtime.device, runtime.num_gpus_per_agent)
         planned = time.time()
-        kills = {**plan.timeline.kills(), **kill_schedule(config.faults, config.agents.count, plan.total_rounds, config.seed)}
+        deaths = death_rounds(config.faults, config.agents.count, plan.total_rounds, config.seed)  # one per life
         self.nodes: dict[int, GossipNode] = {}
         self.transports: dict[int, RayTransport] = {}
         self.supervisor: RaySupervisor | None = None
@@ -76,7 +76,8 @@ class AgentActor:
                                                           runtime.wait_timeout_s, self.device)
             self.nodes[i] = GossipNode(
                 core, plan, transport, options, clock=StepClock(runtime.timing, factors[i], config.seed, i),
-                fate=MessageFate(config.faults, config.seed, i, life), kill_round=kills.get(i) if life == 0 else None,
+                fate=MessageFate(config.faults, config.seed, i, life),
+                kill_round=death_round(deaths, plan.timeline.kills(), i, life),
                 incarnation=life, evaluation_set=(test_x, test_y))
         self.startup = {"process_started": process_start_time(), "init_began": init_began,
                         "data_fetched": data_fetched, "planned": planned, "init_done": time.time()}

@@ -59,6 +59,7 @@ class Coordinator(Supervision, Checkpoints):
         if runtime.on_failure == "restart" and runtime.snapshot_every:
             self.snapshot_dir = (ray.get_runtime_context().get_node_id(), make_snapshot_dir())
         self.failures: list[dict] = []
+        self.injected: dict[int, dict] = {}  # agent -> its current life's injected death, until detected
         self.aborted: dict | None = None
         self.restart_queue: list[tuple[int, float]] = []  # (agent, when its death was detected)
         self.restarting: set[int] = set()
@@ -298,6 +299,9 @@ class Coordinator(Supervision, Checkpoints):
                     self.timeline_recorded.add(event["index"])
             event = dict(event)
             event["time_s"] = event.pop("time", time.time()) - self.started
+            if event.get("kind") == "fault_injected":  # its death is detected next (Supervision.handle_failures)
+                with self.condition:
+                    self.injected[event["agent"]] = event
             stamped.append(event)
         with self.condition:
             self.events.extend(stamped)

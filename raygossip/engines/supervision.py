@@ -34,13 +34,13 @@ class Supervision:
         detected = time.time()
         ids = [i for i, _ in failed]
         policy = self.config.runtime.on_failure
-        injected = {e["agent"]: e for e in self.events if e["kind"] == "fault_injected"}
         for i, error in failed:
             record = {"agent": i, "incarnation": self.incarnations[i], "error": type(error).__name__,
                       "detected_at_s": detected - self.started, "policy": policy}
-            if i in injected and self.incarnations[i] == 0:  # injected kills happen in the first life only
-                record["injected_round"] = injected[i]["round"]
-                record["detection_s"] = detected - self.started - injected[i]["time_s"]
+            injected = self.injected.pop(i, None)  # this life's injected death (a restarted agent may die again)
+            if injected is not None:
+                record["injected_round"] = injected["round"]
+                record["detection_s"] = detected - self.started - injected["time_s"]
             self.failures.append(record)
             self.event("agent_failed", **{k: v for k, v in record.items() if k != "policy"})
         if policy == "abort":

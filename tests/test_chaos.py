@@ -1,0 +1,131 @@
+"""Chaos on the Ray engine: agents that die again in their next lives, seeded chaos schedules, and the chaos config's
+one-line errors (before Ray starts)."""
+
+from __future__ import annotations
+
+import pytest
+
+from raygossip.config import ChaosConfig, FaultsConfig, KillConfig
+from raygossip.core.faults import chaos_rounds, death_round, death_rounds
+from raygossip.errors import UserError
+from raygossip.presets import quickstart
+from raygossip.validation import load_config
+from conftest import run_ray, small
+
+CHOCO = {"rule": "choco", "gamma": 0.5, "compressor": {"name": "top_k", "ratio": 0.1}}
+
+
+def long_run(**overrides) -> dict:
+    """4 agents on a ring, 80 rounds of ~0.08 s, snapshots every 5 rounds (as test_failures.failing)."""
+    data = small(**overrides)
+    data["runtime"]["agents_per_actor"] = 1
+    data["train"].update(epochs=2, steps_per_epoch=40)
+    data["runtime"].setdefault("timing", {})["step_time_s"] = 0.08
+    data["runtime"]["snapshot_every"] = 5
+    return data
+
+
+# ------------------------------------------------------------ pure schedules
+
+
+def test_death_rounds_give_each_life_its_own_round():
+    faults = FaultsConfig(kill=[KillConfig(agent=1, round=20), KillConfig(agent=1, round=7),
+                                KillConfig(agent=2, round=5), KillConfig(agent=2, round=5 + 0)][:3])
+    deaths = death_rounds(faults, 4, 80, seed=0)
+    assert deaths == {1: [7, 20], 2: [5]}
+    assert [death_round(deaths, {}, 1, life) for life in range(3)] == [7, 20, None]
+    assert death_round(deaths, {3: 9}, 3, 0) == 9 and death_round(deaths, {3: 9}, 3, 1) is None
+    assert death_round(deaths, {1: 2}, 1, 0) == 7  # the faults' kill, not a timeline's
+
+
+@pytest.mark.parametrize("every, start, stop, cap", [(2.0, 0, None, None), (5.0, 10, 360, None), (1.0, 0, None, 7)])
+def test_chaos_rounds_are_seeded_bounded_and_near_the_rate(every, start, stop, cap):
+    chaos = ChaosConfig(every_rounds=every, start=start, stop=stop, max_deaths=cap)
+    rounds = chaos_rounds(chaos, 8, 400, seed=3)
+    assert rounds == chaos_rounds(chaos, 8, 400, seed=3) and rounds != chaos_rounds(chaos, 8, 400, seed=4)
+    flat = sorted(r for listed in rounds.values() for r in listed)
+    assert all(start <= r < (stop or 400) for r in flat)
+    expected = ((stop or 400) - start) / every
+    if cap is None:
+        assert 0.7 * expected < len(flat) < 1.3 * expected, len(flat)
+    else:
+        assert len(flat) == cap
+    deaths = death_rounds(FaultsConfig(chaos=chaos), 8, 400, seed=3)
+    for listed in deaths.values():  # each life dies past the round the previous one died at
+        assert all(b > a for a, b in zip(listed, listed[1:]))
+    assert sum(map(len, deaths.values())) >= 0.9 * len(flat)
+
+
+# ------------------------------------------------------------ config: one line each, nothing started
+
+
+@pytest.mark.parametrize(
+    "chaos, runtime, field",
+    [
+        ({"every_rounds": 0}, {}, "faults.chaos.every_rounds"),
+        ({"every_rounds": -2.0}, {}, "faults.chaos.every_rounds"),
+        ({"every_s": float("inf")}, {}, "faults.chaos.every_s"),
+        ({"every_s": float("nan")}, {}, "faults.chaos.every_s"),
+        ({"coordinator_every_s": 0.0}, {}, "faults.chaos.coordinator_every_s"),
+        ({"every_rounds": 3, "every_s": 2}, {}, "faults.chaos.every_s"),
+        ({"every_rounds": 3, "target": "node"}, {}, "faults.chaos.target"),
+        ({"every_s": 3, "target": "rack"}, {}, "faults.chaos.target"),
+        ({"every_rounds": 3, "start": 10, "stop": 5}, {}, "faults.chaos.stop"),
+        ({"every_rounds": 3, "max_deaths": 0}, {}, "faults.chaos.max_deaths"),
+        ({"coordinator_at_s": [1.0, -1.0]}, {}, "faults.chaos.coordinator_at_s[1]"),
+        ({"every_rounds": 3}, {"on_failure": "abort"}, "runtime.on_failure"),
+        ({"coordinator_every_s": 5}, {"engine": "reference"}, "faults.chaos.coordinator_every_s"),
+        ({"coordinator_at_s": [2.0]}, {"engine": "reference"}, "faults.chaos.coordinator_every_s"),
+        ({"every_rounds": 3}, {"engine": "reference"}, "faults.chaos"),
+        ({"every_round": 3}, {}, "faults.chaos.every_round"),
+    ],
+)
+def test_bad_chaos_is_one_line_naming_the_field_before_ray_starts(chaos, runtime, field):
+    import ray
+
+    data = quickstart()
+    data["runtime"] = {"engine": "ray", **runtime}
+    data["faults"] = {"chaos": chaos}
+    with pytest.raises(UserError) as error:
+        load_config(base=data)
+    assert error.value.field == field
+    assert "\n" not in str(error.value)
+    assert not ray.is_initialized()
+
+
+def test_an_agent_listed_twice_at_one_round_is_an_error_and_at_two_rounds_dies_twice():
+    data = quickstart()
+    data["runtime"] = {"engine": "ray"}
+    data["faults"] = {"kill": [{"agent": 1, "round": 3}, {"agent": 1, "round": 3}]}
+    with pytest.raises(UserError, match="faults.kill: lists agent 1 twice at round 3"):
+        load_config(base=data)
+    data["faults"] = {"kill": [{"agent": 1, "round": 3}, {"agent": 1, "round": 9}]}
+    assert [(k.agent, k.round) for k in load_config(base=data).faults.kill] == [(1, 3), (1, 9)]
+
+
+# ------------------------------------------------------------ on Ray
+
+
+def test_an_agent_killed_twice_is_restarted_twice(ray_cluster):
+    """Agent 1 dies at round 7 in its first life and at round 30 in its second: two injected deaths, two restarts
+    from snapshots, every record once, the CHOCO invariant at float tolerance at the end."""
+    data = long_run()
+    data["gossip"] = CHOCO
+    data["faults"] = {"kill": [{"agent": 1, "round": 7}, {"agent": 1, "round": 30}]}
+    config = load_config(base=data)
+    engine, outcome = run_ray(config)
+    try:
+        extra = outcome["extra"]
+        failures = extra["failures"]
+        assert [(f["agent"], f["incarnation"], f.get("injected_round")) for f in failures] == [(1, 0, 7), (1, 1, 30)]
+        assert all(f["action"] == "restarted" and 0 <= f["detection_s"] < 10.0 for f in failures), failures
+        assert [f["restored_step"] for f in failures] == [5, 30]  # the snapshots after rounds 4 and 29
+        assert extra["restarts"] == 2 and extra["dropped_agents"] == []
+        restarted = [e for e in outcome["events"] if e["kind"] == "agent_restarted"]
+        assert [(e["agent"], e["incarnation"]) for e in restarted] == [(1, 1), (1, 2)]
+        steps = [r["step"] for r in outcome["records"]]
+        assert steps == sorted(set(steps)) and steps[-1] == 80
+        assert extra["steps_per_agent"] == [80] * 4
+        assert extra["public_copy_error"] < 1e-5
+    finally:
+        engine.close()
