@@ -129,3 +129,46 @@ def test_an_agent_killed_twice_is_restarted_twice(ray_cluster):
         assert extra["public_copy_error"] < 1e-5
     finally:
         engine.close()
+
+
+def test_the_coordinator_killed_twice_mid_run_in_sync_mode_changes_nothing(ray_cluster):
+    """Ray restarts the coordinator (max_restarts); it goes on from its ledger, the agents send again the reports it
+    had not recorded: every record, every agent's parameters and the merged model equal the reference engine's."""
+    import ray
+
+    from conftest import assert_same_run
+    from raygossip.engines.reference import ReferenceEngine
+
+    data = small()
+    data["gossip"] = CHOCO
+    data["schedule"]["averaging_rate"] = {"kind": "constant"}
+    data["train"].update(epochs=6, steps_per_epoch=12)
+    data["runtime"]["timing"] = {"step_time_s": 0.05}
+    config = load_config(base=data)
+    reference = ReferenceEngine(config)
+    expected = reference.run(progress=False)
+    killed: list[int] = []
+    engines: list = []
+
+    def kill_coordinator(record: dict) -> None:
+        killed.append(record["step"])
+        if len(killed) in (1, 3):
+            ray.kill(engines[0].coordinator, no_restart=False)
+
+    from raygossip.engines.common import prepare
+    from raygossip.engines.ray_engine import RayEngine
+    from conftest import wait_for_idle_cluster
+
+    wait_for_idle_cluster()
+    engine = RayEngine(config, prepare(config))
+    engines.append(engine)
+    try:
+        outcome = engine.run(kill_coordinator)
+        assert outcome["extra"]["coordinator_deaths"] == 2
+        restarted = [e for e in outcome["events"] if e["kind"] == "coordinator_restarted"]
+        assert [e["deaths"] for e in restarted] == [1, 2]
+        assert outcome["extra"]["failures"] == [] and outcome["extra"]["steps_per_agent"] == [72] * 4
+        assert_same_run(engine, outcome, reference, expected)
+        assert outcome["extra"]["public_copy_error"] < 1e-5
+    finally:
+        engine.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import shutil
 import threading
 import time
 from typing import Any
@@ -24,7 +23,8 @@ from raygossip.engines.records import RecordBook, Report
 from raygossip.engines.run_checkpoints import Checkpoints
 from raygossip.engines.supervision import Supervision
 from raygossip.engines.agent_states import split_state, traffic_of
-from raygossip.engines.snapshots import make_snapshot_dir
+from raygossip.engines.coordinator_state import ledger_state, recover
+from raygossip.engines.ledger import Ledger
 from raygossip.engines.timeline_clock import restore_schedule, run_clock
 
 
@@ -33,7 +33,11 @@ class Coordinator(Supervision, Checkpoints):
     """Owns the plan and the run's clock; starts the agents, gathers evaluations, keeps the agents' snapshots,
     replaces or drops agents that die (runtime.on_failure), performs the final merge."""
 
-    def __init__(self, config_dict: dict, data: list, steps_per_epoch: int) -> None:
+    def __init__(self, config_dict: dict, data: list, steps_per_epoch: int, state_place: tuple[str, str],
+                 agents: list[Any], recipe: dict) -> None:
+        """state_place: (node, folder) the driver made for the run's state: the agents' snapshot files and this
+        actor's ledger. Ray restarts this actor (max_restarts) with the same arguments: it then goes on from its
+        ledger (coordinator_state.recover)."""
         pin_threads(1)
         self.config: Config = from_dict(Config, config_dict)
         arrays = ray.get(data[0])
@@ -46,18 +50,19 @@ class Coordinator(Supervision, Checkpoints):
         self.adaptive = AdaptiveRate(self.plan)  # (schedule.averaging_rate.kind adaptive: gamma from each epoch's record)
         self.timeline_skipped: set[int] = set()  # wall-clock timeline events that could not be scheduled
         n = self.config.agents.count
-        self.agents: list[Any] = []  # agent -> the actor that hosts it (runtime.agents_per_actor agents share one)
-        self.group_of: dict[int, int] = {}
-        self.recipe: dict = {}
+        self.agents: list[Any] = list(agents)  # agent -> the actor that hosts it (runtime.agents_per_actor share one)
+        self.recipe = recipe
+        self.group_of = {i: g for g, members in enumerate(recipe["groups"]) for i in members}
+        self.host_names: dict[int, str] = {}  # group -> the name of its replacement actor (restart)
         self.runs: dict[int, Any] = {}
         self.incarnations = [0] * n
         self.restarts = [0] * n
         self.dropped: set[int] = set()
         self.snapshots: dict[int, tuple[dict[str, np.ndarray], dict]] = {}  # sent by value (see latest_snapshot)
         runtime = self.config.runtime
-        self.snapshot_dir: tuple[str, str] | None = None  # (this node, directory): agents on it write snapshots there
-        if runtime.on_failure == "restart" and runtime.snapshot_every:
-            self.snapshot_dir = (ray.get_runtime_context().get_node_id(), make_snapshot_dir())
+        self.state_place = state_place
+        # (this node, directory): the agents on it write their snapshots there
+        self.snapshot_dir = state_place if runtime.on_failure == "restart" and runtime.snapshot_every else None
         self.failures: list[dict] = []
         self.injected: dict[int, dict] = {}  # agent -> its current life's injected death, until detected
         self.aborted: dict | None = None
@@ -77,6 +82,14 @@ class Coordinator(Supervision, Checkpoints):
         self.arrivals: dict[int, dict[int, tuple]] = {}  # checkpoint step -> agent -> (arrays, meta)
         self.before: dict = {"records": [], "events": []}  # what a resumed run did before its checkpoint
         self.resumed_from = 0
+        self.written: set[int] = set()  # checkpoint steps written
+        self.run_started = False
+        self.deaths = 0  # of this coordinator (each restart adds one)
+        self.resent: list[Any] = []  # after a restart: the actors' calls that send again what it lost
+        self.ledger = Ledger(state_place[1], lambda: ledger_state(self), self.condition)
+        saved = self.ledger.load()
+        if saved is not None:  # Ray restarted this actor: go on from what its previous life saved
+            recover(self, saved)
 
     @ray.method(concurrency_group="control")
     def ready(self) -> bool:
@@ -88,19 +101,13 @@ class Coordinator(Supervision, Checkpoints):
         return self.snapshot_dir
 
     @ray.method(concurrency_group="control")
-    def remove_snapshots(self) -> None:
-        if self.snapshot_dir is not None:
-            shutil.rmtree(self.snapshot_dir[1], ignore_errors=True)
-
-    @ray.method(concurrency_group="control")
-    def start(self, agents: list[Any], recipe: dict, checkpoint_dir: str | None = None,
-              resumed: dict | None = None) -> None:
+    def start(self, checkpoint_dir: str | None = None, resumed: dict | None = None) -> None:
         """Start every agent's own loop; returns at once (the loops run in the agents).
 
         resumed: the checkpoint's run state (records, events, wall time, dropped agents) when resuming."""
-        self.agents = list(agents)
-        self.recipe = recipe
-        self.group_of = {i: g for g, members in enumerate(recipe["groups"]) for i in members}
+        if self.run_started:  # (a call retried after this actor restarted)
+            return
+        recipe = self.recipe
         self.checkpoint_dir = checkpoint_dir
         self.started = time.time()
         if resumed is not None:
@@ -125,6 +132,8 @@ class Coordinator(Supervision, Checkpoints):
         for members in recipe["groups"]:
             self.runs.update(self.launch([i for i in members if i not in self.dropped], checkpoints, resync))
         self.event("run_started", agents=len(self.runs))
+        self.run_started = True
+        self.ledger.save()
         if self.plan.timeline.timed:  # wall-clock timeline events
             threading.Thread(target=run_clock, args=(self,), daemon=True).start()
 
@@ -185,6 +194,7 @@ class Coordinator(Supervision, Checkpoints):
         second even while another agent is being restarted. A run may take as long as it needs: every `stall_s`
         seconds without a finished loop the agents' steps are read, and a run in which no agent took a step
         since the last look is stopped as aborted (reason: stalled)."""
+        self.gather(self.resent)  # (after a restart: every report it had lost is in again)
         n = len(self.runs)
         deadline = time.time() + stall_s
         positions: dict[int, int] | None = None
@@ -220,9 +230,14 @@ class Coordinator(Supervision, Checkpoints):
             failed = []
             for ref in ready:
                 try:
-                    stats[waiting[ref]] = ray.get(ref)
+                    result = ray.get(ref)
                 except ray.exceptions.RayActorError as error:
                     failed.append((waiting[ref], error))
+                    continue
+                if result is None:  # a loop_result that timed out (this actor restarted): the loop goes on
+                    self.watch(waiting[ref])
+                else:
+                    stats[waiting[ref]] = result
             failed = self.with_actor_mates(failed, stats)
             if failed:
                 self.handle_failures(failed)
@@ -244,15 +259,25 @@ class Coordinator(Supervision, Checkpoints):
             self.condition.notify_all()  # a waiting poll returns at once
         return {"stats": ordered, "aborted": self.aborted}
 
+    def watch(self, agent: int, timeout_s: float = 0.5) -> None:
+        """Wait on the agent's loop through loop_result (a restarted coordinator has lost its run call)."""
+        with self.condition:
+            self.runs[agent] = self.agents[agent].loop_result.remote(agent, timeout_s)
+
     def stop_all(self, exclude: set[int]) -> dict[int, dict]:
         """Abort: stop every live agent and collect the stats of those whose loop ends in time."""
         alive = self.live(set(exclude) | set(self.aborted["agents"]))
         for i in alive:
             self.agents[i].stop.remote(i)
         out = {}
+        deadline = time.time() + self.config.runtime.wait_timeout_s
         for i in alive:
             try:
-                out[i] = ray.get(self.runs[i], timeout=self.config.runtime.wait_timeout_s)
+                result = ray.get(self.runs[i], timeout=max(0.1, deadline - time.time()))
+                if result is None:  # a loop_result (this actor restarted): wait on the loop itself
+                    result = ray.get(self.agents[i].loop_result.remote(i, max(0.1, deadline - time.time())))
+                if result is not None:
+                    out[i] = result
             except (ray.exceptions.RayError, TimeoutError):
                 pass
         return out
@@ -263,7 +288,8 @@ class Coordinator(Supervision, Checkpoints):
 
     @ray.method(concurrency_group="control")
     def failure_report(self) -> dict:
-        return {"failures": list(self.failures), "restarts": sum(self.restarts), "dropped_agents": sorted(self.dropped)}
+        return {"failures": list(self.failures), "restarts": sum(self.restarts), "dropped_agents": sorted(self.dropped),
+                "coordinator_deaths": self.deaths}
 
     # ------------------------------------------------------------ records
 
@@ -283,6 +309,7 @@ class Coordinator(Supervision, Checkpoints):
     def event(self, kind: str, **fields) -> None:
         with self.condition:
             self.events.append({"kind": kind, "time_s": time.time() - self.started, **fields})
+        self.ledger.touch()
 
     @ray.method(concurrency_group="report")
     def record_event(self, event: dict) -> None:
@@ -305,24 +332,28 @@ class Coordinator(Supervision, Checkpoints):
             stamped.append(event)
         with self.condition:
             self.events.extend(stamped)
+        self.ledger.touch()
 
     @ray.method(concurrency_group="report")
     def report(self, agent: int, step: int, accuracy: float | None, state: list, loss: float, traffic: dict,
-               incarnation: int = 0) -> None:
+               incarnation: int = 0) -> int:
         """An agent's evaluation at `step`; once every live agent reported that step, build the network record.
         A restarted agent reports steps again: those already recorded are ignored, and a dead life's late report
-        never replaces a newer life's."""
+        never replaces a newer life's. Returns the step below which every report is recorded (the agents forget
+        those; they send the others again if this actor restarts)."""
         with self.condition:
             if not self.book.wants(step) or agent in self.dropped:
-                return
+                return self.book.recorded_below()
         try:  # copied now: the object dies with its owner, the agent, which may die before the record is complete
             arrays = {k: np.array(v, copy=True) for k, v in ray.get(state[0]).items()}
         except ray.exceptions.RayError:
-            return  # the agent died; a restarted one reports this step again
+            return self.book.recorded_below()  # the agent died; a restarted one reports this step again
         with self.condition:
             complete = self.book.add(agent, step, Report(accuracy, arrays, loss, traffic, incarnation), self.live())
         if complete:
             self.finish_record(step)
+        with self.condition:
+            return self.book.recorded_below()
 
     def finish_record(self, step: int) -> None:
         with self.condition:
@@ -361,6 +392,7 @@ class Coordinator(Supervision, Checkpoints):
             record["agents"] = order
         with self.condition:
             self.book.publish(record)
+            self.ledger.save()  # before anyone sees it: a restarted coordinator delivers the same records
             self.condition.notify_all()
 
     def communication_rounds(self, rounds_done: int) -> int:
@@ -414,6 +446,7 @@ class Coordinator(Supervision, Checkpoints):
 
         accuracy = merge_all(self.merged, self.gather_states(), broadcast, reestimate_local)
         self.event("merge_done", merged_test_accuracy=accuracy, bn=spec.bn, agents=len(live))
+        self.ledger.save()
         return {"merged_accuracy": accuracy, "state_dict": {k: v.numpy() for k, v in self.merged.state_dict().items()}}
 
     @ray.method(concurrency_group="control")

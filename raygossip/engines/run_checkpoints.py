@@ -19,7 +19,7 @@ class Checkpoints:
     @ray.method(concurrency_group="report")
     def keep_checkpoint(self, agent: int, incarnation: int, step: int, arrays: dict[str, np.ndarray], meta: dict) -> None:
         """One agent's state at a checkpoint step; once every live agent's is in, write the checkpoint."""
-        if incarnation != self.incarnations[agent]:
+        if incarnation != self.incarnations[agent] or step in self.written:  # (resent after a restart of this actor)
             return
         copied = copied_state(arrays, meta)
         if self.config.runtime.on_failure == "restart":
@@ -57,5 +57,8 @@ class Checkpoints:
             "timeline_skipped": sorted(self.timeline_skipped),
         }
         save_checkpoint(self.checkpoint_dir, self.config, run_state, agents)
+        with self.condition:
+            self.written.add(step)
+        self.ledger.touch()
         for host in self.hosts(self.live()):
             host.release.remote(step)

@@ -39,7 +39,8 @@ class Supervision:
                       "detected_at_s": detected - self.started, "policy": policy}
             injected = self.injected.pop(i, None)  # this life's injected death (a restarted agent may die again)
             if injected is not None:
-                record["injected_round"] = injected["round"]
+                if injected["round"] is not None:  # (the driver's chaos kills at a time, not at a round)
+                    record["injected_round"] = injected["round"]
                 record["detection_s"] = detected - self.started - injected["time_s"]
             self.failures.append(record)
             self.event("agent_failed", **{k: v for k, v in record.items() if k != "policy"})
@@ -54,12 +55,7 @@ class Supervision:
             if i not in restart:
                 self.drop(i, reason="on_failure is drop" if policy == "drop" else "max_restarts reached")
         if restart:
-            with self.condition:
-                self.restart_queue.extend((i, detected) for i in restart)
-                self.restarting.update(restart)
-                if self.restart_worker is None:
-                    self.restart_worker = threading.Thread(target=self.restart_loop, daemon=True)
-                    self.restart_worker.start()
+            self.queue_restarts(restart, detected)
         if not self.live():
             self.abort({"agents": ids, "reason": "every agent was dropped"})
 
@@ -104,6 +100,16 @@ class Supervision:
         for step in barriers:
             threading.Thread(target=self.write_checkpoint, args=(step,), daemon=True).start()
 
+    def queue_restarts(self, agents: list[int], detected: float) -> None:
+        """Restart these agents on the restart thread (started if none runs)."""
+        with self.condition:
+            self.restart_queue.extend((i, detected) for i in agents)
+            self.restarting.update(agents)
+            if self.restart_worker is None:
+                self.restart_worker = threading.Thread(target=self.restart_loop, daemon=True)
+                self.restart_worker.start()
+        self.ledger.touch()
+
     def restart_loop(self) -> None:
         """The restart thread: restart the queued agents, a batch at a time, until none is left."""
         while True:
@@ -130,8 +136,15 @@ class Supervision:
             groups.setdefault(self.group_of[i], []).append(i)
             self.incarnations[i] += 1
             self.restarts[i] += 1
-        new = {g: spawn_host(self.recipe, g, dict(enumerate(self.incarnations)), members)
-               for g, members in groups.items()}
+        new = {}
+        for g, members in groups.items():  # named and detached: a restarted coordinator finds them again
+            name = f"{self.recipe['name']}-g{g}-i{max(self.incarnations[i] for i in members)}-c{self.deaths}"
+            stale = self.host_names.get(g)
+            new[g] = spawn_host(self.recipe, g, dict(enumerate(self.incarnations)), members, name=name)
+            with self.condition:
+                self.host_names[g] = name
+            if stale is not None and stale != name:
+                kill_named(stale)
         for g, members in groups.items():
             for i in members:
                 self.agents[i] = new[g]
@@ -203,3 +216,11 @@ class Supervision:
         """An agent's latest state, copied (the arrays may live in memory its process owns)."""
         if incarnation == self.incarnations[agent]:
             self.snapshots[agent] = copied_state(arrays, meta)
+
+
+def kill_named(name: str) -> None:
+    """Kill the (detached) actor of that name if it is alive: a replacement the run no longer uses."""
+    try:
+        ray.kill(ray.get_actor(name))
+    except ValueError:
+        pass
