@@ -3,6 +3,8 @@ one-line errors (before Ray starts)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from raygossip.config import ChaosConfig, FaultsConfig, KillConfig
@@ -80,9 +82,7 @@ def test_chaos_rounds_are_seeded_bounded_and_near_the_rate(every, start, stop, c
         ({"every_round": 3}, {}, "faults.chaos.every_round"),
     ],
 )
-def test_bad_chaos_is_one_line_naming_the_field_before_ray_starts(chaos, runtime, field):
-    import ray
-
+def test_bad_chaos_is_one_line_naming_the_field(chaos, runtime, field):
     data = quickstart()
     data["runtime"] = {"engine": "ray", **runtime}
     data["faults"] = {"chaos": chaos}
@@ -90,7 +90,24 @@ def test_bad_chaos_is_one_line_naming_the_field_before_ray_starts(chaos, runtime
         load_config(base=data)
     assert error.value.field == field
     assert "\n" not in str(error.value)
-    assert not ray.is_initialized()
+
+
+def test_a_bad_chaos_config_is_refused_before_ray_starts(tmp_path):
+    """The CLI in a fresh process: one line naming the field, exit status 2, and Ray never started."""
+    import subprocess
+    import sys
+
+    config = tmp_path / "chaos.yaml"
+    config.write_text("runtime: {engine: ray}\nfaults: {chaos: {every_s: .nan}}\n")
+    script = ("import sys, ray\nfrom raygossip.cli import main\ntry:\n    code = main(['run', sys.argv[1]])\n"
+              "except SystemExit as stop:\n    code = stop.code\nprint('ray started' if ray.is_initialized() else 'no ray')\n"
+              "sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", script, str(config)], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 2, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "no ray"
+    lines = done.stderr.strip().splitlines()
+    assert lines == ["raygossip run: error: faults.chaos.every_s: must be a finite number, got nan"], lines
 
 
 def test_an_agent_listed_twice_at_one_round_is_an_error_and_at_two_rounds_dies_twice():
