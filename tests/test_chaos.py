@@ -3,6 +3,8 @@ one-line errors (before Ray starts)."""
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import pytest
@@ -187,5 +189,109 @@ def test_the_coordinator_killed_twice_mid_run_in_sync_mode_changes_nothing(ray_c
         assert outcome["extra"]["failures"] == [] and outcome["extra"]["steps_per_agent"] == [72] * 4
         assert_same_run(engine, outcome, reference, expected)
         assert outcome["extra"]["public_copy_error"] < 1e-5
+    finally:
+        engine.close()
+
+
+# ------------------------------------------------------------ the coordinator's parts, alone (no Ray)
+
+
+def test_roster_knows_who_hosts_whom_and_survives_a_save():
+    from raygossip.engines.roster import Roster
+
+    roster = Roster(["a", "a", "b", "b", "c"], [[0, 1], [2, 3], [4]], wait_timeout_s=1.0)
+    roster.dropped.add(3)
+    assert roster.live() == [0, 1, 2, 4] and roster.live(exclude=[0]) == [1, 2, 4]
+    assert roster.hosts([0, 1, 2, 4]) == ["a", "b", "c"] and roster.actor_mates(3) == [2, 3]
+    roster.replace(1, [2], "b2", "run-g1-i1-c0")
+    roster.incarnations[2] += 1
+    again = Roster(["a", "a", "b", "b", "c"], [[0, 1], [2, 3], [4]], wait_timeout_s=1.0)
+    saved = json.loads(json.dumps(roster.saved()))
+    again.incarnations, again.restarts, again.dropped = saved["incarnations"], saved["restarts"], set(saved["dropped"])
+    assert again.incarnations == [0, 0, 1, 0, 0] and again.dropped == {3}
+    assert saved["host_names"] == {"1": "run-g1-i1-c0"}
+
+
+def test_checkpoint_barrier_completes_once_every_live_agent_offered_and_ignores_written_steps():
+    from raygossip.engines.run_checkpoints import CheckpointBarrier
+
+    barrier = CheckpointBarrier("out")
+    assert not barrier.offer(0, 9, ("s0", {}), live=[0, 1, 2])
+    assert not barrier.offer(1, 9, ("s1", {}), live=[0, 1, 2])
+    assert barrier.complete([0, 1]) == [9]  # agent 2 was dropped meanwhile
+    assert barrier.offer(2, 9, ("s2", {}), live=[0, 1, 2])
+    assert sorted(barrier.take(9)) == [0, 1, 2] and barrier.take(9) is None
+    barrier.written.add(9)
+    assert not barrier.offer(0, 9, ("again", {}), live=[0])  # offered again after a coordinator restart
+
+
+def test_record_book_says_what_is_recorded_and_comes_back_from_its_save():
+    from raygossip.engines.records import RecordBook, Report
+
+    book = RecordBook()
+    report = Report(0.5, {}, 1.0, {}, 0)
+    assert book.recorded_below() == 0
+    assert not book.add(0, 11, report, live=[0, 1]) and book.recorded_below() == 11
+    assert book.add(1, 11, report, live=[0, 1])
+    book.take(11)
+    book.publish({"step": 12})
+    assert book.recorded_below() == 12
+    book.add(0, 23, report, live=[0, 1])
+    again = RecordBook.restored(json.loads(json.dumps(book.saved())))
+    assert again.records == [{"step": 12}] and again.delivered == [{"step": 12}]
+    assert not again.wants(11) and again.wants(23) and again.pending == {}  # pending reports are sent again
+
+
+def test_ledger_writes_whole_states_atomically_and_loads_them_back(tmp_path):
+    import threading
+
+    from raygossip.engines.ledger import Ledger
+
+    state = {"records": [], "loss": float("nan")}
+    lock = threading.Condition()
+    ledger = Ledger(str(tmp_path), lambda: dict(state), lock, every_s=0.01)
+    assert ledger.load() is None
+    state["records"] = [{"step": 12}]
+    ledger.save()
+    loaded = ledger.load()
+    assert loaded["records"] == [{"step": 12}] and loaded["loss"] != loaded["loss"]  # NaN stays NaN
+    state["records"].append({"step": 24})
+    ledger.touch()
+    deadline = time.time() + 5
+    while len(ledger.load()["records"]) < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    assert len(ledger.load()["records"]) == 2
+    ledger.close()
+    state["records"] = []
+    ledger.save()
+    assert len(ledger.load()["records"]) == 2  # closed: nothing more is written
+    assert [p.name for p in tmp_path.iterdir()] == ["coordinator-ledger.json"]  # no temporary file left
+
+
+@pytest.mark.parametrize("target, k, placement", [("actor", 2, "PACK"), ("node", 1, "SPREAD")])
+def test_time_rate_chaos_kills_actors_or_nodes_and_every_death_is_recovered(ray_cluster, target, k, placement):
+    """The driver kills at seeded times (faults.chaos.every_s): a random actor (both of its agents die), or every
+    agent actor on a random node of the two-node test cluster; all come back from their snapshots."""
+    data = long_run()
+    data["gossip"] = CHOCO
+    data["runtime"].update(agents_per_actor=k, placement=placement, max_restarts=10)
+    data["faults"] = {"chaos": {"every_s": 1.0, "target": target, "start": 1.0, "max_deaths": 2}}
+    engine, outcome = run_ray(load_config(base=data))
+    try:
+        extra = outcome["extra"]
+        kills = extra["chaos_kills"]
+        assert len(kills) == 2 and all(kill["target"] == target for kill in kills), kills
+        killed = sorted(i for kill in kills for i in kill["agents"])
+        failures = extra["failures"]
+        if target == "actor":  # the drawn agent and its actor mate
+            assert sorted(f["agent"] for f in failures) == sorted(j for i in killed for j in (i - i % 2, i - i % 2 + 1))
+        else:
+            assert sorted(f["agent"] for f in failures) == killed
+            nodes = {p["agent"]: p["node"] for p in engine.placement}
+            assert all(len({nodes[i] for i in kill["agents"]}) == 1 for kill in kills)
+        assert all(f["action"] == "restarted" and "recovery_s" in f for f in failures), failures
+        assert all(0 <= f["detection_s"] < 10.0 for f in failures if f["agent"] in killed), failures
+        assert extra["steps_per_agent"] == [80] * 4
+        assert extra["public_copy_error"] < 1e-5
     finally:
         engine.close()

@@ -25,7 +25,7 @@ from raygossip.core.plan import RunPlan
 from raygossip.core.timing import StepClock
 from raygossip.core.wire import Letter
 from raygossip.engines.channels import ENVELOPE_BYTES
-from raygossip.engines.ray_links import RaySupervisor, RayTransport, to_numpy
+from raygossip.engines.ray_links import CoordinatorClient, RayTransport, to_numpy
 from raygossip.engines.ray_setup import dataset_from_numpy, pick_device, pin_threads, process_start_time
 
 
@@ -67,7 +67,7 @@ class AgentActor:
         deaths = death_rounds(config.faults, config.agents.count, plan.total_rounds, config.seed)  # one per life
         self.nodes: dict[int, GossipNode] = {}
         self.transports: dict[int, RayTransport] = {}
-        self.supervisor: RaySupervisor | None = None
+        self.supervisor: CoordinatorClient | None = None
         options = node_options(config)
         for i in agents:
             life = incarnations.get(i, 0)
@@ -94,7 +94,7 @@ class AgentActor:
         dropped or down). snapshot_dir: (node, directory) where agents on that node write their snapshots."""
         node = ray.get_runtime_context().get_node_id()
         here = snapshot_dir[1] if snapshot_dir is not None and snapshot_dir[0] == node else None
-        self.supervisor = RaySupervisor(coordinator, here, self.config.runtime.wait_timeout_s)
+        self.supervisor = CoordinatorClient(coordinator, here, self.config.runtime.wait_timeout_s)
         infos = []
         for i, gossip_node in self.nodes.items():
             self.transports[i].handles = dict(peers)
@@ -171,7 +171,7 @@ class AgentActor:
 
     @ray.method(concurrency_group="control")
     def coordinator_back(self) -> None:
-        """The coordinator restarted: send it again what it may have lost (RaySupervisor.resend)."""
+        """The coordinator restarted: send it again what it may have lost (CoordinatorClient.resend)."""
         if self.supervisor is not None:
             self.supervisor.resend()
 

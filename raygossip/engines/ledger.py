@@ -63,11 +63,3 @@ def plain(value: Any) -> Any:
     if isinstance(value, (set, frozenset, tuple)):
         return list(value)
     raise TypeError(f"{type(value).__name__} is not JSON")
-
-
-def jsonable_keys(mapping: dict[int, Any]) -> dict[str, Any]:
-    return {str(k): v for k, v in mapping.items()}
-
-
-def int_keys(mapping: dict[str, Any]) -> dict[int, Any]:
-    return {int(k): v for k, v in mapping.items()}

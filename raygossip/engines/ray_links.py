@@ -109,7 +109,7 @@ def to_numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in tensors.items()}
 
 
-class RaySupervisor:
+class CoordinatorClient:
     """The coordinator, as the nodes of one actor see it: calls in flight are kept until flush(). What a restarted
     coordinator may have lost is kept here until it is safe (resend): reports of steps not yet recorded, the last
     snapshot sent by value and the last checkpoint offer of each hosted agent. The coordinator is created with
