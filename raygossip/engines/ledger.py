@@ -36,10 +36,22 @@ class Ledger:
         return json.loads(self.path.read_text())
 
     def save(self) -> None:
+        """Write the state now (a few tries: a record another thread updates in place meanwhile makes json.dumps
+        fail; if all fail, the writer thread tries again)."""
         with self.lock:
-            if not self.closed:
-                self.dirty.clear()
-                write_text_atomic(self.path, json.dumps(self.collect(), default=plain))  # NaN kept as NaN
+            if self.closed:
+                return
+            self.dirty.clear()
+            for _ in range(3):
+                try:
+                    text = json.dumps(self.collect(), default=plain)  # NaN kept as NaN
+                    break
+                except RuntimeError:  # (dictionary changed size during iteration)
+                    continue
+            else:
+                self.dirty.set()
+                return
+            write_text_atomic(self.path, text)
 
     def touch(self) -> None:
         self.dirty.set()
@@ -52,7 +64,10 @@ class Ledger:
     def _writer(self) -> None:
         while not self.closed:
             if self.dirty.wait(timeout=1.0):
-                self.save()
+                try:
+                    self.save()
+                except OSError:  # (the folder is gone: the run is over)
+                    return
                 threading.Event().wait(self.every_s)
 
 
