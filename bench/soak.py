@@ -66,6 +66,7 @@ def row(name: str, summary: dict) -> dict:
         "run": name, "status": summary.get("status"), "agent_deaths": len(failures),
         "restarted": sum(f.get("action") == "restarted" for f in failures),
         "with_detection_and_recovery": sum("detection_s" in f and "recovery_s" in f for f in failures),
+        "coordinator_kills": sum(k["target"] == "coordinator" for k in summary.get("chaos_kills", [])),
         "coordinator_deaths": summary.get("coordinator_deaths", 0),
         "lost_messages": summary.get("lost_messages", 0), "resyncs": summary.get("resyncs", 0),
         "public_copy_error": summary.get("public_copy_error"),

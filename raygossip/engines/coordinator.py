@@ -137,7 +137,7 @@ class Coordinator:
         since the last look is stopped as aborted (reason: stalled)."""
         roster, recovery = self.roster, self.recovery
         roster.gather(self.resent)  # (after a restart: every report it had lost is in again)
-        n = len(self.loops.runs)
+        n = len(roster.live())  # (after a restart of this actor, agents being restarted have no loop yet)
         quorum = n if self.config.runtime.mode == "sync" else max(1, math.ceil(self.config.runtime.finish_quorum * n))
         stats: dict[int, dict] = {}
         stall = {"deadline": time.time() + stall_s, "positions": None}

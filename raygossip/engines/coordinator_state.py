@@ -7,6 +7,9 @@ import threading
 import time
 from typing import Any
 
+import ray
+
+from raygossip.engines.supervision import kill_named
 from raygossip.engines.timeline_clock import restore_schedule, run_clock
 
 
@@ -37,8 +40,13 @@ def recover(c: Any, saved: dict) -> None:
     c.checkpoints.directory, c.checkpoints.written = saved["checkpoint_dir"], set(saved["written"])
     c.timeline_skipped.update(restore_schedule(c.plan, saved))
     c.event("coordinator_restarted", deaths=c.deaths, records=len(c.records.book.records))
+    c.ledger.save()  # (this death counted even if the next comes soon)
     if not c.run_started:
         return
+    current = set(c.roster.host_names.values())  # replacements a previous life made but did not note: half made
+    for name in ray.util.list_named_actors():  # (they hold their placement-group bundle: kill them)
+        if name.startswith(c.recipe["name"] + "-") and name not in current:
+            kill_named(name)
     for i in c.roster.live(exclude=interrupted):
         c.loops.watch(i)
     if interrupted:  # new actors may be half made: start them again

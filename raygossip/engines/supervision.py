@@ -62,14 +62,15 @@ class AgentRecovery:
         detected = time.time()
         ids = [i for i, _ in failed]
         policy = self.c.config.runtime.on_failure
+        injected = {i: self.injected.pop(i) for i in ids if i in self.injected}  # this life's injected deaths
+        killed_at = {self.roster.group_of[i]: e["time_s"] for i, e in injected.items()}  # (mates die with them)
         for i, error in failed:
             record = {"agent": i, "incarnation": self.roster.incarnations[i], "error": type(error).__name__,
                       "detected_at_s": detected - self.c.started, "policy": policy}
-            injected = self.injected.pop(i, None)  # this life's injected death (a restarted agent may die again)
-            if injected is not None:
-                if injected["round"] is not None:  # (the driver's chaos kills at a time, not at a round)
-                    record["injected_round"] = injected["round"]
-                record["detection_s"] = detected - self.c.started - injected["time_s"]
+            if i in injected and injected[i]["round"] is not None:  # (the driver's chaos kills at a time)
+                record["injected_round"] = injected[i]["round"]
+            if self.roster.group_of[i] in killed_at:
+                record["detection_s"] = detected - self.c.started - killed_at[self.roster.group_of[i]]
             self.failures.append(record)
             self.c.event("agent_failed", **{k: v for k, v in record.items() if k != "policy"})
         if policy == "abort":
