@@ -41,6 +41,7 @@ class Coordinator:
         actor's ledger. Ray restarts this actor (max_restarts) with the same arguments: it then goes on from its
         ledger (coordinator_state.recover)."""
         pin_threads(1)
+        Ledger.count_restart(state_place[1])
         self.config: Config = from_dict(Config, config_dict)
         runtime = self.config.runtime
         arrays = ray.get(data[0])

@@ -32,7 +32,7 @@ def recover(c: Any, saved: dict) -> None:
     """Ray restarted the coordinator (its __init__ ran again): take back the ledger's state, find the replacement
     actors by name, wait on every live agent's loop again, restart the agents whose restart its death cut short,
     and ask every actor to send again what it may have lost (CoordinatorClient.resend)."""
-    c.started, c.run_started, c.deaths, c.events = saved["started"], saved["run_started"], saved["deaths"] + 1, saved["events"]
+    c.started, c.run_started, c.deaths, c.events = saved["started"], saved["run_started"], saved["deaths"], saved["events"]
     c.timeline_recorded, c.stopping, c.aborted = set(saved["timeline_recorded"]), saved["stopping"], saved["aborted"]
     c.roster.restore(saved["roster"])
     interrupted = c.recovery.restore(saved["recovery"])
@@ -40,7 +40,7 @@ def recover(c: Any, saved: dict) -> None:
     c.checkpoints.directory, c.checkpoints.written = saved["checkpoint_dir"], set(saved["written"])
     c.timeline_skipped.update(restore_schedule(c.plan, saved))
     c.event("coordinator_restarted", deaths=c.deaths, records=len(c.records.book.records))
-    c.ledger.save()  # (this death counted even if the next comes soon)
+    c.ledger.save()
     if not c.run_started:
         return
     current = set(c.roster.host_names.values())  # replacements a previous life made but did not note: half made

@@ -29,6 +29,16 @@ class Ledger:
         self.closed = False
         threading.Thread(target=self._writer, daemon=True).start()
 
+    @staticmethod
+    def count_restart(folder: str) -> None:
+        """A restarted coordinator, first thing: one more death in the ledger it left (none on a first start), so
+        that a death during the restart's own start-up is counted too."""
+        path = Path(folder) / FILE
+        if path.exists():
+            saved = json.loads(path.read_text())
+            saved["deaths"] += 1
+            write_text_atomic(path, json.dumps(saved, default=plain))
+
     def load(self) -> dict | None:
         """The state a previous life of this coordinator saved, or None (a first start)."""
         if not self.path.exists():
