@@ -225,6 +225,21 @@ class CorruptConfig:
     round: int
 
 
+ChaosTarget = Literal["agent", "actor", "node"]
+
+
+@dataclass(kw_only=True)
+class ChaosConfig:
+    every_rounds: float | None = None
+    every_s: float | None = None
+    target: ChaosTarget = "agent"
+    start: float = 0.0
+    stop: float | None = None
+    max_deaths: int | None = None
+    coordinator_every_s: float | None = None
+    coordinator_at_s: list[float] = field(default_factory=list)
+
+
 @dataclass(kw_only=True)
 class FaultsConfig:
     kill: list[KillConfig] = field(default_factory=list)
@@ -234,6 +249,7 @@ class FaultsConfig:
     drop_messages: float = 0.0
     delay_messages: float = 0.0
     delay_s: float = 0.0
+    chaos: ChaosConfig = field(default_factory=ChaosConfig)
 
 
 @dataclass(kw_only=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from pathlib import Path
 
 import networkx as nx
@@ -228,8 +229,10 @@ def _validate_faults(config: Config) -> None:
     for k, kill in enumerate(f.kill):
         _check(0 <= kill.agent < n, f"faults.kill[{k}].agent", f"must be an agent index in 0..{n - 1}, got {kill.agent}")
         _check(kill.round >= 0, f"faults.kill[{k}].round", f"must be >= 0, got {kill.round}")
-    agents = [kill.agent for kill in f.kill]
-    _check(len(set(agents)) == len(agents), "faults.kill", f"lists an agent twice: {agents}")
+    kills = [(kill.agent, kill.round) for kill in f.kill]
+    twice = sorted({pair for pair in kills if kills.count(pair) > 1})
+    _check(not twice, "faults.kill", f"lists agent {twice[0][0] if twice else ''} twice at round "
+                                     f"{twice[0][1] if twice else ''} (an agent listed again dies again in its next life)")
     for k, corrupt in enumerate(f.corrupt):
         _check(0 <= corrupt.agent < n, f"faults.corrupt[{k}].agent",
                f"must be an agent index in 0..{n - 1}, got {corrupt.agent}")
@@ -241,9 +244,37 @@ def _validate_faults(config: Config) -> None:
     _check(0 <= f.drop_messages < 1, "faults.drop_messages", f"must be in [0, 1), got {f.drop_messages}")
     _check(0 <= f.delay_messages <= 1, "faults.delay_messages", f"must be in [0, 1], got {f.delay_messages}")
     _check(f.delay_s >= 0, "faults.delay_s", f"must be >= 0, got {f.delay_s}")
+    _validate_chaos(config)
     injected = f.kill or f.kill_fraction > 0 or f.drop_messages > 0 or f.delay_messages > 0
     _check(not injected or config.runtime.engine == "ray", "faults",
            "fault injection needs runtime.engine: ray (the reference engine has no processes to kill)")
+
+
+def _validate_chaos(config: Config) -> None:
+    """faults.chaos: rates finite and > 0, bounds in order, and only where something can die and come back."""
+    c, where = config.faults.chaos, "faults.chaos"
+    for name in ("every_rounds", "every_s", "coordinator_every_s"):
+        value = getattr(c, name)
+        _check(value is None or (math.isfinite(value) and value > 0), f"{where}.{name}",
+               f"must be a finite mean interval > 0 (or null: off), got {value}")
+    _check(c.every_rounds is None or c.every_s is None, f"{where}.every_s",
+           "set one rate of agent deaths: every_rounds (a pure schedule) or every_s (the driver's clock), not both")
+    for k, at in enumerate(c.coordinator_at_s):
+        _check(math.isfinite(at) and at >= 0, f"{where}.coordinator_at_s[{k}]", f"must be a time >= 0 s, got {at}")
+    _check(math.isfinite(c.start) and c.start >= 0, f"{where}.start", f"must be >= 0, got {c.start}")
+    _check(c.stop is None or (math.isfinite(c.stop) and c.stop > c.start), f"{where}.stop",
+           f"must be past start ({c.start}) or null (the run's end), got {c.stop}")
+    _check(c.max_deaths is None or c.max_deaths >= 1, f"{where}.max_deaths", f"must be >= 1 or null, got {c.max_deaths}")
+    _check(c.every_rounds is None or c.target != "node", f"{where}.target",
+           "node kills come from the driver's clock: use every_s with target node (every_rounds kills agents)")
+    agents = c.every_rounds is not None or c.every_s is not None
+    coordinator = c.coordinator_every_s is not None or bool(c.coordinator_at_s)
+    if not (agents or coordinator):
+        return
+    _check(config.runtime.engine == "ray", where + (".coordinator_every_s" if coordinator else ""),
+           "chaos kills processes, which needs runtime.engine: ray (the reference engine has no actors nor coordinator)")
+    _check(not agents or config.runtime.on_failure != "abort", "runtime.on_failure",
+           "is abort, so chaos's first agent death would end the run: use restart (or drop) with faults.chaos")
 
 
 def _validate_timeline(config: Config) -> None:

@@ -51,7 +51,7 @@ def test_message_fate_rates_are_seeded_and_close_to_the_asked_fractions():
     [
         ({"kill": [{"agent": 9, "round": 1}]}, "faults.kill[0].agent"),
         ({"kill": [{"agent": 1}]}, "faults.kill[0].round"),
-        ({"kill": [{"agent": 1, "round": 1}, {"agent": 1, "round": 2}]}, "faults.kill"),
+        ({"kill": [{"agent": 1, "round": 1}, {"agent": 1, "round": 1}]}, "faults.kill"),
         ({"drop_messages": 1.0}, "faults.drop_messages"),
         ({"kill_fraction": -0.1}, "faults.kill_fraction"),
         ({"kill_fraction": 0.05}, "faults.kill_fraction"),  # 0.05 of 8 agents: nobody

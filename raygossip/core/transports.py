@@ -1,6 +1,6 @@
 """How a node's letters travel (the Transport protocol) and whom it reports to (the Supervisor protocol), and the
 in-process transport: letters between nodes of one process go straight into the receiver's mailbox. The Ray
-engine's implementations are engines/ray_links.py's RayTransport and RaySupervisor."""
+engine's implementations are engines/ray_links.py's RayTransport and CoordinatorClient."""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 from typing import Any
 
@@ -17,14 +18,14 @@ from raygossip.config import Config
 from raygossip.config_io import from_dict
 from raygossip.core.agent import AgentCore
 from raygossip.core.batched import BatchedSteps
-from raygossip.core.faults import MessageFate, kill_schedule
+from raygossip.core.faults import MessageFate, death_round, death_rounds
 from raygossip.core.round_loop import run_rounds
 from raygossip.core.node import GossipNode, NodeOptions
 from raygossip.core.plan import RunPlan
 from raygossip.core.timing import StepClock
 from raygossip.core.wire import Letter
 from raygossip.engines.channels import ENVELOPE_BYTES
-from raygossip.engines.ray_links import RaySupervisor, RayTransport, to_numpy
+from raygossip.engines.ray_links import CoordinatorClient, RayTransport, to_numpy
 from raygossip.engines.ray_setup import dataset_from_numpy, pick_device, pin_threads, process_start_time
 
 
@@ -63,10 +64,10 @@ class AgentActor:
         plan = RunPlan(config, topology, steps_per_epoch)
         self.device = pick_device(runtime.device, runtime.num_gpus_per_agent)
         planned = time.time()
-        kills = {**plan.timeline.kills(), **kill_schedule(config.faults, config.agents.count, plan.total_rounds, config.seed)}
+        deaths = death_rounds(config.faults, config.agents.count, plan.total_rounds, config.seed)  # one per life
         self.nodes: dict[int, GossipNode] = {}
         self.transports: dict[int, RayTransport] = {}
-        self.supervisor: RaySupervisor | None = None
+        self.supervisor: CoordinatorClient | None = None
         options = node_options(config)
         for i in agents:
             life = incarnations.get(i, 0)
@@ -76,8 +77,11 @@ class AgentActor:
                                                           runtime.wait_timeout_s, self.device)
             self.nodes[i] = GossipNode(
                 core, plan, transport, options, clock=StepClock(runtime.timing, factors[i], config.seed, i),
-                fate=MessageFate(config.faults, config.seed, i, life), kill_round=kills.get(i) if life == 0 else None,
+                fate=MessageFate(config.faults, config.seed, i, life),
+                kill_round=death_round(deaths, plan.timeline.kills(), i, life),
                 incarnation=life, evaluation_set=(test_x, test_y))
+        self.results: dict[int, dict] = {}  # hosted agent -> its loop's stats, once it ended (loop_result)
+        self.ended = threading.Condition()
         self.startup = {"process_started": process_start_time(), "init_began": init_began,
                         "data_fetched": data_fetched, "planned": planned, "init_done": time.time()}
 
@@ -90,7 +94,7 @@ class AgentActor:
         dropped or down). snapshot_dir: (node, directory) where agents on that node write their snapshots."""
         node = ray.get_runtime_context().get_node_id()
         here = snapshot_dir[1] if snapshot_dir is not None and snapshot_dir[0] == node else None
-        self.supervisor = RaySupervisor(coordinator, here, self.config.runtime.wait_timeout_s)
+        self.supervisor = CoordinatorClient(coordinator, here, self.config.runtime.wait_timeout_s)
         infos = []
         for i, gossip_node in self.nodes.items():
             self.transports[i].handles = dict(peers)
@@ -135,7 +139,7 @@ class AgentActor:
     @ray.method(concurrency_group="train")
     def run(self, agent: int, checkpoints: bool = False, resync: bool = False) -> dict:
         (stats,) = run_rounds([self.nodes[agent]], checkpoints=checkpoints, resync=resync)
-        return {**stats, "sent_by_reference": self.transports[agent].by_reference}
+        return self.ended_loops({agent: {**stats, "sent_by_reference": self.transports[agent].by_reference}})[0]
 
     @ray.method(concurrency_group="train")
     def run_together(self, agents: list[int], checkpoints: bool = False, resync: bool = False) -> dict | list[dict]:
@@ -147,8 +151,29 @@ class AgentActor:
             self.nodes[0].event("batched_steps_off", reason=batched.reason)
         stats = run_rounds(nodes, checkpoints=checkpoints, resync=resync,
                            batches=[(nodes, batched)] if batched is not None else [])
-        out = [{**s, "sent_by_reference": self.transports[i].by_reference} for i, s in zip(agents, stats)]
+        out = self.ended_loops({i: {**s, "sent_by_reference": self.transports[i].by_reference}
+                                for i, s in zip(agents, stats)})
         return out if len(out) > 1 else out[0]
+
+    def ended_loops(self, stats: dict[int, dict]) -> list[dict]:
+        """Keep the ended loops' stats for loop_result (a restarted coordinator lost the run call's reference)."""
+        with self.ended:
+            self.results.update(stats)
+            self.ended.notify_all()
+        return list(stats.values())
+
+    @ray.method(concurrency_group="watch")
+    def loop_result(self, agent: int, timeout_s: float) -> dict | None:
+        """The agent's loop stats once it ended, waiting up to timeout_s (None: still running)."""
+        with self.ended:
+            self.ended.wait_for(lambda: agent in self.results, timeout=timeout_s)
+            return self.results.get(agent)
+
+    @ray.method(concurrency_group="control")
+    def coordinator_back(self) -> None:
+        """The coordinator restarted: send it again what it may have lost (CoordinatorClient.resend)."""
+        if self.supervisor is not None:
+            self.supervisor.resend()
 
     @ray.method(concurrency_group="control")
     def stop(self, agent: int) -> int:
@@ -246,16 +271,19 @@ class AgentActor:
 def actor_class(agents: int) -> Any:
     """The Ray actor class of AgentActor for actors that host this many agents (a train thread each); Ray takes
     concurrency groups only where the class is made, not in .options()."""
-    return ray.remote(concurrency_groups={"train": agents, "mail": 1, "control": 1})(AgentActor)
+    return ray.remote(concurrency_groups={"train": agents, "mail": 1, "control": 1, "watch": agents})(AgentActor)
 
 
 def spawn_host(recipe: dict, group: int, incarnations: dict[int, int] | None = None,
-               agents: list[int] | None = None) -> Any:
+               agents: list[int] | None = None, name: str | None = None) -> Any:
     """Create the actor of agent group `group` (or of those of its agents listed) in the group's placement-group
-    bundle: how a run starts, and how a dead actor is replaced."""
+    bundle: how a run starts, and how a dead actor is replaced. A replacement is named and detached (`name`): it
+    outlives the coordinator that made it, which finds it again by name if it restarts (the driver kills it)."""
     agents = list(recipe["groups"][group] if agents is None else agents)
     options: dict[str, Any] = {"num_cpus": recipe["cpus"] * len(agents), "num_gpus": recipe["gpus"] * len(agents),
                                "runtime_env": recipe["env"], "max_restarts": 0}
+    if name is not None:
+        options.update(name=name, lifetime="detached")
     if recipe["group"] is not None:
         options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
             recipe["group"], placement_group_bundle_index=group)

@@ -1,41 +1,49 @@
-"""The coordinator actor: starts the agents, gathers their records, restarts or drops dead ones, merges at the end."""
+"""The coordinator actor: starts the agents, gathers their records, restarts or drops dead ones, merges at the end.
+It is made of parts with their own state: the roster (who is in the run), the agents' recovery (supervision.py),
+the records (run_records.py), the checkpoint barrier (run_checkpoints.py) and its ledger (ledger.py)."""
 
 from __future__ import annotations
 
 import math
-import shutil
 import threading
 import time
 from typing import Any
 
 import numpy as np
 import ray
-import torch
 
-from raygossip.algorithms.merge import global_average
 from raygossip.algorithms.topology import build_topology
 from raygossip.config import Config
 from raygossip.config_io import from_dict
 from raygossip.core.plan import RunPlan
+from raygossip.engines.agent_states import copied_state
+from raygossip.engines.common import MergedModel, RunSetup
+from raygossip.engines.coordinator_merge import average_only, final_merge
+from raygossip.engines.coordinator_state import ledger_state, recover
+from raygossip.engines.ledger import Ledger
+from raygossip.engines.loop_watch import LoopWatch
 from raygossip.engines.ray_setup import dataset_from_numpy, pin_threads
-from raygossip.algorithms.merge import consensus_distance
-from raygossip.engines.common import AdaptiveRate, MergedModel, RunSetup, average_buffers, merge_all, network_record
-from raygossip.engines.records import RecordBook, Report
-from raygossip.engines.run_checkpoints import Checkpoints
-from raygossip.engines.supervision import Supervision
-from raygossip.engines.agent_states import split_state, traffic_of
-from raygossip.engines.snapshots import make_snapshot_dir
+from raygossip.engines.roster import Roster
+from raygossip.engines.run_checkpoints import CheckpointBarrier, write_run_checkpoint
+from raygossip.engines.run_records import RunRecords
+from raygossip.engines.supervision import AgentRecovery
 from raygossip.engines.timeline_clock import restore_schedule, run_clock
 
 
 @ray.remote(concurrency_groups={"report": 1, "control": 2})
-class Coordinator(Supervision, Checkpoints):
+class Coordinator:
     """Owns the plan and the run's clock; starts the agents, gathers evaluations, keeps the agents' snapshots,
     replaces or drops agents that die (runtime.on_failure), performs the final merge."""
 
-    def __init__(self, config_dict: dict, data: list, steps_per_epoch: int) -> None:
+    def __init__(self, config_dict: dict, data: list, steps_per_epoch: int, state_place: tuple[str, str],
+                 agents: list[Any], recipe: dict) -> None:
+        """state_place: (node, folder) the driver made for the run's state: the agents' snapshot files and this
+        actor's ledger. Ray restarts this actor (max_restarts) with the same arguments: it then goes on from its
+        ledger (coordinator_state.recover)."""
         pin_threads(1)
+        Ledger.count_restart(state_place[1])
         self.config: Config = from_dict(Config, config_dict)
+        runtime = self.config.runtime
         arrays = ray.get(data[0])
         dataset, test_x, test_y = dataset_from_numpy(arrays)
         topology = build_topology(self.config.topology.name, self.config.agents.count, self.config.topology.weights,
@@ -43,39 +51,29 @@ class Coordinator(Supervision, Checkpoints):
         self.plan = RunPlan(self.config, topology, steps_per_epoch)
         setup = RunSetup(self.config, dataset, [], topology, self.plan, test_x, test_y, {}, arrays["task"])
         self.merged = MergedModel(setup)
-        self.adaptive = AdaptiveRate(self.plan)  # (schedule.averaging_rate.kind adaptive: gamma from each epoch's record)
-        self.timeline_skipped: set[int] = set()  # wall-clock timeline events that could not be scheduled
-        n = self.config.agents.count
-        self.agents: list[Any] = []  # agent -> the actor that hosts it (runtime.agents_per_actor agents share one)
-        self.group_of: dict[int, int] = {}
-        self.recipe: dict = {}
-        self.runs: dict[int, Any] = {}
-        self.incarnations = [0] * n
-        self.restarts = [0] * n
-        self.dropped: set[int] = set()
-        self.snapshots: dict[int, tuple[dict[str, np.ndarray], dict]] = {}  # sent by value (see latest_snapshot)
-        runtime = self.config.runtime
-        self.snapshot_dir: tuple[str, str] | None = None  # (this node, directory): agents on it write snapshots there
-        if runtime.on_failure == "restart" and runtime.snapshot_every:
-            self.snapshot_dir = (ray.get_runtime_context().get_node_id(), make_snapshot_dir())
-        self.failures: list[dict] = []
-        self.aborted: dict | None = None
-        self.restart_queue: list[tuple[int, float]] = []  # (agent, when its death was detected)
-        self.restarting: set[int] = set()
-        self.restart_worker: threading.Thread | None = None
-        self.stopping = False
-        self.comm_counted = (0, 0)  # (rounds, how many of them communicate)
-        self.book = RecordBook()
-        self.record_lock = threading.Lock()
+        self.recipe = recipe
+        self.condition = threading.Condition()  # (reentrant) around the state every thread of this actor shares
+        self.started = time.time()
         self.events: list[dict] = []
         self.timeline_recorded: set[int] = set()  # timeline events (by index) an agent recorded
-        self.condition = threading.Condition()
-        self.started = time.time()
+        self.timeline_skipped: set[int] = set()  # wall-clock timeline events that could not be scheduled
+        self.roster = Roster(agents, recipe["groups"], runtime.wait_timeout_s)
+        self.records = RunRecords(self.plan, self.roster, self.merged, self.condition, self.event,
+                                  lambda: self.started, lambda: self.ledger.save())
+        self.checkpoints = CheckpointBarrier(None)
+        self.recovery = AgentRecovery(self, state_place if runtime.on_failure == "restart" and runtime.snapshot_every
+                                      else None)
+        self.loops = LoopWatch(self.roster, runtime.mode == "sync")
+        self.aborted: dict | None = None
+        self.stopping = False
         self.finished: list[dict] | None = None
-        self.checkpoint_dir: str | None = None
-        self.arrivals: dict[int, dict[int, tuple]] = {}  # checkpoint step -> agent -> (arrays, meta)
-        self.before: dict = {"records": [], "events": []}  # what a resumed run did before its checkpoint
-        self.resumed_from = 0
+        self.run_started = False
+        self.deaths = 0  # of this coordinator (each restart adds one)
+        self.resent: list[Any] = []  # after a restart: the actors' calls that send again what it lost
+        self.ledger = Ledger(state_place[1], lambda: ledger_state(self), self.condition)
+        saved = self.ledger.load()
+        if saved is not None:  # Ray restarted this actor: go on from what its previous life saved
+            recover(self, saved)
 
     @ray.method(concurrency_group="control")
     def ready(self) -> bool:
@@ -84,53 +82,41 @@ class Coordinator(Supervision, Checkpoints):
     @ray.method(concurrency_group="control")
     def snapshot_place(self) -> tuple[str, str] | None:
         """(node, directory) where the agents on this actor's node write their snapshots; None without snapshots."""
-        return self.snapshot_dir
+        return self.recovery.snapshot_dir
 
     @ray.method(concurrency_group="control")
-    def remove_snapshots(self) -> None:
-        if self.snapshot_dir is not None:
-            shutil.rmtree(self.snapshot_dir[1], ignore_errors=True)
-
-    @ray.method(concurrency_group="control")
-    def start(self, agents: list[Any], recipe: dict, checkpoint_dir: str | None = None,
-              resumed: dict | None = None) -> None:
+    def start(self, checkpoint_dir: str | None = None, resumed: dict | None = None) -> None:
         """Start every agent's own loop; returns at once (the loops run in the agents).
 
         resumed: the checkpoint's run state (records, events, wall time, dropped agents) when resuming."""
-        self.agents = list(agents)
-        self.recipe = recipe
-        self.group_of = {i: g for g, members in enumerate(recipe["groups"]) for i in members}
-        self.checkpoint_dir = checkpoint_dir
+        if self.run_started:  # (a call retried after this actor restarted)
+            return
+        roster = self.roster
+        self.checkpoints.directory = checkpoint_dir
         self.started = time.time()
         if resumed is not None:
-            self.resumed_from = int(resumed["step"])
-            events = self.adaptive.restore(list(resumed["events"]), self.resumed_from)
-            self.before = {"records": list(resumed.get("record_list", [])), "events": events}
-            self.restore_timeline(resumed)
-            self.book.resumed_from = self.resumed_from
+            step = int(resumed["step"])
+            events = self.records.adaptive.restore(list(resumed["events"]), step)
+            self.records.before = {"records": list(resumed.get("record_list", [])), "events": events}
+            self.records.book.resumed_from = step
+            self.timeline_skipped.update(restore_schedule(self.plan, resumed))
             self.started = time.time() - float(resumed["wall_time_s"])  # the run's clock goes on
-            self.event("resumed", step=self.resumed_from)
+            self.event("resumed", step=step)
             for i in resumed.get("dropped", []):
-                self.dropped.add(i)
-                self.gather([host.peer_dropped.remote(i) for host in self.hosts(self.live())])
-            for g, members in enumerate(recipe["groups"]):  # an actor that hosts dropped agents only
-                if all(i in self.dropped for i in members):
-                    ray.kill(self.agents[members[0]])
-        if resumed is not None:  # what the run decided before its checkpoint: wall-clock events, adaptive gammas
-            self.brief(self.hosts(self.live()))
+                roster.dropped.add(i)
+                roster.gather([host.peer_dropped.remote(i) for host in roster.hosts(roster.live())])
+            for members in roster.groups:  # an actor that hosts dropped agents only
+                if all(i in roster.dropped for i in members):
+                    ray.kill(roster.agents[members[0]])
+            self.brief(roster.hosts(roster.live()))  # what the run decided before its checkpoint
         resync = resumed is not None and self.config.runtime.mode != "sync"  # in-flight messages were not saved
-        checkpoints = checkpoint_dir is not None
-        self.runs = {}
-        for members in recipe["groups"]:
-            self.runs.update(self.launch([i for i in members if i not in self.dropped], checkpoints, resync))
-        self.event("run_started", agents=len(self.runs))
+        for members in roster.groups:
+            self.loops.launch([i for i in members if i not in roster.dropped], checkpoint_dir is not None, resync)
+        self.event("run_started", agents=len(self.loops.runs))
+        self.run_started = True
+        self.ledger.save()
         if self.plan.timeline.timed:  # wall-clock timeline events
             threading.Thread(target=run_clock, args=(self,), daemon=True).start()
-
-    def restore_timeline(self, resumed: dict) -> None:
-        """A resumed run: its wall-clock events scheduled (or skipped) before the checkpoint stay so (run_clock skips
-        them): one already in force does not run again, one scheduled at a later round still takes effect there."""
-        self.timeline_skipped.update(restore_schedule(self.plan, resumed))
 
     def brief(self, hosts: list[Any]) -> None:
         """Tell new actors (a resumed run's, restarted ones) what the run decided while it went: the wall-clock
@@ -139,41 +125,7 @@ class Coordinator(Supervision, Checkpoints):
         gammas = self.plan.adaptive_gammas()
         refs = [host.schedule_event.remote(index, round_index) for host in hosts for index, round_index in scheduled]
         refs += [host.set_gammas.remote(gammas) for host in hosts if gammas]
-        self.gather(refs)
-
-    def gather(self, refs: list[Any]) -> list[Any]:
-        """Results of calls to agents, None for an agent that died meanwhile (its own run reference tells the
-        supervision loop, which handles it next) or that did not answer within runtime.wait_timeout_s."""
-        deadline = time.time() + self.config.runtime.wait_timeout_s
-        out = []
-        for ref in refs:
-            try:
-                out.append(ray.get(ref, timeout=max(0.1, deadline - time.time())))
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                out.append(None)
-        return out
-
-    def live(self, exclude: set[int] | list[int] = ()) -> list[int]:
-        return [i for i in range(len(self.agents)) if i not in self.dropped and i not in exclude]
-
-    def launch(self, members: list[int], checkpoints: bool, resync: bool = False, together: bool = True) -> dict[int, Any]:
-        """Start the loops of these agents of one actor: in sync mode in lockstep on one thread (together), else a
-        thread each; one result reference per agent."""
-        if not members:
-            return {}
-        host = self.agents[members[0]]
-        if together and self.config.runtime.mode == "sync" and len(members) > 1:
-            refs = host.run_together.options(num_returns=len(members)).remote(members, checkpoints, resync)
-            return dict(zip(members, refs))
-        return {i: host.run.remote(i, checkpoints, resync) for i in members}
-
-    def hosts(self, agents: list[int]) -> list[Any]:
-        """The actors that host these agents, each once."""
-        return list({self.group_of[i]: self.agents[i] for i in agents}.values())
-
-    def actor_mates(self, agent: int) -> list[int]:
-        """The agents that share `agent`'s actor (itself included): they live and die together."""
-        return list(self.recipe["groups"][self.group_of[agent]])
+        self.roster.gather(refs)
 
     @ray.method(concurrency_group="control")
     def wait_finished(self, stall_s: float) -> dict:
@@ -184,16 +136,17 @@ class Coordinator(Supervision, Checkpoints):
         second even while another agent is being restarted. A run may take as long as it needs: every `stall_s`
         seconds without a finished loop the agents' steps are read, and a run in which no agent took a step
         since the last look is stopped as aborted (reason: stalled)."""
-        n = len(self.runs)
-        deadline = time.time() + stall_s
-        positions: dict[int, int] | None = None
+        roster, recovery = self.roster, self.recovery
+        roster.gather(self.resent)  # (after a restart: every report it had lost is in again)
+        n = len(roster.live())  # (after a restart of this actor, agents being restarted have no loop yet)
         quorum = n if self.config.runtime.mode == "sync" else max(1, math.ceil(self.config.runtime.finish_quorum * n))
         stats: dict[int, dict] = {}
+        stall = {"deadline": time.time() + stall_s, "positions": None}
         while self.aborted is None:
             with self.condition:
-                waiting = {ref: i for i, ref in self.runs.items()
-                           if i not in stats and i not in self.dropped and i not in self.restarting}
-                restarting = bool(self.restarting)
+                waiting = {ref: i for i, ref in self.loops.runs.items()
+                           if i not in stats and i not in roster.dropped and i not in recovery.restarting}
+                restarting = bool(recovery.restarting)
                 if not waiting and restarting:
                     self.condition.wait(timeout=0.5)
                     continue
@@ -201,87 +154,90 @@ class Coordinator(Supervision, Checkpoints):
                 break
             # in slices: an abort (divergence, a failure under abort) set by another thread ends this loop at once
             ready, _ = ray.wait(list(waiting), num_returns=1,
-                                timeout=0.5 if restarting else max(0.0, min(0.2, deadline - time.time())))
-            if not ready:
-                if restarting or time.time() < deadline:
-                    continue
-                ids = sorted(waiting.values())
-                now = dict(zip(ids, self.gather([self.agents[i].position.remote(i) for i in ids])))
-                if now != positions:  # some agent moved (or this is the first look): not a stall
-                    positions, deadline = now, time.time() + stall_s
-                    continue
-                self.aborted = {"agents": [], "field": "runtime.wait_timeout_s",
-                                "reason": f"the run stalled: none of the {len(ids)} unfinished agents took a step in "
-                                          f"{stall_s:g} s (raise runtime.wait_timeout_s if one step takes longer)"}
-                self.event("run_stalled", agents=ids, steps=[now[i] for i in ids])
-                break
-            ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=0)
-            failed = []
-            for ref in ready:
-                try:
-                    stats[waiting[ref]] = ray.get(ref)
-                except ray.exceptions.RayActorError as error:
-                    failed.append((waiting[ref], error))
-            failed = self.with_actor_mates(failed, stats)
+                                timeout=0.5 if restarting else max(0.0, min(0.2, stall["deadline"] - time.time())))
+            if ready:  # (and every other one ready by now)
+                ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=0)
+            with self.condition:
+                ended, failed = self.loops.collect(ready, waiting)
+            stats.update(ended)
+            if not ended and not failed and not restarting and time.time() >= stall["deadline"]:
+                if self.stalled(sorted(waiting.values()), stall, stall_s):
+                    break
+            failed = recovery.with_actor_mates(failed, stats)
             if failed:
-                self.handle_failures(failed)
-            for i in [i for i in stats if i in self.dropped]:  # a diverged agent that was dropped
+                recovery.handle_failures(failed)
+            for i in [i for i in stats if i in roster.dropped]:  # a diverged agent that was dropped
                 stats.pop(i)
-            if not self.stopping and self.aborted is None and len(stats) >= quorum and len(stats) < len(self.live()):
+            if not self.stopping and self.aborted is None and quorum <= len(stats) < len(roster.live()):
                 self.stopping = True
-                stopped = [i for i in self.live() if i not in stats]
-                steps = self.gather([self.agents[i].stop.remote(i) for i in stopped])
+                stopped = [i for i in roster.live() if i not in stats]
+                steps = roster.gather([roster.agents[i].stop.remote(i) for i in stopped])
                 self.event("quorum_finished", finished=len(stats), stopped=stopped, stopped_at_steps=steps)
         if self.aborted is not None:
-            stats.update(self.stop_all(exclude=set(stats)))
+            alive = roster.live(set(stats) | set(self.aborted["agents"]))
+            stats.update(self.loops.stop(alive, self.config.runtime.wait_timeout_s))
         else:
-            self.complete_pending()
-        ordered = [stats[i] for i in sorted(stats) if i not in self.dropped]  # (a dropped diverged agent returned)
+            self.records.complete_pending()
+        ordered = [stats[i] for i in sorted(stats) if i not in roster.dropped]  # (a dropped diverged agent returned)
         self.event("agents_finished", steps=[s["steps"] for s in ordered])
         with self.condition:
             self.finished = ordered
             self.condition.notify_all()  # a waiting poll returns at once
         return {"stats": ordered, "aborted": self.aborted}
 
-    def stop_all(self, exclude: set[int]) -> dict[int, dict]:
-        """Abort: stop every live agent and collect the stats of those whose loop ends in time."""
-        alive = self.live(set(exclude) | set(self.aborted["agents"]))
-        for i in alive:
-            self.agents[i].stop.remote(i)
-        out = {}
-        for i in alive:
-            try:
-                out[i] = ray.get(self.runs[i], timeout=self.config.runtime.wait_timeout_s)
-            except (ray.exceptions.RayError, TimeoutError):
-                pass
-        return out
+    def stalled(self, ids: list[int], stall: dict, stall_s: float) -> bool:
+        """No loop ended for stall_s: read the agents' steps; stop the run as aborted if none moved since the last
+        look (the first look is never a stall)."""
+        now = self.loops.positions(ids)
+        if now != stall["positions"]:
+            stall.update(positions=now, deadline=time.time() + stall_s)
+            return False
+        self.aborted = {"agents": [], "field": "runtime.wait_timeout_s",
+                        "reason": f"the run stalled: none of the {len(ids)} unfinished agents took a step in "
+                                  f"{stall_s:g} s (raise runtime.wait_timeout_s if one step takes longer)"}
+        self.event("run_stalled", agents=ids, steps=[now[i] for i in ids])
+        return True
+
+    def abort(self, aborted: dict) -> None:
+        """The run ends now: every other live agent is told to stop at once (its wait for a letter, a gamma or a
+        checkpoint ends), so nobody waits out runtime.wait_timeout_s; wait_finished collects what they return."""
+        self.aborted = aborted
+        for i in self.roster.live(exclude=aborted["agents"]):
+            self.roster.agents[i].stop.remote(i)
+
+    @ray.method(concurrency_group="control")
+    def agent_diverged(self, agent: int, incarnation: int, step: int, what: str) -> None:
+        """An agent's loss or parameters went non-finite (it stopped): drop it or abort, as train.on_divergence says."""
+        if incarnation != self.roster.incarnations[agent] or agent in self.roster.dropped:
+            return
+        self.event("diverged", agent=agent, step=step, what=what, unix_s=time.time())  # (when, on the wall clock)
+        reason = f"agent {agent}'s {what} became non-finite at step {step}"
+        if self.config.train.on_divergence == "drop":
+            self.recovery.drop(agent, reason=f"diverged ({reason})")
+            if not self.roster.live():
+                self.abort({"agents": [agent], "field": "train.on_divergence", "status": "diverged",
+                            "reason": f"{reason}, the last agent left"})
+            return
+        self.abort({"agents": [agent], "field": "train.on_divergence", "status": "diverged",
+                    "reason": f"{reason} (train.on_divergence is abort)"})
 
     @ray.method(concurrency_group="control")
     def live_agents(self) -> dict[int, Any]:
-        return {i: self.agents[i] for i in self.live()}
+        """The live agents' actors (not those dead and waiting for their restart)."""
+        with self.condition:
+            return {i: self.roster.agents[i] for i in self.roster.live(exclude=self.recovery.pending())}
 
     @ray.method(concurrency_group="control")
     def failure_report(self) -> dict:
-        return {"failures": list(self.failures), "restarts": sum(self.restarts), "dropped_agents": sorted(self.dropped)}
+        return {"failures": list(self.recovery.failures), "restarts": sum(self.roster.restarts),
+                "dropped_agents": sorted(self.roster.dropped), "coordinator_deaths": self.deaths}
 
-    # ------------------------------------------------------------ records
-
-    def complete_pending(self) -> None:
-        """Records of steps some agents never reached (they were stopped): fill in their final state."""
-        with self.condition:
-            if not self.book.pending:
-                return
-        live = self.live()
-        late = {i: r for i, r in zip(live, self.gather([self.agents[i].late_report.remote(i) for i in live])) if r is not None}
-        for agent, report in late.items():
-            with self.condition:
-                missing = self.book.missing(agent)
-            for step in missing:
-                self.report(agent, step, *report)
+    # ------------------------------------------------------------ what the agents send
 
     def event(self, kind: str, **fields) -> None:
         with self.condition:
             self.events.append({"kind": kind, "time_s": time.time() - self.started, **fields})
+        self.ledger.touch()
 
     @ray.method(concurrency_group="report")
     def record_event(self, event: dict) -> None:
@@ -298,118 +254,64 @@ class Coordinator(Supervision, Checkpoints):
                     self.timeline_recorded.add(event["index"])
             event = dict(event)
             event["time_s"] = event.pop("time", time.time()) - self.started
+            if event.get("kind") == "fault_injected":  # its death is detected next (AgentRecovery.handle_failures)
+                with self.condition:
+                    self.recovery.injected[event["agent"]] = event
             stamped.append(event)
         with self.condition:
             self.events.extend(stamped)
+        self.ledger.touch()
 
     @ray.method(concurrency_group="report")
     def report(self, agent: int, step: int, accuracy: float | None, state: list, loss: float, traffic: dict,
-               incarnation: int = 0) -> None:
+               incarnation: int = 0) -> int:
         """An agent's evaluation at `step`; once every live agent reported that step, build the network record.
         A restarted agent reports steps again: those already recorded are ignored, and a dead life's late report
-        never replaces a newer life's."""
-        with self.condition:
-            if not self.book.wants(step) or agent in self.dropped:
-                return
-        try:  # copied now: the object dies with its owner, the agent, which may die before the record is complete
-            arrays = {k: np.array(v, copy=True) for k, v in ray.get(state[0]).items()}
-        except ray.exceptions.RayError:
-            return  # the agent died; a restarted one reports this step again
-        with self.condition:
-            complete = self.book.add(agent, step, Report(accuracy, arrays, loss, traffic, incarnation), self.live())
-        if complete:
-            self.finish_record(step)
+        never replaces a newer life's. Returns the step below which every report is recorded (the agents forget
+        those; they send the others again if this actor restarts)."""
+        return self.records.report(agent, step, accuracy, state, loss, traffic, incarnation)
 
-    def finish_record(self, step: int) -> None:
-        with self.condition:
-            reports = self.book.take(step)
-        if reports is None:
+    @ray.method(concurrency_group="report")
+    def keep_snapshot(self, agent: int, incarnation: int, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        """An agent's latest state, copied (the arrays may live in memory its process owns)."""
+        if incarnation == self.roster.incarnations[agent]:
+            self.recovery.snapshots[agent] = copied_state(arrays, meta)
+
+    @ray.method(concurrency_group="report")
+    def keep_checkpoint(self, agent: int, incarnation: int, step: int, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        """One agent's state at a checkpoint step; once every live agent's is in, write the checkpoint."""
+        if incarnation != self.roster.incarnations[agent]:
             return
-        with self.record_lock:  # the report thread, the supervision loop and the restart thread all get here
-            self._finish_record(step, reports)
-
-    def _finish_record(self, step: int, reports: dict[int, Report]) -> None:
-        counted = [i for i in sorted(reports) if i not in self.dropped]
-        order = [i for i in counted if not self.plan.absent(i, step)]  # (not away after a timeline's leave)
-        states = [split_state(reports[i].state) for i in order]
-        vectors = [params for params, _ in states]
-        if self.plan.adaptive:  # before the merged evaluation: sync agents wait for this gamma
-            gamma_set = self.adaptive.observe(step, consensus_distance(vectors))
-            if gamma_set is not None:
-                for host in self.hosts(self.live()):
-                    host.set_gammas.remote({gamma_set["epoch"]: gamma_set["gamma"]})
-                self.event(**gamma_set)
-        local_validation = self.merged.local_validation_accuracies(states)
-        self.merged.load(global_average(vectors), average_buffers([buffers for _, buffers in states]))
-        accuracies = [reports[i].accuracy for i in order]
-        rounds_done = (step + 1) // self.plan.local_steps
-        record = network_record(
-            step=step, plan=self.plan, vectors=vectors,
-            local_accuracies=None if accuracies[0] is None else accuracies,
-            merged_accuracy=self.merged.evaluate(), traffic=[traffic_of(reports[i].traffic) for i in counted],
-            merged_validation_accuracy=self.merged.validation_accuracy(),
-            local_validation_accuracies=local_validation,
-            train_loss=float(np.mean([reports[i].loss for i in order])), rounds_done=rounds_done,
-            communication_rounds=self.communication_rounds(rounds_done),
-            wall_time_s=time.time() - self.started,
-        )
-        if len(order) < len(self.agents):
-            record["agents"] = order
+        copied = copied_state(arrays, meta)
+        if self.config.runtime.on_failure == "restart":
+            self.recovery.snapshots[agent] = copied
         with self.condition:
-            self.book.publish(record)
-            self.condition.notify_all()
-
-    def communication_rounds(self, rounds_done: int) -> int:
-        """How many of the first `rounds_done` rounds communicate (counted once, extended as the run goes)."""
-        with self.condition:
-            counted, count = self.comm_counted
-            for r in range(counted, rounds_done):
-                count += self.plan.round_plan(r) is not None
-            if rounds_done >= counted:
-                self.comm_counted = (rounds_done, count)
-                return count
-        return sum(self.plan.round_plan(r) is not None for r in range(rounds_done))  # an earlier step (rare)
+            complete = self.checkpoints.offer(agent, step, copied, self.roster.live())
+        if complete:  # written by another thread: it waits for this step's records, which come through this group
+            threading.Thread(target=write_run_checkpoint, args=(self, step), daemon=True).start()
 
     @ray.method(concurrency_group="control")
     def poll(self, seen: int, timeout_s: float) -> tuple[list[dict], bool]:
         """(records after the first `seen`, whether the agents finished), waiting up to timeout_s for either."""
         with self.condition:
-            if len(self.book.delivered) <= seen and self.finished is None:
+            if len(self.records.book.delivered) <= seen and self.finished is None:
                 self.condition.wait(timeout=timeout_s)
-            return list(self.book.delivered[seen:]), self.finished is not None
+            return list(self.records.book.delivered[seen:]), self.finished is not None
 
     # ------------------------------------------------------------ the end
-
-    def gather_states(self) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-        return [split_state(s) for s in ray.get([self.agents[i].get_state.remote(i) for i in self.there_at_end()])]
-
-    def there_at_end(self) -> list[int]:
-        """The live agents that are not away at the end (after a timeline's leave): what the merge averages."""
-        return [i for i in self.live() if not self.plan.absent(i, self.plan.total_steps - 1)]
 
     @ray.method(concurrency_group="control")
     def merged_state(self) -> dict[str, np.ndarray]:
         """The exact average of the live agents' models, without sending it back (final merge off)."""
-        states = self.gather_states()
-        self.merged.load(global_average([p for p, _ in states]), average_buffers([b for _, b in states]))
-        return {k: v.numpy() for k, v in self.merged.state_dict().items()}
+        return average_only(self.roster, self.plan, self.merged)
 
     @ray.method(concurrency_group="control")
     def final_merge(self) -> dict:
         """Gather every live agent's parameters, average exactly, send the average back, re-estimate batch norm."""
-        spec = self.config.schedule.final_merge
-        live = self.live()
-
-        def broadcast(params: torch.Tensor, buffers: dict[str, torch.Tensor]) -> None:
-            ref = ray.put({"params": params.numpy(), **{f"buffer.{k}": v.cpu().numpy() for k, v in buffers.items()}})
-            ray.get([host.load_state.remote([ref]) for host in self.hosts(live)])
-
-        def reestimate_local(batches: int) -> list[dict[str, torch.Tensor]]:
-            estimates = ray.get([self.agents[i].reestimate_batchnorm.remote(i, batches) for i in self.there_at_end()])
-            return [{k[len("buffer."):]: torch.from_numpy(np.array(v)) for k, v in e.items()} for e in estimates]
-
-        accuracy = merge_all(self.merged, self.gather_states(), broadcast, reestimate_local)
-        self.event("merge_done", merged_test_accuracy=accuracy, bn=spec.bn, agents=len(live))
+        accuracy = final_merge(self.roster, self.plan, self.merged)
+        self.event("merge_done", merged_test_accuracy=accuracy, bn=self.config.schedule.final_merge.bn,
+                   agents=len(self.roster.live()))
+        self.ledger.save()
         return {"merged_accuracy": accuracy, "state_dict": {k: v.numpy() for k, v in self.merged.state_dict().items()}}
 
     @ray.method(concurrency_group="control")
@@ -420,4 +322,4 @@ class Coordinator(Supervision, Checkpoints):
     @ray.method(concurrency_group="control")
     def get_events(self) -> list[dict]:
         with self.condition:
-            return self.before["events"] + sorted(self.events, key=lambda e: e["time_s"])
+            return self.records.before["events"] + sorted(self.events, key=lambda e: e["time_s"])

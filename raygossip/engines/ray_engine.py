@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,7 +30,10 @@ from raygossip.engines.ray_setup import (
 )
 from raygossip.usercode import actor_runtime_env as user_runtime_env
 from raygossip.engines.agent_states import split_state, traffic_of
+from raygossip.engines.chaos import ChaosDriver
 from raygossip.engines.coordinator import Coordinator
+from raygossip.engines.snapshots import make_snapshot_dir
+from raygossip.engines.supervision import kill_named
 from raygossip.errors import UserError
 
 
@@ -215,19 +220,26 @@ class RayEngine:
         self.startup_bar.set_description(f"raygossip[ray] starting {len(self.groups)} actors x "
                                          f"{runtime.agents_per_actor} agents ({self.packing_chosen})")
         config_dict = to_dict(config)
+        # the run's state folder on this node: agents' snapshot files and the coordinator's ledger; named after this
+        # process, so that it outlives the coordinator's deaths (snapshots.sweep_stale removes it once we are gone)
+        self.state_place = (ray.get_runtime_context().get_node_id(), make_snapshot_dir())
         factors = slowdown_factors(runtime.timing, config.agents.count, config.seed)
         spe = setup.plan.steps_per_epoch
         self.recipe = {
             "config": config_dict, "data": [data], "shards": list(setup.shards), "steps_per_epoch": spe,
             "factors": factors, "threads": threads, "cpus": cpus, "gpus": runtime.num_gpus_per_agent,
             "env": actor_runtime_env(threads, user_env), "group": self.group, "groups": self.groups,
+            "name": f"raygossip-{Path(self.state_place[1]).name}",  # (replacement actors are named after it)
         }
         self.hosts = [spawn_host(self.recipe, g) for g in range(len(self.groups))]
         self.agents = [self.hosts[self.group_of[i]] for i in range(config.agents.count)]
         # created after the agents: it is off the data path and needed only when the run starts. It lives on the
-        # driver's node, so the snapshots it keeps survive the loss of any other node.
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self.coordinator = Coordinator.options(num_cpus=0, runtime_env=actor_runtime_env(1, user_env), scheduling_strategy=here).remote(config_dict, [data], spe)
+        # driver's node, so the snapshots it keeps survive the loss of any other node, and Ray restarts it there
+        # (with its ledger in the state folder) if it dies; calls made meanwhile wait for it (max_task_retries).
+        here = NodeAffinitySchedulingStrategy(self.state_place[0], soft=False)
+        self.coordinator = Coordinator.options(
+            num_cpus=0, runtime_env=actor_runtime_env(1, user_env), scheduling_strategy=here, max_restarts=-1,
+            max_task_retries=-1).remote(config_dict, [data], spe, self.state_place, self.agents, self.recipe)
         self.startup_phases["submit_s"] = time.perf_counter() - began
         submitted = time.time()
         peers = dict(enumerate(self.agents))
@@ -299,12 +311,14 @@ class RayEngine:
         events.append({"kind": "transport", "time": time.time(), "transport": self.transport,
                        "reason": self.transport_reason})
         ray.get(self.coordinator.record_events.remote(events))
-        ray.get(self.coordinator.start.remote(self.agents, self.recipe,
-                                              None if checkpoint_dir is None else str(checkpoint_dir), self.resumed))
+        ray.get(self.coordinator.start.remote(None if checkpoint_dir is None else str(checkpoint_dir), self.resumed))
+        chaos = ChaosDriver(self.config, self.coordinator, self.placement)
         expected = sum(self.setup.plan.is_eval_step(s) for s in range(start_step, self.setup.plan.total_steps))
         records: list[dict] = list(previous_records or [])
         bar = tqdm(total=expected, desc=f"raygossip[ray {len(self.groups)}x{self.config.runtime.agents_per_actor}]", unit="eval", disable=True if not show else None, leave=False)
         done = self.coordinator.wait_finished.remote(self.config.runtime.wait_timeout_s)
+        ended = False
+        chaos.start()
         while True:
             # poll returns on a new record, when the agents finished, or after 0.5 s (then we check `done`,
             # which also carries a failure of wait_finished)
@@ -316,10 +330,13 @@ class RayEngine:
                 bar.set_postfix(round=record["round"], merged=f"{record[metric_key('merged_test_accuracy', self.config)]:.3f}",
                                 MB=f"{record['bytes_sent'] / 1e6:.1f}")
                 bar.update(1)
-            if finished_now:
+            if finished_now or ended:
                 break
             if ray.wait([done], timeout=0)[0]:
                 ray.get(done)  # raises if wait_finished failed; else the next poll reports finished at once
+                ended = True  # (one more poll: a coordinator restarted after wait_finished does not say finished;
+                # every record was complete when wait_finished returned)
+        chaos_kills = chaos.stop()
         ending = ray.get(done)
         bar.close()
         records.sort(key=lambda r: r["step"])  # (made in completion order; a drop can complete an earlier step late)
@@ -361,6 +378,7 @@ class RayEngine:
             "lost_messages": sum(s["lost_messages"] for s in finished),
             "resyncs": sum(s["resyncs"] for s in finished),
             **failures,
+            **({"chaos_kills": chaos_kills} if chaos_kills else {}),
             **consistency,
         }
         outcome = {"records": records, "merged_accuracy": merged, "last": last, "events": events, "extra": extra}
@@ -400,11 +418,14 @@ class RayEngine:
             ray.kill(actor)
         coordinator = getattr(self, "coordinator", None)
         if coordinator is not None:
-            try:  # the agents' snapshot files (a run whose coordinator died leaves them to snapshots.sweep_stale)
-                ray.get(coordinator.remove_snapshots.remote(), timeout=10)
-            except (ray.exceptions.RayError, TimeoutError):
-                pass
-            ray.kill(coordinator)
+            ray.kill(coordinator, no_restart=True)
+        recipe = getattr(self, "recipe", None)
+        if recipe is not None:  # replacement actors are detached: they do not die with the coordinator
+            for name in ray.util.list_named_actors():
+                if name.startswith(recipe["name"] + "-"):
+                    kill_named(name)
+        if getattr(self, "state_place", None) is not None:  # the snapshot files and the coordinator's ledger
+            shutil.rmtree(self.state_place[1], ignore_errors=True)
         if getattr(self, "group", None) is not None and self.owns_group:
             remove_placement_group(self.group)
             wait_released(self.group, self.free_cpus_before, deadline_s=5.0)

@@ -109,8 +109,11 @@ def to_numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in tensors.items()}
 
 
-class RaySupervisor:
-    """The coordinator, as the nodes of one actor see it: calls in flight are kept until flush()."""
+class CoordinatorClient:
+    """The coordinator, as the nodes of one actor see it: calls in flight are kept until flush(). What a restarted
+    coordinator may have lost is kept here until it is safe (resend): reports of steps not yet recorded, the last
+    snapshot sent by value and the last checkpoint offer of each hosted agent. The coordinator is created with
+    max_task_retries, so calls made while it is down wait for its restart."""
 
     def __init__(self, coordinator: Any, snapshot_dir: str | None, wait_timeout_s: float) -> None:
         self.coordinator = coordinator
@@ -118,6 +121,10 @@ class RaySupervisor:
         self.snapshot_dir = snapshot_dir  # set on the coordinator's node: snapshots go there as files
         self.outstanding: list[Any] = []
         self.lock = threading.Lock()
+        self.unconfirmed: dict[tuple[int, int], tuple] = {}  # (agent, step) -> the report's arguments
+        self.report_calls: list[Any] = []  # each returns the step below which every report is recorded
+        self.sent: dict[int, tuple] = {}  # agent -> (incarnation, its last snapshot in the object store, meta)
+        self.offers: dict[int, tuple] = {}  # agent -> (incarnation, step, its last checkpoint state, meta)
 
     def _keep(self, ref: Any) -> None:
         with self.lock:
@@ -128,8 +135,45 @@ class RaySupervisor:
 
     def report(self, agent: int, step: int, accuracy: float | None, state: dict[str, torch.Tensor], loss: float,
                traffic: dict, incarnation: int) -> None:
-        ref = ray.put(to_numpy(state))
-        self._keep(self.coordinator.report.remote(agent, step, accuracy, [ref], loss, traffic, incarnation))
+        args = (agent, step, accuracy, [ray.put(to_numpy(state))], loss, traffic, incarnation)
+        with self.lock:
+            self._confirmed()
+            self.unconfirmed[(agent, step)] = args
+        self._send_report(args)
+
+    def _send_report(self, args: tuple) -> None:
+        ref = self.coordinator.report.remote(*args)
+        with self.lock:
+            self.outstanding.append(ref)
+            self.report_calls.append(ref)
+
+    def _confirmed(self) -> None:
+        """Forget the reports of steps the coordinator has recorded (the answers of report calls that returned)."""
+        if not self.report_calls:
+            return
+        ready, self.report_calls = ray.wait(self.report_calls, num_returns=len(self.report_calls), timeout=0)
+        below = []
+        for ref in ready:
+            try:
+                below.append(ray.get(ref))
+            except ray.exceptions.RayError:
+                pass
+        if below:
+            recorded = max(below)
+            for key in [key for key in self.unconfirmed if key[1] < recorded]:
+                del self.unconfirmed[key]
+
+    def resend(self) -> None:
+        """The coordinator restarted: the reports it may not have recorded, the snapshots and checkpoint offers it
+        may have lost (it ignores what it has); returns once it has them all."""
+        with self.lock:
+            reports, sent, offers = list(self.unconfirmed.values()), dict(self.sent), dict(self.offers)
+        calls = [self.coordinator.report.remote(*args) for args in sorted(reports, key=lambda a: (a[1], a[0]))]
+        calls += [self.coordinator.keep_snapshot.remote(agent, incarnation, ref, meta)
+                  for agent, (incarnation, ref, meta) in sent.items()]
+        calls += [self.coordinator.keep_checkpoint.remote(agent, incarnation, step, ref, meta)
+                  for agent, (incarnation, step, ref, meta) in offers.items()]
+        ray.get(calls, timeout=self.wait_timeout_s)  # in before the coordinator goes on (its wait_finished waits)
 
     def keep_snapshot(self, agent: int, incarnation: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         """Keep an agent's whole state where its death does not lose it. On the coordinator's node: a file in
@@ -142,11 +186,17 @@ class RaySupervisor:
             except OSError as error:  # shared memory full, say: from now on by value
                 self.event({"kind": "snapshot_file_failed", "agent": agent, "time": time.time(), "error": str(error)})
                 self.snapshot_dir = None
-        self._keep(self.coordinator.keep_snapshot.remote(agent, incarnation, to_numpy(tensors), meta))
+        ref = ray.put(to_numpy(tensors))  # (a reference at the top level: Ray hands the coordinator its value)
+        with self.lock:
+            self.sent[agent] = (incarnation, ref, meta)
+        self._keep(self.coordinator.keep_snapshot.remote(agent, incarnation, ref, meta))
 
     def keep_checkpoint(self, agent: int, incarnation: int, step: int, tensors: dict[str, torch.Tensor],
                         meta: dict) -> None:
-        self._keep(self.coordinator.keep_checkpoint.remote(agent, incarnation, step, to_numpy(tensors), meta))
+        ref = ray.put(to_numpy(tensors))
+        with self.lock:
+            self.offers[agent] = (incarnation, step, ref, meta)
+        self._keep(self.coordinator.keep_checkpoint.remote(agent, incarnation, step, ref, meta))
 
     def crash(self, agent: int, round_index: int, step: int) -> None:
         """Fault injection: this process (and every agent it hosts) dies now, after telling the coordinator."""

@@ -64,5 +64,24 @@ class RecordBook:
         self.records.append(record)
         self.records.sort(key=lambda r: r["step"])
 
+    def recorded_below(self) -> int:
+        """A step below which every step that was reported is recorded (the smallest pending one, else one past the
+        last recorded)."""
+        if self.pending:
+            return min(self.pending)
+        return max(self.recorded, default=self.resumed_from - 1) + 1
+
+    def saved(self) -> dict:
+        """What a restarted coordinator needs (pending reports are not kept: the agents send them again)."""
+        return {"resumed_from": self.resumed_from, "recorded": sorted(self.recorded), "records": self.records,
+                "delivered": self.delivered}
+
+    @classmethod
+    def restored(cls, saved: dict) -> "RecordBook":
+        book = cls(saved["resumed_from"])
+        book.recorded = set(saved["recorded"])
+        book.records, book.delivered = list(saved["records"]), list(saved["delivered"])
+        return book
+
     def done(self, steps: list[int]) -> bool:
         return all(step in self.recorded for step in steps)

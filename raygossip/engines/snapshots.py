@@ -1,4 +1,5 @@
-"""Agent snapshots as files in shared memory on the coordinator's node: they outlive the agent's process."""
+"""Agent snapshots as files in shared memory on the coordinator's node: they outlive the agent's process (and the
+coordinator's: the driver makes the run's folder)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ def shared_memory_root() -> str | None:
 
 
 def make_snapshot_dir() -> str:
-    """A new directory for one run's snapshots, named after this process (the coordinator's) so that
-    `sweep_stale` can find the directories of runs whose coordinator died without removing them."""
+    """A new directory for one run's state (the agents' snapshot files, the coordinator's ledger), named after this
+    process (the driver's, which outlives the coordinator's deaths) so that `sweep_stale` can find the
+    directories of runs whose driver died without removing them."""
     root = shared_memory_root()
     sweep_stale(root or tempfile.gettempdir())
     return tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=root)

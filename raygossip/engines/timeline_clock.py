@@ -26,8 +26,9 @@ def run_clock(coordinator: Any) -> None:
             time.sleep(min(0.05, max(0.0, c.started + due - time.time())))
         if c.finished is not None or c.aborted is not None:
             return
-        live = c.live()
-        steps = [p for p in c.gather([c.agents[i].position.remote(i) for i in live]) if p is not None]
+        roster = c.roster
+        live = roster.live()
+        steps = [p for p in roster.gather([roster.agents[i].position.remote(i) for i in live]) if p is not None]
         round_index = schedule_round(steps or [0], time.time() - c.started, c.plan.local_steps)
         action = c.config.timeline[index].action
         try:
@@ -38,7 +39,7 @@ def run_clock(coordinator: Any) -> None:
             c.timeline_skipped.add(index)
             c.event("timeline_skipped", index=index, action=action, reason=str(error))
             continue
-        c.gather([host.schedule_event.remote(index, round_index) for host in c.hosts(live)])
+        roster.gather([host.schedule_event.remote(index, round_index) for host in roster.hosts(live)])
         c.event("timeline_scheduled", index=index, action=action, round=round_index, scheduled_time_s=due)
 
 
