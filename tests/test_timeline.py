@@ -500,7 +500,8 @@ def test_a_resumed_run_keeps_its_wall_clock_events_and_the_clock_runs_only_those
     agent = SimpleNamespace(position=Remote(lambda i: 70), schedule_event=Remote(lambda k, r: told.append((k, r))))
     coordinator = SimpleNamespace(
         plan=plan, config=config, finished=None, aborted=None, started=time.time() - 5.0, timeline_skipped=skipped,
-        agents=[agent] * 8, live=lambda: list(range(8)), gather=lambda refs: refs, hosts=lambda live: [agent],
+        roster=SimpleNamespace(agents=[agent] * 8, live=lambda: list(range(8)), gather=lambda refs: refs,
+                               hosts=lambda live: [agent]),
         event=lambda kind, **fields: events.append((kind, fields.get("index"))))
     run_clock(coordinator)
     assert events == [("timeline_scheduled", 2)] and [k for k, _ in told] == [2]
