@@ -10,6 +10,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..algorithms.consensus import sends_whole_models
 from ..config import CommunicationKindConfig, Config, TimelineEventConfig, TopologyConfig
 from ..errors import UserError
 from .timing import slowdown_factors
@@ -107,7 +108,7 @@ JOIN_STARTS = ("neighbour", "scratch")
 @dataclass(frozen=True)
 class Action:
     """One timeline action: the event keys it takes (and needs), how it changes the conditions, and
-    whether it changes the graph (CHOCO/AdaGossip then re-weight, drop or open links: core.node_timeline)."""
+    whether it changes the graph (CHOCO/AdaGossip then re-weight, drop or open links: core.graph_links)."""
 
     keys: tuple[str, ...]
     required: tuple[str, ...]
@@ -201,7 +202,7 @@ def _topology(c: Conditions, e: TimelineEventConfig, base: Base, where: str) -> 
     except UserError as error:
         field = error.field if error.field.startswith("topology.") else "topology.name"  # (agents.count: its size)
         raise UserError(f"{where}.{field}", error.message) from None
-    _require(not topology.time_varying or base.rule == "dpsgd", f"{where}.topology.name",
+    _require(not topology.time_varying or sends_whole_models(base.rule), f"{where}.topology.name",
              f"{spec.name!r} changes every round; {base.rule} needs a static graph")
     return replace(c, topology=spec)
 
@@ -213,7 +214,7 @@ def _gamma(c: Conditions, e: TimelineEventConfig, base: Base, where: str) -> Con
 
 def _communication(c: Conditions, e: TimelineEventConfig, base: Base, where: str) -> Conditions:
     spec = e.communication  # its keys' values and ranges: the loader and validation.py
-    _require(spec.kind != "allreduce" or base.rule == "dpsgd", f"{where}.communication.kind",
+    _require(spec.kind != "allreduce" or sends_whole_models(base.rule), f"{where}.communication.kind",
              f"allreduce averages full models; {base.rule} sends compressed differences (use gossip.rule: dpsgd)")
     return replace(c, communication=spec)
 
@@ -299,7 +300,7 @@ def check_event(event: TimelineEventConfig, where: str, rule: str) -> Action:
 
 def changes_graph(events: list[TimelineEventConfig]) -> bool:
     """Whether some event changes the graph: CHOCO/AdaGossip agents then keep each neighbour's public copy, so that
-    every change re-weights, drops or (by a link letter) opens the links it touches (core.node_timeline)."""
+    every change re-weights, drops or (by a link letter) opens the links it touches (core.graph_links)."""
     return any(event.action in ACTIONS and ACTIONS[event.action].changes_graph for event in events)
 
 

@@ -139,7 +139,7 @@ class ReferenceEngine:
                                           f"{reason}, the last agent left"}
                 return
             for other in self.live_nodes():
-                other.peer_dropped(i)
+                other.news.peer_dropped(i)
             self.events.append({"time_s": self.elapsed(), "kind": "agent_dropped", "agent": i,
                                 "reason": f"diverged ({reason})", "agents_left": len(self.live)})
 
@@ -203,7 +203,7 @@ class ReferenceEngine:
     def restore(self, run_state: dict, agents: list[tuple[dict, dict]]) -> int:
         """Continue from a checkpoint; returns the first step still to run."""
         for node, (tensors, meta) in zip(self.nodes, agents):
-            node.restore(tensors, meta)
+            node.points.restore(tensors, meta)
         self.rounds_done = run_state["rounds_done"]
         self.communication_rounds = run_state["communication_rounds"]
         self.events = self.adaptive.restore(list(run_state["events"]), run_state["step"])
@@ -246,14 +246,14 @@ class ReferenceEngine:
             return {"records": records, "merged_accuracy": None, "last": last, "events": self.events,
                     "aborted": self.aborted}
         last = records[-1]
-        extra = {"public_copy_error": self.public_copy_error()} if self.nodes[0].rule.public_copies else {}
+        extra = {"public_copy_error": self.public_copy_error()} if self.nodes[0].core.rule.public_copies else {}
         merged = self.final_merge() if self.config.schedule.final_merge.enabled else last[metric_key("merged_test_accuracy", self.config)]
         return {"records": records, "merged_accuracy": merged, "last": last, "events": self.events, "extra": extra}
 
     def public_copy_error(self) -> float:
         """CHOCO/AdaGossip: max |s_i - sum_j W_ij x_hat_j| over the agents there at the end (as the Ray engine)."""
         there = self.present(self.setup.plan.total_steps - 1)
-        states = {i: {k: v.numpy() for k, v in self.nodes[i].rule_tensors().items()} for i in there}
+        states = {i: {k: v.numpy() for k, v in self.nodes[i].report.rule_tensors().items()} for i in there}
         return public_copy_error(self.setup.plan, states, there)
 
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
