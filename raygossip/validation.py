@@ -242,7 +242,7 @@ def _validate_faults(config: Config) -> None:
     _check(0 <= f.drop_messages < 1, "faults.drop_messages", f"must be in [0, 1), got {f.drop_messages}")
     _check(0 <= f.delay_messages <= 1, "faults.delay_messages", f"must be in [0, 1], got {f.delay_messages}")
     _check(f.delay_s >= 0, "faults.delay_s", f"must be >= 0, got {f.delay_s}")
-    injected = f.kill or f.kill_fraction > 0 or f.drop_messages > 0 or f.delay_messages > 0
+    injected = f.kill or f.kill_fraction > 0 or f.delay_messages > 0  # (drop_messages: seeded, both engines)
     _check(not injected or config.runtime.engine == "ray", "faults",
            "fault injection needs runtime.engine: ray (the reference engine has no processes to kill)")
 

@@ -72,7 +72,7 @@ def test_bad_fault_configs_name_the_field(faults, field):
 def test_faults_need_the_ray_engine_and_a_known_policy():
     data = quickstart()
     data["runtime"] = {"engine": "reference"}
-    data["faults"] = {"drop_messages": 0.1}
+    data["faults"] = {"delay_messages": 0.1, "delay_s": 0.1}  # (seeded message losses run on both engines)
     with pytest.raises(UserError, match="faults: fault injection needs runtime.engine: ray"):
         load_config(base=data)
     data["runtime"] = {"on_failure": "retry"}

@@ -129,7 +129,7 @@ class Parts:
         self.graph = GraphChanges(self.core, self.plan, self.outbox)
         self.stopped = threading.Event()
         self.inbox = Inbox(self.core, self.plan, self.transport, Mailbox([0, 1, 2, 3], self.peers), self.graph,
-                           self.lock, PhaseClock(), self.stopped, event, mode="sync", staleness=1, wait_timeout_s=0.05,
+                           self.outbox, self.lock, PhaseClock(), self.stopped, event, mode="sync", staleness=1, wait_timeout_s=0.05,
                            wait_past_timeout=False, timed=False)
         self.news = PeerNews(self.core, self.outbox, self.inbox, self.graph, event)
 
@@ -150,7 +150,7 @@ def test_the_outbox_numbers_each_stream_sends_to_live_receivers_only_and_marks_a
 def test_the_outbox_resyncs_a_restarted_peer_with_the_whole_public_copy_and_its_final_letter(setup):
     parts = Parts(setup)
     parts.outbox.send(0, [1, 3])
-    parts.outbox.finish()
+    parts.outbox.finish(lambda: [])
     parts.transport.posted.clear()
     with parts.lock:
         assert parts.peers.restarted(3, 1)
@@ -158,6 +158,30 @@ def test_the_outbox_resyncs_a_restarted_peer_with_the_whole_public_copy_and_its_
     assert parts.letters() == [(3, "full", 0), (3, "fin", 1)]
     full = parts.transport.posted[0][1].payload.arrays["x_hat"]
     assert torch.equal(full, parts.core.state.x_hat) and parts.core.state.x_hat.abs().sum() > 0
+
+
+@pytest.mark.parametrize("asks, rounds, sent", [
+    ([(1, 3)], [4], []),  # one round after the lost message: not yet
+    ([(1, 3)], [4, 5], [(1, 5)]),  # two rounds after: the whole copy, ahead of that round's message
+    ([(1, 3), (1, 4)], [5, 6], [(1, 5)]),  # the copy of round 5 holds the message of round 4 too: one answer
+    ([(1, 3), (3, 3)], [5], [(1, 5), (3, 5)]),
+    ([(1, 7)], [8, 9], [(1, 9)]),
+])
+def test_the_outbox_answers_a_resync_request_two_rounds_after_the_lost_message_once(setup, asks, rounds, sent):
+    parts = Parts(setup)
+    answered = []
+    for k, round_index in enumerate(rounds):
+        parts.outbox.round_reached = round_index
+        with parts.lock:
+            parts.outbox.answer(asks if k == 0 else [])
+        answered += [(receiver, letter.round) for receiver, letter in parts.transport.posted if letter.kind is Kind.FULL]
+        parts.transport.posted.clear()
+    assert answered == sent
+    assert parts.outbox.counters["resyncs_sent"] == len(sent)
+    assert parts.outbox.counters["resync_bytes"] == len(sent) * parts.core.state.x_hat.numel() * 4
+    parts.outbox.finish(lambda: [(2, 99)])  # the loop ended: every open request is answered at once
+    finals = [(r, letter.kind.value) for r, letter in parts.transport.posted]
+    assert (2, "full") in finals and ((1, "full") in finals) is (not sent) and not parts.outbox.asked
 
 
 def test_the_inbox_absorbs_with_the_rounds_weights_and_counts_lost_letters_and_resyncs(setup):

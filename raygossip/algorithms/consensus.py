@@ -205,6 +205,12 @@ RULES: dict[str, RuleEntry] = {
 }
 
 
+# What a receiver does when one of a sender's messages is lost (rules with public copies; a whole-model rule's next
+# message replaces the lost one anyway): ask the sender for its whole public copy, or live with the gap (a lossy link
+# without retransmission, for studies of it).
+RECOVERIES: tuple[str, ...] = ("resync", "none")
+
+
 def sends_whole_models(name: str) -> bool:
     """Whether the rule called `name` sends whole models (RuleEntry.whole_models)."""
     return RULES[name].whole_models

@@ -57,6 +57,16 @@ class Traffic:
             self.per_link_messages[receiver] = self.per_link_messages.get(receiver, 0) + 1
 
 
+def heals_losses(config: Config) -> bool:
+    """Whether a lost message may be healed by a resync in this run: messages are dropped (faults.drop_messages or a
+    timeline link's loss) and a recovery of resync may be in force (faults.recovery, a link event's recovery)."""
+    faults = config.faults
+    if faults.drop_messages > 0 and faults.recovery == "resync":
+        return True
+    links = [event for event in config.timeline if event.action == "link"]
+    return any((event.loss or 0) > 0 for event in links) and any(event.recovery != "none" for event in links)
+
+
 class AgentCore:
     """Everything one agent computes. Engines call: train_step, emit, absorb, mix, evaluate."""
 
@@ -110,7 +120,8 @@ class AgentCore:
         # weighted sum of these. Costs one parameter vector per neighbour, so only engines that survive
         # failures ask for it.
         # A timeline that changes the graph needs them too (links are re-weighted, dropped and opened).
-        track_links = track_links or changes_graph(config.timeline)
+        # A receiver that asks for a resync after a lost message too (core.inbox.Inbox.lost).
+        track_links = track_links or changes_graph(config.timeline) or heals_losses(config)
         self.link_copies: dict[int, torch.Tensor] | None = {} if track_links and self.rule.public_copies else None
 
     # ------------------------------------------------------------ local training
@@ -220,6 +231,11 @@ class AgentCore:
         known = self.link_copies.pop(sender, None) if self.link_copies is not None else None
         if known is not None:
             self.state = self.rule.drop(self.state, known, weight)
+
+    @property
+    def tracks_links(self) -> bool:
+        """Whether this agent keeps each neighbour's public copy as it knows it (so a link can be resynchronised)."""
+        return self.link_copies is not None
 
     def known_copies(self) -> dict[int, torch.Tensor]:
         """Each neighbour's public copy as this agent knows it (empty when it keeps none)."""

@@ -14,12 +14,14 @@ from ..algorithms.schedules import RoundPlan
 from .agent import AgentCore
 from .graph_links import GraphChanges
 from .mailbox import Mailbox
+from .outbox import Outbox
 from .phases import PhaseClock
 from .plan import RunPlan
 from .transports import Transport
 from .wire import Kind, Letter
 
-COUNTERS = ("timeouts", "stale_messages", "lost_messages", "resyncs", "reused_models", "nonfinite_messages")
+COUNTERS = ("timeouts", "stale_messages", "lost_messages", "resyncs", "resyncs_asked", "reused_models",
+            "nonfinite_messages")
 ABSORBED = (Kind.GOSSIP, Kind.FULL, Kind.LINK)  # the kinds that change the rule state
 
 
@@ -32,11 +34,15 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
 
 class Inbox:
     """Waits for and absorbs one agent's letters. `mode`, `staleness`, `wait_timeout_s`, `wait_past_timeout` as in
-    NodeOptions; `events(kind, **fields)` reports to the supervisor; `stopped` ends every wait at once."""
+    NodeOptions; `events(kind, **fields)` reports to the supervisor; `stopped` ends every wait at once.
+
+    A rule with public copies must apply every message of a sender once: when one is lost (a LOST letter, or a message
+    whose object-store copy died) and the recovery in force says resync, this agent asks the sender, through its
+    `outbox`, for its whole public copy, once until a whole copy from that sender arrives (`asked`)."""
 
     def __init__(self, core: AgentCore, plan: RunPlan, transport: Transport, mailbox: Mailbox, graph: GraphChanges,
-                 lock: threading.Lock, phases: PhaseClock, stopped: threading.Event, events, *, mode: str,
-                 staleness: int, wait_timeout_s: float, wait_past_timeout: bool, timed: bool) -> None:
+                 outbox: Outbox, lock: threading.Lock, phases: PhaseClock, stopped: threading.Event, events, *,
+                 mode: str, staleness: int, wait_timeout_s: float, wait_past_timeout: bool, timed: bool) -> None:
         self.core = core
         self.agent_id = core.agent_id
         self.plan = plan
@@ -44,6 +50,7 @@ class Inbox:
         self.mailbox = mailbox
         self.peers = mailbox.peers
         self.graph = graph
+        self.outbox = outbox
         self.lock = lock
         self.phases = phases
         self.stopped = stopped
@@ -57,6 +64,8 @@ class Inbox:
         # a whole-model rule in bounded/async mode: a sender with nothing new in a round counts with its last model
         self.reuse_last_models = core.rule.whole_models and mode != "sync"
         self.last_models: dict[int, Compressed] = {}
+        self.heals = core.tracks_links  # (a resync replaces what this agent knew of the sender: it must know it)
+        self.asked: dict[int, int] = {}  # sender -> round of the lost message a resync was asked for (not yet come)
 
     def accept(self, letter: Letter) -> None:
         """A letter from a transport (any thread)."""
@@ -140,7 +149,7 @@ class Inbox:
                 letters = [letter for letter in letters if letter.kind is Kind.GOSSIP][-1:]  # the newest counts
                 if not letters and self.reuse_last_models and sender in senders:
                     quiet.append(sender)
-            taken.extend(letter for letter in letters if letter.kind in ABSORBED)
+            taken.extend(letter for letter in letters if letter.kind in ABSORBED or letter.kind is Kind.LOST)
         with self.lock:
             self.apply_letters(taken, weights, round_index)
             for sender in quiet:
@@ -151,18 +160,26 @@ class Inbox:
                     self.counters["reused_models"] += 1
 
     def apply_letters(self, letters: list[Letter], weights: dict[int, float], round_index: int | None) -> None:
-        """Absorb gossip messages and apply full public copies (call with the lock held)."""
+        """Absorb gossip messages and apply full public copies, in order per sender; ask for a resync after a lost
+        message (call with the lock held)."""
         dropped = self.peers.dropped
-        for letter, message in zip(letters, self.transport.open(letters)):
+        opened = iter(self.transport.open([letter for letter in letters if letter.kind is not Kind.LOST]))
+        for letter in letters:
+            if letter.kind is Kind.LOST:  # (counted when taken)
+                self.lost(letter.sender, letter.round)
+                continue
+            message = next(opened)
             weights = self.graph.weights_for(letter.sender, letter.round, weights)
             weight = 0.0 if letter.sender in dropped else weights.get(letter.sender, 0.0)
             if message is None:  # its object-store copy died with its sender
                 self.counters["lost_messages"] += 1
+                self.lost(letter.sender, letter.round)
                 continue
             if not all_finite([a for a in message.arrays.values() if a.is_floating_point()]):
                 self.counters["nonfinite_messages"] += 1  # a diverged sender's: never absorbed
                 continue
             if letter.kind in (Kind.FULL, Kind.LINK):
+                self.asked.pop(letter.sender, None)  # (a whole copy holds every message sent before it)
                 if weight > 0.0 and self.core.resync_link(letter.sender, message.arrays["x_hat"], weight):
                     self.counters["resyncs"] += 1
                 continue
@@ -174,6 +191,25 @@ class Inbox:
             if weight > 0.0:
                 self.core.absorb(message, weight, letter.sender)
 
+    def lost(self, sender: int, round_index: int) -> None:
+        """`sender`'s message of `round_index` never came: ask for its whole public copy if the recovery in force says
+        so and no request to it is open (the copy that answers it will hold this message too)."""
+        if not self.heals or sender in self.asked or sender in self.peers.dropped:
+            return
+        if self.recovery(sender, round_index) == "resync":
+            self.asked[sender] = round_index
+            self.outbox.ask(sender, round_index)
+            self.counters["resyncs_asked"] += 1
+
+    def recovery(self, sender: int, round_index: int) -> str:
+        """What this agent does after losing `sender`'s message of `round_index` (consensus.RECOVERIES): the link's
+        recovery if a timeline event put a loss on it then, else faults.recovery."""
+        if self.plan.timeline.has_links:
+            link = self.plan.conditions(round_index).link_of(sender, self.agent_id)
+            if link.loss > 0:
+                return link.recovery
+        return self.core.config.faults.recovery
+
     def record_delay(self, letter: Letter) -> None:
         if not self.timed:
             return
@@ -181,7 +217,8 @@ class Inbox:
         self.link_delays.setdefault(letter.sender, []).append(readable - letter.sent_at)
 
     def drain(self, timeout_s: float) -> int:
-        """After the run: once every live in-neighbour's final letter arrived, absorb every message still queued."""
+        """After the run: once every live in-neighbour's final letter (and every resync asked for) arrived, absorb
+        every message still queued; a lost one among them is asked for and waited for once more."""
         row = self.plan.mixing_at(self.plan.total_rounds - 1)[self.agent_id]  # the graph in force at the end
         senders = [j for j in self.peers.in_neighbours if j not in self.peers.dropped]
         if self.core.rule.public_copies:
@@ -191,22 +228,32 @@ class Inbox:
         for j in senders:
             for letter in self.transport.pull(j, lambda: mailbox.absent(j), deadline, lambda: False):
                 self.accept(letter)
-        mailbox.wait_until(
-            lambda now: all(j in mailbox.finished for j in senders)
-            and all(letter.available_at <= now for q in mailbox.queues.values() for letter in q),
-            deadline,
-        )
-        taken = [letter for sender in sorted(mailbox.queues) for letter in mailbox.take_ready(sender)
-                 if letter.kind in ABSORBED]
-        if self.core.rule.whole_models:
-            return len(taken)
-        with self.lock:
-            self.apply_letters(taken, {j: float(row[j]) for j in senders}, None)
-        return len(taken)
+        taken = 0
+        for _ in range(2):
+            mailbox.wait_until(  # (a resync asked for may come after the sender's final letter)
+                lambda now: all(j in mailbox.finished for j in senders)
+                and all(letter.available_at <= now for q in mailbox.queues.values() for letter in q)
+                and all(self.peers.absent(j) or any(l.kind is Kind.FULL for l in mailbox.queues.get(j, ()))
+                        for j in self.asked),
+                deadline,
+            )
+            letters = [letter for sender in sorted(mailbox.queues) for letter in mailbox.take_ready(sender)
+                       if letter.kind in ABSORBED or letter.kind is Kind.LOST]
+            taken += sum(letter.kind is not Kind.LOST for letter in letters)
+            if self.core.rule.whole_models:
+                return taken
+            self.counters["lost_messages"] += sum(letter.kind is Kind.LOST for letter in letters)
+            with self.lock:
+                self.apply_letters(letters, {j: float(row[j]) for j in senders}, None)
+            if not self.asked:
+                break
+        return taken
 
     def forget(self, sender: int) -> None:
-        """A sender gone for good: its last model no longer counts (call with the lock held)."""
+        """A sender gone for good: its last model no longer counts, nor a resync asked of it (call with the lock
+        held)."""
         self.last_models.pop(sender, None)
+        self.asked.pop(sender, None)
 
     def clear(self) -> None:
         """This agent starts afresh (a timeline's join): no sender's last model counts."""

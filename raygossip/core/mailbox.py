@@ -31,6 +31,7 @@ class Mailbox:
         self.taken_round: dict[int, int] = {}  # sender -> newest round already taken from its queue
         self.stream_life: dict[int, int] = {}  # sender -> the life whose stream the queue holds
         self.finished: set[int] = set()
+        self.asks: list[tuple[int, int]] = []  # (sender, round) of resync requests (Kind.ASK), in each stream's order
         self.refused = 0  # letters from an older life or a dropped sender
         self.condition = threading.Condition()
         self.waiters: list[Callable[[float], bool]] = []  # predicates of the threads in wait_until
@@ -64,8 +65,16 @@ class Mailbox:
     def _enqueue(self, queue: deque, letter: Letter) -> None:
         if letter.final:
             self.finished.add(letter.sender)
+        elif letter.kind is Kind.ASK:  # (a request, not a message: no round of the sender's to wait for)
+            self.asks.append((letter.sender, letter.round))
         else:
             queue.append(letter)
+
+    def take_asks(self) -> list[tuple[int, int]]:
+        """The resync requests that arrived since the last call, (sender, round of its lost message)."""
+        with self.condition:
+            asks, self.asks = self.asks, []
+        return asks
 
     def _new_stream(self, sender: int, incarnation: int) -> None:
         """A restarted sender: forget its old stream (unread letters included) and expect seq 0 again."""

@@ -43,6 +43,7 @@ from .reporting import Reporter
 from .restore_points import RestorePoints
 from .timing import StepClock
 from .transports import Supervisor, Transport
+from .wire import Kind, Letter
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,7 +89,7 @@ class GossipNode:
                              incarnation=incarnation)
         self.graph = GraphChanges(core, plan, self.outbox)
         self.inbox = Inbox(core, plan, transport, Mailbox(list(range(plan.topology.n)), self.peers), self.graph,
-                           self.lock, self.phases, self.stop_requested, event, mode=options.mode,
+                           self.outbox, self.lock, self.phases, self.stop_requested, event, mode=options.mode,
                            staleness=options.staleness, wait_timeout_s=options.wait_timeout_s,
                            wait_past_timeout=options.wait_past_timeout, timed=options.timing is not None)
         self.leave_join = LeaveJoin(core, plan, self.outbox, self.inbox, self.phases, self.stop_requested, event,
@@ -105,9 +106,13 @@ class GossipNode:
     def supervisor(self, supervisor: Supervisor | None) -> None:
         self.report.supervisor = supervisor
 
-    def accept(self, letter) -> None:
-        """A letter from a transport (any thread)."""
+    def accept(self, letter: Letter) -> None:
+        """A letter from a transport (any thread). A resync request that comes after this agent's loop ended is
+        answered at once (during the loop, at the next round's send)."""
         self.inbox.accept(letter)
+        if letter.kind is Kind.ASK and self.outbox.finished:  # (the lock only then: no training thread holds it)
+            with self.lock:
+                self.outbox.answer(self.inbox.mailbox.take_asks(), now=True)
 
     # ------------------------------------------------------------ the round
 
@@ -140,6 +145,9 @@ class GossipNode:
             self.supervisor.crash(self.agent_id, round_index, self.core.step)
         if round_index in self.corrupt_rounds:  # fault injection: this agent's parameters become NaN
             self.core.flat.data[0] = float("nan")
+        if self.inbox.mailbox.asks or self.outbox.asked:
+            with self.lock:  # resyncs asked for, ahead of this round's message
+                self.outbox.answer(self.inbox.mailbox.take_asks())
         round_plan = self.round_plan(round_index)
         if round_plan is not None:
             receivers = round_plan.receivers_of(self.agent_id)
@@ -189,7 +197,7 @@ class GossipNode:
 
     def finish(self) -> None:
         """The loop ended: tell every live peer that nothing more comes."""
-        self.outbox.finish()
+        self.outbox.finish(self.inbox.mailbox.take_asks)
 
     def diverge(self, what: str) -> None:
         """This agent's loss or parameters are no longer finite: it stops at once, sends nothing more, and tells
@@ -210,7 +218,7 @@ class GossipNode:
         delays = {j: {"count": len(v), "min_s": min(v), "mean_s": float(np.mean(v)), "max_s": max(v)}
                   for j, v in inbox.link_delays.items() if v}
         return {"agent": self.agent_id, "incarnation": self.incarnation, "steps": self.core.step,
-                "waited_s": inbox.waited_s, **inbox.counters, "link_delays": delays,
+                "waited_s": inbox.waited_s, **inbox.counters, **self.outbox.counters, "link_delays": delays,
                 "phase_s": dict(self.phases.wall),
                 "cpu_s": {**self.phases.cpu, "loop": self.phases.loop_cpu, "process": self.phases.process_cpu},
                 **self.report.traffic_counts()}

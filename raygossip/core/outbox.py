@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -39,6 +39,9 @@ class Outbox:
         self.incarnation = incarnation
         self.round_reached = core.step // plan.local_steps - 1
         self.finished = False  # the loop ended: every stream got its final letter
+        self.asked: dict[int, int] = {}  # receiver -> the earliest round of its lost messages it asked a resync for
+        self.answered: dict[int, int] = {}  # receiver -> the round of the last resync letter this agent sent it
+        self.counters = {"resyncs_sent": 0, "resync_bytes": 0}
 
     def post(self, receiver: int, kind: Kind, round_index: int, payload: Any, sent_at: float,
              available_at: float) -> None:
@@ -47,13 +50,15 @@ class Outbox:
                         seq=self.peers.next_seq(receiver), incarnation=self.incarnation)
         self.transport.post(receiver, letter)
 
-    def post_whole(self, receiver: int, kind: Kind, round_index: int, arrays: dict[str, torch.Tensor]) -> None:
-        """A letter with whole tensors (a public copy, a model), counted in the traffic (call with the lock held)."""
+    def post_whole(self, receiver: int, kind: Kind, round_index: int, arrays: dict[str, torch.Tensor]) -> int:
+        """A letter with whole tensors (a public copy, a model), counted in the traffic (call with the lock held).
+        Returns its bytes."""
         nbytes = sum(t.numel() * t.element_size() for t in arrays.values())
         now = time.time()
         self.core.traffic.record([receiver], nbytes)
         self.post(receiver, kind, round_index, Compressed(arrays, self.core.flat.data.numel()), now,
                   now + self.delay(nbytes, receiver))
+        return nbytes
 
     def delay(self, nbytes: int, receiver: int) -> float:
         """Seconds on the link to `receiver` (simulated timing only): the timeline's link in force, or the config's."""
@@ -102,25 +107,54 @@ class Outbox:
             return [k for k in self.peers.others if column[k] > 0]
         return self.peers.others
 
-    def post_resync(self, receiver: int) -> None:
-        """This agent's whole public copy (a round mark for a rule without) to `receiver` (call with the lock held)."""
+    def post_resync(self, receiver: int) -> int:
+        """This agent's whole public copy (a round mark for a rule without) to `receiver` (call with the lock held).
+        Returns its bytes."""
+        self.answered[receiver] = self.round_reached
         if not self.core.rule.public_copies:
             now = time.time()
             self.post(receiver, Kind.MARK, self.round_reached, None, now, now)
-            return
-        self.post_whole(receiver, Kind.FULL, self.round_reached, {"x_hat": self.core.public_copy()})
+            return 0
+        return self.post_whole(receiver, Kind.FULL, self.round_reached, {"x_hat": self.core.public_copy()})
+
+    def ask(self, sender: int, round_index: int) -> None:
+        """This agent missed `sender`'s message of `round_index`: ask it for its whole public copy (a letter in this
+        agent's stream to it, whatever the graph: a request goes to any live peer; call with the lock held)."""
+        if self.peers.live([sender]):
+            now = time.time()
+            self.post(sender, Kind.ASK, round_index, None, now, now)
+
+    def answer(self, asks: list[tuple[int, int]], *, now: bool = False) -> None:
+        """Resync requests (receiver, round of its lost message): each is answered with this agent's whole public copy
+        two rounds after the lost message (`now`: at once, the loop has ended), once for every request it covers (a
+        copy sent after a lost message holds it). Two rounds, not one, so that in sync mode both engines answer at
+        the same round: the request travels in the receiver's stream ahead of its next round's letter, which this
+        agent waits for before that round ends (call with the lock held)."""
+        for receiver, round_index in asks:
+            if round_index >= self.answered.get(receiver, -1):
+                self.asked[receiver] = min(round_index, self.asked.get(receiver, round_index))
+        for receiver, round_index in sorted(self.asked.items()):
+            if not now and round_index + 2 > self.round_reached:
+                continue
+            del self.asked[receiver]
+            if self.peers.live([receiver]):
+                self.counters["resync_bytes"] += self.post_resync(receiver)
+                self.counters["resyncs_sent"] += 1
 
     def restarted(self, receiver: int) -> None:
         """A peer came back (its new stream from this agent begins): the resync letter it needs, and the final
         letter too when this agent's loop already ended (call with the lock held)."""
+        self.asked.pop(receiver, None)  # (its requests were its old life's: the resync below is what it needs)
         if receiver in self.resync_receivers():
             self.post_resync(receiver)
             if self.finished:
                 self.post(receiver, Kind.FIN, self.plan.total_rounds, None, time.time(), 0.0)
 
-    def finish(self) -> None:
-        """The loop ended: tell every live peer that nothing more comes."""
+    def finish(self, take_asks: Callable[[], list[tuple[int, int]]]) -> None:
+        """The loop ended: answer every resync request still open (`take_asks`: those that came), and tell every live
+        peer that nothing more comes. A request that comes later is answered at once (`finished`)."""
         with self.lock:
-            self.finished = True
+            self.finished = True  # (first: a request put after take_asks below sees it, and is answered at once)
+            self.answer(take_asks(), now=True)
             for receiver in self.peers.live(self.peers.others):
                 self.post(receiver, Kind.FIN, self.plan.total_rounds, None, time.time(), 0.0)

@@ -18,11 +18,13 @@ from .timing import slowdown_factors
 
 @dataclass(frozen=True)
 class LinkState:
-    """One directed link's simulated conditions: latency, bandwidth (None: unlimited), loss rate."""
+    """One directed link's simulated conditions: latency, bandwidth (None: unlimited), loss rate, and what a receiver
+    with public copies does after a lost message (consensus.RECOVERIES: resync asks the sender for its whole copy)."""
 
     latency_s: float = 0.0
     bandwidth_mbps: float | None = None
     loss: float = 0.0
+    recovery: str = "resync"
 
     def delay(self, nbytes: int) -> float:
         """Seconds a message of `nbytes` spends on this link: latency + bytes / bandwidth."""
@@ -172,8 +174,9 @@ def _heal(c: Conditions, e: TimelineEventConfig, base: Base, where: str) -> Cond
 
 
 def _link(c: Conditions, e: TimelineEventConfig, base: Base, where: str) -> Conditions:
-    changes = {key: getattr(e, key) for key in ("latency_s", "bandwidth_mbps", "loss") if getattr(e, key) is not None}
-    _require(bool(changes), f"{where}.action", "link needs at least one of latency_s, bandwidth_mbps, loss")
+    changes = {key: getattr(e, key) for key in ("latency_s", "bandwidth_mbps", "loss", "recovery")
+               if getattr(e, key) is not None}
+    _require(bool(changes), f"{where}.action", "link needs at least one of latency_s, bandwidth_mbps, loss, recovery")
     _require(changes.get("latency_s", 0.0) >= 0, f"{where}.latency_s", f"must be >= 0, got {e.latency_s}")
     _require(changes.get("bandwidth_mbps", 1.0) > 0, f"{where}.bandwidth_mbps", f"must be > 0, got {e.bandwidth_mbps}")
     _require(0 <= changes.get("loss", 0.0) < 1, f"{where}.loss", f"must be in [0, 1), got {e.loss}")
@@ -249,8 +252,9 @@ ACTIONS: dict[str, Action] = {
     "partition": Action(("groups",), ("groups",), _partition,
                         "no link between the groups (agents in none form one more)", changes_graph=True),
     "heal": Action((), (), _heal, "end the partition", changes_graph=True),
-    "link": Action(("latency_s", "bandwidth_mbps", "loss", "edges"), (), _link,
-                   "latency, bandwidth, loss of every link or of the listed edges (Ray engine)"),
+    "link": Action(("latency_s", "bandwidth_mbps", "loss", "recovery", "edges"), (), _link,
+                   "latency, bandwidth, loss (and the recovery after a loss) of every link or of the listed edges "
+                   "(Ray engine)"),
     "topology": Action(("topology",), ("topology",), _topology, "switch the graph", changes_graph=True),
     "gamma": Action(("value",), ("value",), _gamma, "the averaging rate from this round on"),
     "communication": Action(("communication",), ("communication",), _communication,

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from raygossip.core.agent import AgentCore
 from raygossip.core.batched import BatchedSteps
+from raygossip.core.faults import MessageFate
 from raygossip.core.node import GossipNode, NodeOptions
 from raygossip.core.placement import agent_groups
 from raygossip.core.round_loop import gossip_round, run_rounds
@@ -21,6 +22,9 @@ from raygossip.engines.common import (
 )
 from raygossip.algorithms.merge import global_average
 from raygossip.config import Config
+
+
+LOSS_COUNTERS = ("lost_messages", "resyncs", "resyncs_asked", "resyncs_sent", "resync_bytes")  # (node stats, summed)
 
 
 class ReferenceEngine:
@@ -47,7 +51,9 @@ class ReferenceEngine:
         nodes: dict[int, GossipNode] = {}
         options = NodeOptions(mode="sync", wait_timeout_s=config.runtime.wait_timeout_s)
         transport = InProcessTransport(nodes)
-        nodes.update({agent.agent_id: GossipNode(agent, plan, transport, options) for agent in self.agents})
+        nodes.update({agent.agent_id: GossipNode(agent, plan, transport, options,  # (seeded losses: faults.drop_messages)
+                                                 fate=MessageFate(config.faults, config.seed, agent.agent_id, 0))
+                      for agent in self.agents})
         self.nodes = [nodes[i] for i in range(config.agents.count)]
         self.live = list(range(config.agents.count))  # agents not dropped (train.on_divergence: drop)
         self.aborted: dict | None = None
@@ -247,11 +253,15 @@ class ReferenceEngine:
                     "aborted": self.aborted}
         last = records[-1]
         extra = {"public_copy_error": self.public_copy_error()} if self.nodes[0].core.rule.public_copies else {}
+        extra.update({key: sum(node.stats()[key] for node in self.nodes) for key in LOSS_COUNTERS})  # (drained too)
         merged = self.final_merge() if self.config.schedule.final_merge.enabled else last[metric_key("merged_test_accuracy", self.config)]
         return {"records": records, "merged_accuracy": merged, "last": last, "events": self.events, "extra": extra}
 
     def public_copy_error(self) -> float:
-        """CHOCO/AdaGossip: max |s_i - sum_j W_ij x_hat_j| over the agents there at the end (as the Ray engine)."""
+        """CHOCO/AdaGossip: max |s_i - sum_j W_ij x_hat_j| over the agents there at the end, after every inbox is
+        drained (as the Ray engine does: a resync asked for in the last round comes with the senders' final letters)."""
+        for node in self.live_nodes():
+            node.inbox.drain(0.0)
         there = self.present(self.setup.plan.total_steps - 1)
         states = {i: {k: v.numpy() for k, v in self.nodes[i].report.rule_tensors().items()} for i in there}
         return public_copy_error(self.setup.plan, states, there)
