@@ -95,3 +95,19 @@ def test_sync_ray_engine_heals_the_same_messages_at_the_same_rounds_as_the_refer
         assert extra["resync_bytes"] == expected["extra"]["resync_bytes"]
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("mode", ["async", "bounded"])
+def test_an_asynchronous_ray_run_heals_its_lost_choco_messages(ray_cluster, mode):
+    """Async and bounded mode, 2 agents per actor (links in memory and by call), 20 % of messages lost: every loss
+    asked for, and the invariant holds at float tolerance at the end (requests open at the end answered too)."""
+    data = small(faults__drop_messages=0.2, runtime__mode=mode, runtime__agents_per_actor=2)
+    data["gossip"] = CHOCO
+    data["schedule"]["averaging_rate"] = {"kind": "constant"}
+    engine, outcome = run_ray(load_config(base=data))
+    try:
+        extra = outcome["extra"]
+        assert extra["lost_messages"] > 0 and 0 < extra["resyncs_asked"] <= extra["lost_messages"]
+        assert extra["public_copy_error"] <= 1e-4, extra
+    finally:
+        engine.close()
