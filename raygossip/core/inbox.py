@@ -68,8 +68,12 @@ class Inbox:
         self.asked: dict[int, int] = {}  # sender -> round of the lost message a resync was asked for (not yet come)
 
     def accept(self, letter: Letter) -> None:
-        """A letter from a transport (any thread)."""
+        """A letter from a transport (any thread). A resync request that comes after this agent's loop ended is
+        answered at once (during the loop, at a round's send: GossipNode.send_round)."""
         self.mailbox.put(letter)
+        if letter.kind is Kind.ASK and self.outbox.finished:  # (the lock only then: no training thread holds it)
+            with self.lock:
+                self.outbox.answer(self.mailbox.take_asks(), now=True)
 
     def wait_round(self, round_index: int) -> int | None:
         """The round whose messages this mode must wait for (None: do not wait)."""

@@ -43,7 +43,7 @@ from .reporting import Reporter
 from .restore_points import RestorePoints
 from .timing import StepClock
 from .transports import Supervisor, Transport
-from .wire import Kind, Letter
+from .wire import Letter
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,12 +107,8 @@ class GossipNode:
         self.report.supervisor = supervisor
 
     def accept(self, letter: Letter) -> None:
-        """A letter from a transport (any thread). A resync request that comes after this agent's loop ended is
-        answered at once (during the loop, at the next round's send)."""
+        """A letter from a transport (any thread)."""
         self.inbox.accept(letter)
-        if letter.kind is Kind.ASK and self.outbox.finished:  # (the lock only then: no training thread holds it)
-            with self.lock:
-                self.outbox.answer(self.inbox.mailbox.take_asks(), now=True)
 
     # ------------------------------------------------------------ the round
 
