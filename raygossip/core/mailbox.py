@@ -11,6 +11,9 @@ from .peers import PeerTable
 from .wire import Kind, Letter
 
 
+WHOLE_COPIES = (Kind.FULL, Kind.LINK)
+
+
 class Mailbox:
     """Accepts letters from a mail thread while the owner trains; the owner waits with deadlines.
 
@@ -133,10 +136,11 @@ class Mailbox:
 
     def has_round(self, sender: int, round_index: int, now: float) -> bool:
         """Whether a letter of round >= round_index from `sender` was already taken or is queued and readable
-        (or the sender is absent: nothing will come)."""
+        (or the sender is absent: nothing will come). A whole public copy (FULL, LINK) does not count: it goes ahead
+        of its round's message in the stream, and a sync round must absorb that message too."""
         if self.taken_round.get(sender, -1) >= round_index or self.absent(sender):
             return True
-        return any(l.round >= round_index and l.kind is not Kind.LINK and self._ready(l, now)
+        return any(l.round >= round_index and l.kind not in WHOLE_COPIES and self._ready(l, now)
                    for l in self.queues.get(sender, ()))
 
     def has_link(self, sender: int, round_index: int, now: float) -> bool:
