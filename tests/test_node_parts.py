@@ -174,14 +174,15 @@ def test_the_outbox_answers_a_resync_request_two_rounds_after_the_lost_message_o
         parts.outbox.round_reached = round_index
         with parts.lock:
             parts.outbox.answer(asks if k == 0 else [])
-        answered += [(receiver, letter.round) for receiver, letter in parts.transport.posted if letter.kind is Kind.FULL]
+        answered += [(receiver, letter.round) for receiver, letter in parts.transport.posted
+                     if letter.kind is Kind.RESYNC]
         parts.transport.posted.clear()
     assert answered == sent
     assert parts.outbox.counters["resyncs_sent"] == len(sent)
     assert parts.outbox.counters["resync_bytes"] == len(sent) * parts.core.state.x_hat.numel() * 4
     parts.outbox.finish(lambda: [(2, 99)])  # the loop ended: every open request is answered at once
     finals = [(r, letter.kind.value) for r, letter in parts.transport.posted]
-    assert (2, "full") in finals and ((1, "full") in finals) is (not sent) and not parts.outbox.asked
+    assert (2, "resync") in finals and ((1, "resync") in finals) is (not sent) and not parts.outbox.asked
 
 
 def test_the_inbox_absorbs_with_the_rounds_weights_and_counts_lost_letters_and_resyncs(setup):

@@ -22,7 +22,8 @@ from .wire import Kind, Letter
 
 COUNTERS = ("timeouts", "stale_messages", "lost_messages", "resyncs", "resyncs_asked", "reused_models",
             "nonfinite_messages")
-ABSORBED = (Kind.GOSSIP, Kind.FULL, Kind.LINK)  # the kinds that change the rule state
+WHOLE = (Kind.FULL, Kind.LINK, Kind.RESYNC)  # a sender's whole public copy
+ABSORBED = (Kind.GOSSIP, *WHOLE)  # the kinds that change the rule state
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:
@@ -182,7 +183,7 @@ class Inbox:
             if not all_finite([a for a in message.arrays.values() if a.is_floating_point()]):
                 self.counters["nonfinite_messages"] += 1  # a diverged sender's: never absorbed
                 continue
-            if letter.kind in (Kind.FULL, Kind.LINK):
+            if letter.kind in WHOLE:
                 self.asked.pop(letter.sender, None)  # (a whole copy holds every message sent before it)
                 if weight > 0.0 and self.core.resync_link(letter.sender, message.arrays["x_hat"], weight):
                     self.counters["resyncs"] += 1
@@ -237,7 +238,7 @@ class Inbox:
             mailbox.wait_until(  # (a resync asked for may come after the sender's final letter)
                 lambda now: all(j in mailbox.finished for j in senders)
                 and all(letter.available_at <= now for q in mailbox.queues.values() for letter in q)
-                and all(self.peers.absent(j) or any(l.kind is Kind.FULL for l in mailbox.queues.get(j, ()))
+                and all(self.peers.absent(j) or any(l.kind in WHOLE for l in mailbox.queues.get(j, ()))
                         for j in self.asked),
                 deadline,
             )

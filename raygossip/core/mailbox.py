@@ -11,7 +11,7 @@ from .peers import PeerTable
 from .wire import Kind, Letter
 
 
-WHOLE_COPIES = (Kind.FULL, Kind.LINK)
+WHOLE_COPIES = (Kind.LINK, Kind.RESYNC)
 
 
 class Mailbox:
@@ -136,8 +136,8 @@ class Mailbox:
 
     def has_round(self, sender: int, round_index: int, now: float) -> bool:
         """Whether a letter of round >= round_index from `sender` was already taken or is queued and readable
-        (or the sender is absent: nothing will come). A whole public copy (FULL, LINK) does not count: it goes ahead
-        of its round's message in the stream, and a sync round must absorb that message too."""
+        (or the sender is absent: nothing will come). A link letter or an asked-for copy (LINK, RESYNC) does not
+        count: it goes ahead of its round's message in the stream, and a sync round must absorb that message too."""
         if self.taken_round.get(sender, -1) >= round_index or self.absent(sender):
             return True
         return any(l.round >= round_index and l.kind not in WHOLE_COPIES and self._ready(l, now)

@@ -107,15 +107,15 @@ class Outbox:
             return [k for k in self.peers.others if column[k] > 0]
         return self.peers.others
 
-    def post_resync(self, receiver: int) -> int:
-        """This agent's whole public copy (a round mark for a rule without) to `receiver` (call with the lock held).
-        Returns its bytes."""
+    def post_resync(self, receiver: int, kind: Kind = Kind.FULL) -> int:
+        """This agent's whole public copy (a round mark for a rule without) to `receiver`, as a FULL letter (after a
+        restart or resume) or a RESYNC one (asked for); call with the lock held. Returns its bytes."""
         self.answered[receiver] = self.round_reached
         if not self.core.rule.public_copies:
             now = time.time()
             self.post(receiver, Kind.MARK, self.round_reached, None, now, now)
             return 0
-        return self.post_whole(receiver, Kind.FULL, self.round_reached, {"x_hat": self.core.public_copy()})
+        return self.post_whole(receiver, kind, self.round_reached, {"x_hat": self.core.public_copy()})
 
     def ask(self, sender: int, round_index: int) -> None:
         """This agent missed `sender`'s message of `round_index`: ask it for its whole public copy (a letter in this
@@ -138,7 +138,7 @@ class Outbox:
                 continue
             del self.asked[receiver]
             if self.peers.live([receiver]):
-                self.counters["resync_bytes"] += self.post_resync(receiver)
+                self.counters["resync_bytes"] += self.post_resync(receiver, Kind.RESYNC)
                 self.counters["resyncs_sent"] += 1
 
     def restarted(self, receiver: int) -> None:

@@ -20,10 +20,10 @@ from raygossip.engines.snapshots import write_snapshot
 
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
-# Letters that go by actor call even where a channel exists: a resync request and a whole public copy may come
+# Letters that go by actor call even where a channel exists: a resync request and the copy that answers it may come
 # after the receiver's loop ended, when nobody reads its channels (a channel holds one unread letter: the final one);
 # a call reaches it in its mail thread. Each stream's order is kept by seq in the mailbox whatever the way.
-BY_CALL = frozenset({Kind.ASK, Kind.FULL})
+BY_CALL = frozenset({Kind.ASK, Kind.RESYNC})
 
 
 class RayTransport:
