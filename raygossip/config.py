@@ -7,13 +7,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from raygossip.algorithms.compressors import COMPRESSORS, INDEX_CODINGS, SCOPES
-from raygossip.algorithms.consensus import RULES
+from raygossip.algorithms.consensus import RECOVERIES, RULES
 from raygossip.algorithms.schedules import AVERAGING_RATE_KINDS, COMMUNICATION_KINDS, PULLS
 from raygossip.algorithms.topology import WEIGHTS
 from raygossip.optim import LR_SCHEDULES, OPTIMIZERS
 
 # Allowed values: a Literal the loader checks (config_io), built from the registry where there is one.
 Rule = Literal[tuple(RULES)]
+Recovery = Literal[RECOVERIES]
 CompressorName = Literal[tuple(COMPRESSORS)]
 Scope = Literal[SCOPES]
 IndexCoding = Literal[INDEX_CODINGS]
@@ -247,6 +248,7 @@ class FaultsConfig:
     kill_fraction: float = 0.0
     kill_round: int | None = None
     drop_messages: float = 0.0
+    recovery: Recovery = "resync"  # after a dropped message (CHOCO/AdaGossip): resync | none
     delay_messages: float = 0.0
     delay_s: float = 0.0
     chaos: ChaosConfig = field(default_factory=ChaosConfig)
@@ -266,6 +268,7 @@ class TimelineEventConfig:
     latency_s: float | None = None
     bandwidth_mbps: float | None = None
     loss: float | None = None
+    recovery: Recovery | None = None  # link: after a message the loss drops (CHOCO/AdaGossip); None keeps the link's
     edges: list[list[int]] | None = None
     topology: TopologyConfig | None = None
     value: float | None = None

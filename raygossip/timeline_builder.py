@@ -47,8 +47,8 @@ class Timeline:
         return self.event("join", agents=list(agents), start=start)
 
     def link(self, *, latency_s: float | None = None, bandwidth_mbps: float | None = None, loss: float | None = None,
-             edges: list[list[int]] | None = None) -> "Timeline":
-        return self.event("link", latency_s=latency_s, bandwidth_mbps=bandwidth_mbps, loss=loss,
+             recovery: str | None = None, edges: list[list[int]] | None = None) -> "Timeline":
+        return self.event("link", latency_s=latency_s, bandwidth_mbps=bandwidth_mbps, loss=loss, recovery=recovery,
                           edges=None if edges is None else [list(e) for e in edges])
 
     def topology(self, name: str, **section: Any) -> "Timeline":

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import networkx as nx
 
+from raygossip.algorithms.consensus import sends_whole_models
 from raygossip.algorithms.topology import build_topology, edges_from_graph
 from raygossip.config import CommunicationKindConfig, Config, MAX_AGENTS
 from raygossip.config_io import apply_overrides, from_dict, read_yaml
@@ -204,7 +205,7 @@ def _validate_communication(config: Config) -> None:
         specs = [(phase, f"{where}.phases[{k}]") for k, phase in enumerate(m.phases)]
     rule, topology = config.gossip.rule, config.topology.name
     for spec, at in specs:
-        _check(spec.kind != "allreduce" or rule == "dpsgd", f"{at}.kind",
+        _check(spec.kind != "allreduce" or sends_whole_models(rule), f"{at}.kind",
                f"allreduce is an exact average of full models; {rule} sends compressed differences over a fixed graph "
                "(use gossip.rule: dpsgd)")
         _check(spec.pull != "random_peer" or topology != "random", f"{at}.pull",
@@ -245,7 +246,7 @@ def _validate_faults(config: Config) -> None:
     _check(0 <= f.delay_messages <= 1, "faults.delay_messages", f"must be in [0, 1], got {f.delay_messages}")
     _check(f.delay_s >= 0, "faults.delay_s", f"must be >= 0, got {f.delay_s}")
     _validate_chaos(config)
-    injected = f.kill or f.kill_fraction > 0 or f.drop_messages > 0 or f.delay_messages > 0
+    injected = f.kill or f.kill_fraction > 0 or f.delay_messages > 0  # (drop_messages: seeded, both engines)
     _check(not injected or config.runtime.engine == "ray", "faults",
            "fault injection needs runtime.engine: ray (the reference engine has no processes to kill)")
 
@@ -310,5 +311,5 @@ def _validate_registries(config: Config) -> None:
                                                           f"package.module:factory; got {config.model.name!r}")
     validate_task_fields(config)
     topology = build_topology(config.topology.name, config.agents.count, config.topology.weights, config.topology.params)
-    _check(not (topology.time_varying and config.gossip.rule != "dpsgd"), "topology.name",
+    _check(not (topology.time_varying and not sends_whole_models(config.gossip.rule)), "topology.name",
            f"{config.topology.name!r} changes every round; {config.gossip.rule} needs a static graph (x_hat bookkeeping)")

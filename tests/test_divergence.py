@@ -72,8 +72,8 @@ def test_a_receiver_never_absorbs_a_non_finite_message():
     poisoned[3] = float("inf")
     before = node.core.state.acc.clone()
     letter = Letter(1, 0, Kind.GOSSIP, Compressed({"values": poisoned}, poisoned.numel()), 0.0, 0.0, seq=0)
-    node.apply_letters([letter], node.peers.in_weights, 0)
-    assert node.counters["nonfinite_messages"] == 1
+    node.inbox.apply_letters([letter], node.peers.in_weights, 0)
+    assert node.inbox.counters["nonfinite_messages"] == 1
     assert torch.equal(node.core.state.acc, before)
 
 

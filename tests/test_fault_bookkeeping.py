@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ from raygossip.core.agent import AgentCore
 from raygossip.core.faults import MessageFate, kill_schedule
 from raygossip.data.datasets import load_dataset
 from raygossip.core.mailbox import Mailbox
+from raygossip.core.peers import PeerTable
 from raygossip.core.wire import Kind, Letter
 from raygossip.errors import UserError
 from raygossip.presets import quickstart
@@ -70,7 +72,7 @@ def test_bad_fault_configs_name_the_field(faults, field):
 def test_faults_need_the_ray_engine_and_a_known_policy():
     data = quickstart()
     data["runtime"] = {"engine": "reference"}
-    data["faults"] = {"drop_messages": 0.1}
+    data["faults"] = {"delay_messages": 0.1, "delay_s": 0.1}  # (seeded message losses run on both engines)
     with pytest.raises(UserError, match="faults: fault injection needs runtime.engine: ray"):
         load_config(base=data)
     data["runtime"] = {"on_failure": "retry"}
@@ -84,21 +86,25 @@ def letter(sender: int, seq: int, round_index: int, incarnation: int = 0, kind: 
 
 
 def test_mailbox_new_incarnation_replaces_the_old_stream_and_refuses_late_old_letters():
-    box = Mailbox([0, 1])
+    peers = PeerTable(2, np.ones((3, 3)))
+    box = Mailbox([0, 1], peers)
     box.put(letter(1, 0, 0))
     box.put(letter(1, 2, 2))  # seq 1 still on its way: held
-    box.mark_down(1)
+    peers.mark_down(1)
     assert box.has_round(1, 5, 1.0)  # down: nobody waits for it
     box.put(letter(1, 0, 3, incarnation=1, kind="full"))  # the restarted sender's first letter
-    assert 1 not in box.down and [l.kind for l in box.queues[1]] == [Kind.FULL]
+    assert 1 not in peers.down and peers.life[1] == 1 and peers.live([1]) == []  # (no stream to its new life yet)
+    assert [l.kind for l in box.queues[1]] == [Kind.FULL]
     box.put(letter(1, 1, 1))  # the old life's late letter
     assert box.refused == 1 and len(box.queues[1]) == 1
     assert box.has_round(1, 3, 1.0) and not box.has_round(1, 4, 1.0)
 
 
 def test_mailbox_gone_and_finished_senders_are_not_waited_for():
-    box = Mailbox([0, 1, 2])
-    box.mark_down(2, gone=True)
+    peers = PeerTable(3, np.ones((4, 4)))
+    box = Mailbox([0, 1, 2], peers)
+    peers.drop(2)
+    box.wake(gone=[2])
     box.put(letter(2, 0, 0, incarnation=5))
     assert box.refused == 1 and box.has_round(2, 99, 0.0)
     box.put(letter(0, 1, 9, kind="fin"))  # ahead of seq 0: held, so not yet finished

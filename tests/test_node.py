@@ -61,7 +61,7 @@ def test_a_dropped_peer_gives_its_weight_to_the_self_weight():
     nodes = make_nodes({"rule": "dpsgd"})
     live = nodes[:3]
     for node in live:
-        node.peer_dropped(3)
+        node.news.peer_dropped(3)
     halves = step_round(live, 0)
     # agent 0 hears from 1 (1/3) and keeps 3's third for itself: (2 x0 + x1) / 3
     torch.testing.assert_close(live[0].core.parameters_vector(), (2 * halves[0] + halves[1]) / 3)
@@ -75,12 +75,12 @@ def test_async_dpsgd_counts_a_quiet_neighbour_with_its_last_model():
     last_of_1 = nodes[1].core.parameters_vector()
     before = [node.core.parameters_vector() for node in nodes]
     step_round(nodes, 1, senders={0, 2, 3})  # agent 1 is slow: nothing from it this round
-    assert nodes[0].counters["reused_models"] == 1 and nodes[2].counters["reused_models"] == 1
-    assert nodes[3].counters["reused_models"] == 0
+    assert nodes[0].inbox.counters["reused_models"] == 1 and nodes[2].inbox.counters["reused_models"] == 1
+    assert nodes[3].inbox.counters["reused_models"] == 0
     assert all(not torch.equal(a.core.parameters_vector(), b) for a, b in zip(nodes, before))
     # what agent 0 used for agent 1 is the model agent 1 sent in round 0, not its current one
-    assert torch.equal(nodes[0].last_models[1].arrays["values"], nodes[2].last_models[1].arrays["values"])
-    assert not torch.equal(nodes[0].last_models[1].arrays["values"], last_of_1)
+    assert torch.equal(nodes[0].inbox.last_models[1].arrays["values"], nodes[2].inbox.last_models[1].arrays["values"])
+    assert not torch.equal(nodes[0].inbox.last_models[1].arrays["values"], last_of_1)
 
 
 def choco_error(nodes: list[GossipNode]) -> float:
@@ -100,19 +100,19 @@ def test_choco_keeps_s_equal_to_the_weighted_public_copies_and_a_resync_restores
     # agent 1's message of a round to agent 0 is lost on the way (a LOST letter takes its place)
     for node in nodes:
         node.local_step()
-    nodes[1].transport = InProcessTransport({0: _Swallow(nodes[0]), 2: nodes[2]})
+    nodes[1].outbox.transport = InProcessTransport({0: _Swallow(nodes[0]), 2: nodes[2]})
     for node in nodes:
         node.send_round(3)
     for node in nodes:
         node.finish_round(3)
     assert choco_error(nodes) > 1e-4
-    nodes[1].transport = nodes[0].transport
-    nodes[1].incarnation = 1  # as after a restart: a new stream to agent 0 that opens with the whole public copy
+    nodes[1].outbox.transport = nodes[0].outbox.transport
+    nodes[1].outbox.incarnation = 1  # as after a restart: a new stream to agent 0 that opens with the whole public copy
     nodes[1].peers.sent_seq[0] = 0
-    with nodes[1].link_lock:
-        nodes[1].post_resync(0)
-    nodes[0].absorb_ready(4, [], nodes[0].round_plan(3))
-    assert nodes[0].counters["resyncs"] == 1
+    with nodes[1].lock:
+        nodes[1].outbox.post_resync(0)
+    nodes[0].inbox.absorb_ready(4, [], nodes[0].round_plan(3))
+    assert nodes[0].inbox.counters["resyncs"] == 1
     assert choco_error(nodes) < 1e-6
 
 

@@ -84,7 +84,7 @@ def drop_diverged(live: list[GossipNode], dropped: set[int]) -> list[GossipNode]
     for j in diverged:
         dropped.add(j)
         for node in survivors:
-            node.peer_dropped(j)
+            node.news.peer_dropped(j)
     return survivors
 
 
@@ -102,7 +102,7 @@ def test_a_survivor_mixes_with_the_rounds_own_row_after_a_drop(graph, how):
             live = [node for node in live if node.agent_id != DROPPED]
             dropped.add(DROPPED)
             for node in live:
-                node.peer_dropped(DROPPED)
+                node.news.peer_dropped(DROPPED)
         for node in live:
             node.local_step()
         live = drop_diverged(live, dropped)
@@ -126,7 +126,7 @@ def test_one_peer_exponential_after_a_drop_averages_with_the_rounds_one_peer():
     nodes = make_nodes(config)
     live = nodes[:3]
     for node in live:
-        node.peer_dropped(DROPPED)
+        node.news.peer_dropped(DROPPED)
     for r in range(2):
         for node in live:
             node.local_step()

@@ -118,7 +118,7 @@ def test_probability_coins_are_seeded_and_near_p():
 
 def test_dpsgd_plan_on_a_ring_pulls_from_both_neighbours():
     W = build_topology("ring", 5).mixing()
-    plan = plan_round(W, 0, rule="dpsgd")
+    plan = plan_round(W, 0, whole_models=True)
     assert plan.senders_to(0) == [1, 4]
     assert plan.mixers == frozenset(range(5))
     self_w, row = plan.weights[0]
@@ -128,7 +128,7 @@ def test_dpsgd_plan_on_a_ring_pulls_from_both_neighbours():
 def test_dpsgd_random_peer_plan_is_row_stochastic_halves():
     W = build_topology("complete", 6).mixing()
     active = np.array([True, False, True, False, False, False])
-    plan = plan_round(W, 4, rule="dpsgd", pull="random_peer", active=active, seed=1)
+    plan = plan_round(W, 4, whole_models=True, pull="random_peer", active=active, seed=1)
     assert plan.mixers == frozenset({0, 2})
     assert len(plan.edges) == 2
     for i in (0, 2):
@@ -139,7 +139,7 @@ def test_dpsgd_random_peer_plan_is_row_stochastic_halves():
 def test_choco_plan_pushes_from_active_agents_to_all_neighbours():
     W = build_topology("ring", 6).mixing()
     active = np.array([True, False, False, True, False, False])
-    plan = plan_round(W, 0, rule="choco", active=active)
+    plan = plan_round(W, 0, whole_models=False, active=active)
     assert set(plan.edges) == {(0, 1), (0, 5), (3, 2), (3, 4)}
     assert plan.mixers == frozenset(range(6))
     assert plan.weights[1][1] == {0: pytest.approx(1 / 3), 2: pytest.approx(1 / 3)}

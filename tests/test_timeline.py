@@ -281,7 +281,7 @@ def test_a_joining_agent_starts_from_its_neighbours_model_or_the_initial_one(sta
             left_with = engine.agents[7].parameters_vector()
     assert engine.agents[7].step == 4 and not torch.equal(left_with, initial)
     assert torch.equal(engine.agents[7].parameters_vector(), left_with)  # it took no step and mixed nothing while away
-    engine.nodes[7].timeline_step(4)
+    engine.nodes[7].leave_join.timeline_step(4)
     want = engine.agents[0].parameters_vector() if start == "neighbour" else initial  # agent 0: its first neighbour
     assert torch.equal(engine.agents[7].parameters_vector(), want)
     assert engine.agents[7].optimizer.state == {}

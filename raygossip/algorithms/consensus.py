@@ -88,7 +88,7 @@ class GossipRule(NamedTuple):
     `resync(state, delta, weight)` adds weight * delta (what the receiver did not know of the sender's public
     copy) and `drop(state, known, weight)` removes a sender's known contribution for good. Rules with public
     copies need a graph that is static between timeline events; at one, the same two hooks re-weight, drop and
-    open links (core.node_timeline.graph_step)."""
+    open links (core.graph_links.GraphChanges.step)."""
 
     name: str
     init: Callable[[Tensor], RuleState]
@@ -189,7 +189,31 @@ def adagossip(compressor: Compressor, beta: float = 0.999, eps: float = 1e-8) ->
     return compressed_gossip("adagossip", compressor, rms_scaled_step(beta=beta, eps=eps))
 
 
-RULES: dict[str, Callable[..., GossipRule]] = {"dpsgd": dpsgd, "choco": choco, "adagossip": adagossip}
+class RuleEntry(NamedTuple):
+    """A rule in the registry: its factory, and what plans and checks must know of it before any agent builds one."""
+
+    build: Callable[..., GossipRule]
+    whole_models: bool  # its messages are whole models (GossipRule.whole_models): a receiver pulls from the senders
+    # of a round and mixes over what arrived, so any graph will do (time-varying, random peers, an all-reduce);
+    # otherwise differences to public copies, which need the fixed W of a static graph
+
+
+RULES: dict[str, RuleEntry] = {
+    "dpsgd": RuleEntry(dpsgd, whole_models=True),
+    "choco": RuleEntry(choco, whole_models=False),
+    "adagossip": RuleEntry(adagossip, whole_models=False),
+}
+
+
+# What a receiver does when one of a sender's messages is lost (rules with public copies; a whole-model rule's next
+# message replaces the lost one anyway): ask the sender for its whole public copy, or live with the gap (a lossy link
+# without retransmission, for studies of it).
+RECOVERIES: tuple[str, ...] = ("resync", "none")
+
+
+def sends_whole_models(name: str) -> bool:
+    """Whether the rule called `name` sends whole models (RuleEntry.whole_models)."""
+    return RULES[name].whole_models
 
 
 def make_rule(name: str, compressor: Compressor, *, beta: float = 0.999) -> GossipRule:
@@ -197,4 +221,4 @@ def make_rule(name: str, compressor: Compressor, *, beta: float = 0.999) -> Goss
         raise UserError("gossip.rule", f"unknown rule {name!r} (allowed: {', '.join(RULES)})")
     if name == "adagossip":
         return adagossip(compressor, beta=beta)
-    return RULES[name](compressor)
+    return RULES[name].build(compressor)

@@ -190,23 +190,23 @@ def plan_round(
     mixing: np.ndarray,
     round_index: int,
     *,
-    rule: str,
+    whole_models: bool,
     pull: str = "neighbours",
     active: np.ndarray | None = None,
     seed: int = 0,
 ) -> RoundPlan:
     """The message plan of one communication round.
 
-    dpsgd: every active agent pulls from its in-neighbours (or one random peer) and mixes with
+    whole_models (D-PSGD): every active agent pulls from its in-neighbours (or one random peer) and mixes with
     the weights of its row renormalised over what it pulls (row-stochastic).
-    choco/adagossip: every active agent pushes its compressed difference to all neighbours; all
+    Otherwise (CHOCO-SGD, AdaGossip): every active agent pushes its compressed difference to all neighbours; all
     agents mix with their unchanged W row (the x_hat bookkeeping requires the fixed W).
     """
     n = mixing.shape[0]
     active = np.ones(n, dtype=bool) if active is None else active
     edges: list[tuple[int, int]] = []
     weights: dict[int, tuple[float, dict[int, float]]] = {}
-    if rule == "dpsgd":
+    if whole_models:
         peers = random_peers(mixing, round_index, seed) if pull == "random_peer" else None
         mixers = frozenset(int(i) for i in np.flatnonzero(active))
         for i in sorted(mixers):

@@ -57,6 +57,16 @@ class Traffic:
             self.per_link_messages[receiver] = self.per_link_messages.get(receiver, 0) + 1
 
 
+def heals_losses(config: Config) -> bool:
+    """Whether a lost message may be healed by a resync in this run: messages are dropped (faults.drop_messages or a
+    timeline link's loss) and a recovery of resync may be in force (faults.recovery, a link event's recovery)."""
+    faults = config.faults
+    if faults.drop_messages > 0 and faults.recovery == "resync":
+        return True
+    links = [event for event in config.timeline if event.action == "link"]
+    return any((event.loss or 0) > 0 for event in links) and any(event.recovery != "none" for event in links)
+
+
 class AgentCore:
     """Everything one agent computes. Engines call: train_step, emit, absorb, mix, evaluate."""
 
@@ -110,7 +120,8 @@ class AgentCore:
         # weighted sum of these. Costs one parameter vector per neighbour, so only engines that survive
         # failures ask for it.
         # A timeline that changes the graph needs them too (links are re-weighted, dropped and opened).
-        track_links = track_links or changes_graph(config.timeline)
+        # A receiver that asks for a resync after a lost message too (core.inbox.Inbox.lost).
+        track_links = track_links or changes_graph(config.timeline) or heals_losses(config)
         self.link_copies: dict[int, torch.Tensor] | None = {} if track_links and self.rule.public_copies else None
 
     # ------------------------------------------------------------ local training
@@ -203,19 +214,40 @@ class AgentCore:
         """This agent's full public copy x_hat (what a neighbour that lost track of it needs)."""
         return self.rule.public_copy(self.state)
 
-    def resync_link(self, sender: int, public_copy: torch.Tensor, weight: float) -> None:
-        """Replace neighbour `sender`'s contribution to s by its full public copy: s += W_ij (x_hat_j - known)."""
+    def resync_link(self, sender: int, public_copy: torch.Tensor, weight: float) -> bool:
+        """Replace neighbour `sender`'s contribution to s by its full public copy: s += W_ij (x_hat_j - known). False
+        (nothing done) when this agent keeps no copies of its neighbours' public copies."""
+        if self.link_copies is None:
+            return False
         public_copy = public_copy.to(self.flat.data.device, self.flat.data.dtype)
         known = self.link_copies.get(sender)
         delta = public_copy if known is None else public_copy - known
         self.state = self.rule.resync(self.state, delta, weight)
         self.link_copies[sender] = public_copy.clone()
+        return True
 
     def drop_link(self, sender: int, weight: float) -> None:
-        """Forget neighbour `sender` for good: remove its contribution W_ij x_hat_j from s."""
-        known = self.link_copies.pop(sender, None)
+        """Forget neighbour `sender` for good: remove its contribution W_ij x_hat_j from s (if it is known)."""
+        known = self.link_copies.pop(sender, None) if self.link_copies is not None else None
         if known is not None:
             self.state = self.rule.drop(self.state, known, weight)
+
+    @property
+    def tracks_links(self) -> bool:
+        """Whether this agent keeps each neighbour's public copy as it knows it (so a link can be resynchronised)."""
+        return self.link_copies is not None
+
+    def known_copies(self) -> dict[int, torch.Tensor]:
+        """Each neighbour's public copy as this agent knows it (empty when it keeps none)."""
+        return dict(self.link_copies or {})
+
+    def start_afresh(self) -> None:
+        """Fresh optimizer and rule state, as a new device (a timeline's join): s is zero again, so no neighbour's
+        public copy is known."""
+        self.optimizer.state.clear()
+        self.state = self.rule.init(self.flat.data)
+        if self.link_copies is not None:
+            self.link_copies = {}
 
     def reweight_link(self, sender: int, old: float, new: float) -> None:
         """Neighbour `sender`'s weight in s changes from `old` to `new` (a timeline changed the graph): s += (new - old)

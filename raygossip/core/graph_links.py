@@ -1,8 +1,12 @@
-"""CHOCO/AdaGossip under a timeline that changes the graph: each in-link's weight in s, moved round by round."""
+"""CHOCO/AdaGossip under a timeline that changes the graph: each in-link's weight in s, moved round by round
+(GraphLinks, pure), and a node's part that applies it to the rule state and its streams (GraphChanges)."""
 
 from __future__ import annotations
 
+from .agent import AgentCore
+from .outbox import Outbox
 from .plan import RunPlan
+from .wire import Kind
 
 
 class GraphLinks:
@@ -52,3 +56,65 @@ class GraphLinks:
         if outgoing:
             return [k for k in others if before[k, me] == 0 and now[k, me] > 0]
         return [j for j in others if before[me, j] == 0 and now[me, j] > 0]
+
+
+class GraphChanges:
+    """A node's in-links as the run's graph changes: the weight with which each sender's known public copy is counted
+    in s, and, under a timeline that changes the graph with a rule with public copies, the re-weighting of s and the
+    link letters when the graph changes (`links` is a GraphLinks then, else None and every weight is the plan's).
+    Call everything but `step` with the node's lock held."""
+
+    def __init__(self, core: AgentCore, plan: RunPlan, outbox: Outbox) -> None:
+        self.core = core
+        self.plan = plan
+        self.outbox = outbox
+        self.agent = core.agent_id
+        self.links = GraphLinks(plan, self.agent) if core.rule.public_copies and plan.timeline.changes_graph else None
+
+    def weight(self, sender: int) -> float:
+        """The weight with which `sender`'s known public copy is counted in s now (CHOCO/AdaGossip)."""
+        if self.links is not None:
+            return self.links.weight.get(sender, 0.0)
+        return float(self.plan.mixing_at(self.outbox.round_reached)[self.agent, sender])
+
+    def weights_for(self, sender: int, round_index: int, weights: dict[int, float]) -> dict[int, float]:
+        """The in-weights to absorb a letter of `round_index` from `sender` with: the link's weight in force at that
+        round (or a later one) under a changing graph, else `weights` (the round's plan row)."""
+        if self.links is None:
+            return weights
+        self.move(sender, round_index)
+        return self.links.weight
+
+    def step(self, round_index: int) -> None:
+        """Once per round, before this round's message: the in-links whose weight W_ij changes now are re-weighted in
+        s (s += (new - old) x_hat_j as known) or dropped, and this agent's whole public copy goes, as a link letter,
+        to every agent whose link from it opens now (the rule's resync adds it there), so that s_i = sum_j W_ij x_hat_j
+        holds for the new W."""
+        if self.links is None or not self.links.changed(round_index):
+            return
+        peers = self.outbox.peers
+        with self.outbox.lock:
+            for j in peers.others:
+                self.move(j, round_index)
+            for k in peers.live(self.links.opened(round_index, outgoing=True)):
+                self.outbox.post_whole(k, Kind.LINK, round_index, {"x_hat": self.core.public_copy()})
+
+    def move(self, sender: int, round_index: int) -> None:
+        """The in-link from `sender` takes its weight of this round, if that round is later than its weight's."""
+        change = self.links.move(sender, round_index)
+        if change is not None:
+            self.core.reweight_link(sender, *change)
+
+    def opened(self, round_index: int) -> list[int]:
+        """The agents whose link to this one opens at this round (their link letters come this round)."""
+        if self.links is None:
+            return []
+        return self.outbox.peers.live(self.links.opened(round_index, outgoing=False))
+
+    def restored(self, round_index: int) -> None:
+        """A snapshot of `round_index` was restored: its s counts its links with the weights of that round, and it
+        may predate drops this agent already knows of."""
+        if self.links is not None:
+            self.links = GraphLinks(self.plan, self.agent, round_index)
+        for j in self.outbox.peers.dropped:
+            self.core.drop_link(j, self.weight(j))

@@ -7,7 +7,11 @@ import time
 from collections import deque
 from typing import Callable
 
+from .peers import PeerTable
 from .wire import Kind, Letter
+
+
+WHOLE_COPIES = (Kind.LINK, Kind.RESYNC)
 
 
 class Mailbox:
@@ -17,21 +21,21 @@ class Mailbox:
     delivered them in (Ray does not order calls into a threaded actor): a letter that arrives early
     is held until the ones before it from the same sender have arrived.
 
-    A sender can be absent: `down` (dead, maybe coming back: a letter from a newer incarnation
-    replaces its stream and ends the absence), `gone` (dropped for good: its letters are refused) or
-    finished (its final letter arrived). Waits never wait for an absent sender.
+    A sender can be absent: down or dropped in the agent's peer table (`peers`: liveness is kept there once; a letter
+    from a newer life of a sender starts its new stream and tells the table it is back) or finished (its final letter
+    arrived). Letters from a dropped sender or an older life are refused. Waits never wait for an absent sender.
     """
 
-    def __init__(self, senders: list[int]) -> None:
+    def __init__(self, senders: list[int], peers: PeerTable) -> None:
+        self.peers = peers
         self.queues: dict[int, deque[Letter]] = {j: deque() for j in senders}
         self.held: dict[int, dict[int, Letter]] = {}  # sender -> seq -> letter that arrived ahead of its turn
         self.next_seq: dict[int, int] = {}
         self.taken_round: dict[int, int] = {}  # sender -> newest round already taken from its queue
-        self.incarnation: dict[int, int] = {}
-        self.down: set[int] = set()
-        self.gone: set[int] = set()
+        self.stream_life: dict[int, int] = {}  # sender -> the life whose stream the queue holds
         self.finished: set[int] = set()
-        self.refused = 0  # letters from an older incarnation or a dropped sender
+        self.asks: list[tuple[int, int]] = []  # (sender, round) of resync requests (Kind.ASK), in each stream's order
+        self.refused = 0  # letters from an older life or a dropped sender
         self.condition = threading.Condition()
         self.waiters: list[Callable[[float], bool]] = []  # predicates of the threads in wait_until
 
@@ -39,8 +43,8 @@ class Mailbox:
         with self.condition:
             letter.arrived_at = time.time()
             sender = letter.sender
-            current = self.incarnation.get(sender, 0)
-            if sender in self.gone or letter.incarnation < current:
+            current = self.stream_life.get(sender, 0)
+            if sender in self.peers.dropped or letter.incarnation < current:
                 self.refused += 1
                 return
             if letter.incarnation > current:
@@ -64,31 +68,38 @@ class Mailbox:
     def _enqueue(self, queue: deque, letter: Letter) -> None:
         if letter.final:
             self.finished.add(letter.sender)
+        elif letter.kind is Kind.ASK:  # (a request, not a message: no round of the sender's to wait for)
+            self.asks.append((letter.sender, letter.round))
         else:
             queue.append(letter)
 
+    def take_asks(self) -> list[tuple[int, int]]:
+        """The resync requests that arrived since the last call, (sender, round of its lost message)."""
+        with self.condition:
+            asks, self.asks = self.asks, []
+        return asks
+
     def _new_stream(self, sender: int, incarnation: int) -> None:
         """A restarted sender: forget its old stream (unread letters included) and expect seq 0 again."""
-        self.incarnation[sender] = incarnation
+        self.stream_life[sender] = incarnation
+        self.peers.heard(sender, incarnation)
         self.queues[sender] = deque()
         self.held.pop(sender, None)
         self.next_seq[sender] = 0
         self.taken_round[sender] = -1
-        self.down.discard(sender)
         self.finished.discard(sender)
 
-    def mark_down(self, sender: int, gone: bool = False) -> None:
-        """The sender died (gone: and will not come back); waiters stop waiting for it."""
+    def wake(self, gone: list[int] = ()) -> None:
+        """The peer table changed (senders down or dropped): waiters look again; a dropped sender's unread letters
+        are thrown away."""
         with self.condition:
-            self.down.add(sender)
-            if gone:
-                self.gone.add(sender)
+            for sender in gone:
                 self.queues[sender] = deque()
                 self.held.pop(sender, None)
             self.condition.notify_all()
 
     def absent(self, sender: int) -> bool:
-        return sender in self.down or sender in self.finished
+        return self.peers.absent(sender) or sender in self.finished
 
     def _wakes_a_waiter(self, letter: Letter) -> bool:
         """Whether a waiter must wake: its predicate now holds, or it must re-arm its timer for a letter that
@@ -125,10 +136,11 @@ class Mailbox:
 
     def has_round(self, sender: int, round_index: int, now: float) -> bool:
         """Whether a letter of round >= round_index from `sender` was already taken or is queued and readable
-        (or the sender is absent: nothing will come)."""
+        (or the sender is absent: nothing will come). A link letter or an asked-for copy (LINK, RESYNC) does not
+        count: it goes ahead of its round's message in the stream, and a sync round must absorb that message too."""
         if self.taken_round.get(sender, -1) >= round_index or self.absent(sender):
             return True
-        return any(l.round >= round_index and l.kind is not Kind.LINK and self._ready(l, now)
+        return any(l.round >= round_index and l.kind not in WHOLE_COPIES and self._ready(l, now)
                    for l in self.queues.get(sender, ()))
 
     def has_link(self, sender: int, round_index: int, now: float) -> bool:

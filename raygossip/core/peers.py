@@ -1,4 +1,5 @@
-"""One agent's peer table: which peers are down, dropped or restarted (liveness; weights come from the round's plan)."""
+"""One agent's peer table: which peers are down, dropped or in which life (liveness, once: the mailbox reads it too),
+and the agent's outgoing stream to each (weights come from the round's plan)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ import numpy as np
 class PeerTable:
     """Pure bookkeeping of one agent's view of the others (no transport, no locks: the node holds its lock).
 
-    A peer is `down` while it is dead and may come back (nothing is sent to it), `dropped` once it is gone for
-    good (a round's weight on it moves to the self weight, so rows stay stochastic). Each restart of a peer is a
-    new incarnation and starts a new stream of letters to it at seq 0.
+    A peer is `down` while it is dead and may come back (nothing is sent to it, nobody waits for it), `dropped` once it
+    is gone for good (a round's weight on it moves to the self weight, so rows stay stochastic). Each restart of a peer
+    is a new life (`life`: the newest one heard of, from the supervisor or from the peer's own letters). This agent's
+    stream to a peer addresses one life of it (`sent_life`) and numbers its letters from 0 (`sent_seq`); a peer that
+    came back in a newer life gets letters again once the supervisor's news opened a new stream to it (`restarted`),
+    which begins with this agent's resync letter.
 
     The table holds no weights of its own: every weight comes from the round's plan row (`moved_weight`). Who is a
     neighbour at all is the run's support (RunPlan.support: the union of its edges, whatever the round)."""
@@ -23,15 +27,21 @@ class PeerTable:
         self.out_neighbours = [j for j in self.others if support[j, agent]]  # whom this agent may ever send to
         self.down: set[int] = set()
         self.dropped: set[int] = set()
-        self.incarnation: dict[int, int] = {}
+        self.life: dict[int, int] = {}
+        self.sent_life: dict[int, int] = {}
         self.sent_seq: dict[int, int] = {}
         # the in-weights of the last round's row, and the weight moved from dropped senders to the self weight in it
         self.in_weights: dict[int, float] = dict(first_row or {})
         self.dropped_weight = 0.0
 
     def live(self, receivers: list[int]) -> list[int]:
-        """The receivers that are neither down nor dropped."""
-        return [j for j in receivers if j not in self.down and j not in self.dropped]
+        """The receivers this agent may send to now: neither down nor dropped, and its stream addresses their life."""
+        return [j for j in receivers if j not in self.down and j not in self.dropped
+                and self.sent_life.get(j, 0) >= self.life.get(j, 0)]
+
+    def absent(self, j: int) -> bool:
+        """Whether nothing is to be waited for from j (it is dead or gone)."""
+        return j in self.down
 
     def next_seq(self, receiver: int) -> int:
         seq = self.sent_seq.get(receiver, 0)
@@ -60,11 +70,24 @@ class PeerTable:
         self.dropped_weight = sum(w for j, w in row.items() if j in self.dropped)
         return self.dropped_weight
 
-    def restarted(self, j: int, incarnation: int) -> bool:
-        """Peer j came back as `incarnation`: True (a new stream to it begins) unless that life is not newer."""
-        if incarnation <= self.incarnation.get(j, 0):
+    def restarted(self, j: int, life: int) -> bool:
+        """The supervisor says peer j came back as `life`: True (a new stream to it begins at seq 0) unless this
+        agent's stream already addresses that life or a newer one."""
+        if life <= self.sent_life.get(j, 0):
             return False
-        self.incarnation[j] = incarnation
+        self.heard(j, life)
+        self.sent_life[j] = life
         self.sent_seq[j] = 0
         self.down.discard(j)
         return True
+
+    def heard(self, j: int, life: int) -> None:
+        """A letter (or news) of j's life `life`: a life newer than any known means j is back (no longer down)."""
+        if life > self.life.get(j, 0):
+            self.life[j] = life
+            self.down.discard(j)
+
+    def learn(self, lives: dict[int, int]) -> None:
+        """A restarted agent learns each peer's life (its own streams are new: they address those lives)."""
+        for j, life in lives.items():
+            self.life[j] = self.sent_life[j] = life

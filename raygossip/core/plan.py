@@ -17,6 +17,7 @@ from ..algorithms.schedules import (
     plan_round,
     round_communicates,
 )
+from ..algorithms.consensus import sends_whole_models
 from ..algorithms.topology import Topology, build_topology
 from ..config import CommunicationKindConfig, Config
 from .timeline import CompiledTimeline, Conditions, compile_timeline, cut_mixing, pick_sponsor, remove_absent
@@ -266,7 +267,8 @@ def _round_plan(plan: RunPlan, round_index: int, spec: CommunicationKindConfig |
         return None
     mixing = remove_absent(cut_mixing(plan.topology_at(round_index).mixing(round_index, seed), conditions.groups),
                            conditions.absent)
-    planned = plan_round(mixing, round_index, rule=plan.config.gossip.rule, pull=spec.pull, active=active, seed=seed)
+    planned = plan_round(mixing, round_index, whole_models=sends_whole_models(plan.config.gossip.rule), pull=spec.pull,
+                         active=active, seed=seed)
     if conditions.absent:  # (CHOCO/AdaGossip: every agent mixes, except those away)
         planned = replace(planned, mixers=planned.mixers - conditions.absent)
     return planned

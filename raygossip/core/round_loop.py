@@ -88,15 +88,15 @@ def run_rounds(nodes: list[GossipNode], *, checkpoints: bool = False, resync: bo
         if plan.is_eval_step(step):
             for node in live:
                 with node.phases("report"):
-                    node.report_evaluation(step)
+                    node.report.report_evaluation(step)
         if steward is not None:
             steward.step_done(step, round_index)
         if every and round_index is not None and (round_index + 1) % every == 0 and step + 1 < plan.total_steps:
             for node in live:
-                node.offer_checkpoint(step)
+                node.points.offer_checkpoint(step, node.supervisor)
             for node in live:
                 with node.phases("wait"):
-                    node.await_release(step)
+                    node.points.await_release(step)
     for node in nodes:
         node.finish()
     if nodes[0].supervisor is not None:

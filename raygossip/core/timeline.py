@@ -10,6 +10,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..algorithms.consensus import sends_whole_models
 from ..config import CommunicationKindConfig, Config, TimelineEventConfig, TopologyConfig
 from ..errors import UserError
 from .timing import slowdown_factors
@@ -17,11 +18,13 @@ from .timing import slowdown_factors
 
 @dataclass(frozen=True)
 class LinkState:
-    """One directed link's simulated conditions: latency, bandwidth (None: unlimited), loss rate."""
+    """One directed link's simulated conditions: latency, bandwidth (None: unlimited), loss rate, and what a receiver
+    with public copies does after a lost message (consensus.RECOVERIES: resync asks the sender for its whole copy)."""
 
     latency_s: float = 0.0
     bandwidth_mbps: float | None = None
     loss: float = 0.0
+    recovery: str = "resync"
 
     def delay(self, nbytes: int) -> float:
         """Seconds a message of `nbytes` spends on this link: latency + bytes / bandwidth."""
@@ -107,7 +110,7 @@ JOIN_STARTS = ("neighbour", "scratch")
 @dataclass(frozen=True)
 class Action:
     """One timeline action: the event keys it takes (and needs), how it changes the conditions, and
-    whether it changes the graph (CHOCO/AdaGossip then re-weight, drop or open links: core.node_timeline)."""
+    whether it changes the graph (CHOCO/AdaGossip then re-weight, drop or open links: core.graph_links)."""
 
     keys: tuple[str, ...]
     required: tuple[str, ...]
@@ -171,8 +174,9 @@ def _heal(c: Conditions, e: TimelineEventConfig, base: Base, where: str) -> Cond
 
 
 def _link(c: Conditions, e: TimelineEventConfig, base: Base, where: str) -> Conditions:
-    changes = {key: getattr(e, key) for key in ("latency_s", "bandwidth_mbps", "loss") if getattr(e, key) is not None}
-    _require(bool(changes), f"{where}.action", "link needs at least one of latency_s, bandwidth_mbps, loss")
+    changes = {key: getattr(e, key) for key in ("latency_s", "bandwidth_mbps", "loss", "recovery")
+               if getattr(e, key) is not None}
+    _require(bool(changes), f"{where}.action", "link needs at least one of latency_s, bandwidth_mbps, loss, recovery")
     _require(changes.get("latency_s", 0.0) >= 0, f"{where}.latency_s", f"must be >= 0, got {e.latency_s}")
     _require(changes.get("bandwidth_mbps", 1.0) > 0, f"{where}.bandwidth_mbps", f"must be > 0, got {e.bandwidth_mbps}")
     _require(0 <= changes.get("loss", 0.0) < 1, f"{where}.loss", f"must be in [0, 1), got {e.loss}")
@@ -201,7 +205,7 @@ def _topology(c: Conditions, e: TimelineEventConfig, base: Base, where: str) -> 
     except UserError as error:
         field = error.field if error.field.startswith("topology.") else "topology.name"  # (agents.count: its size)
         raise UserError(f"{where}.{field}", error.message) from None
-    _require(not topology.time_varying or base.rule == "dpsgd", f"{where}.topology.name",
+    _require(not topology.time_varying or sends_whole_models(base.rule), f"{where}.topology.name",
              f"{spec.name!r} changes every round; {base.rule} needs a static graph")
     return replace(c, topology=spec)
 
@@ -213,7 +217,7 @@ def _gamma(c: Conditions, e: TimelineEventConfig, base: Base, where: str) -> Con
 
 def _communication(c: Conditions, e: TimelineEventConfig, base: Base, where: str) -> Conditions:
     spec = e.communication  # its keys' values and ranges: the loader and validation.py
-    _require(spec.kind != "allreduce" or base.rule == "dpsgd", f"{where}.communication.kind",
+    _require(spec.kind != "allreduce" or sends_whole_models(base.rule), f"{where}.communication.kind",
              f"allreduce averages full models; {base.rule} sends compressed differences (use gossip.rule: dpsgd)")
     return replace(c, communication=spec)
 
@@ -248,8 +252,9 @@ ACTIONS: dict[str, Action] = {
     "partition": Action(("groups",), ("groups",), _partition,
                         "no link between the groups (agents in none form one more)", changes_graph=True),
     "heal": Action((), (), _heal, "end the partition", changes_graph=True),
-    "link": Action(("latency_s", "bandwidth_mbps", "loss", "edges"), (), _link,
-                   "latency, bandwidth, loss of every link or of the listed edges (Ray engine)"),
+    "link": Action(("latency_s", "bandwidth_mbps", "loss", "recovery", "edges"), (), _link,
+                   "latency, bandwidth, loss (and the recovery after a loss) of every link or of the listed edges "
+                   "(Ray engine)"),
     "topology": Action(("topology",), ("topology",), _topology, "switch the graph", changes_graph=True),
     "gamma": Action(("value",), ("value",), _gamma, "the averaging rate from this round on"),
     "communication": Action(("communication",), ("communication",), _communication,
@@ -299,7 +304,7 @@ def check_event(event: TimelineEventConfig, where: str, rule: str) -> Action:
 
 def changes_graph(events: list[TimelineEventConfig]) -> bool:
     """Whether some event changes the graph: CHOCO/AdaGossip agents then keep each neighbour's public copy, so that
-    every change re-weights, drops or (by a link letter) opens the links it touches (core.node_timeline)."""
+    every change re-weights, drops or (by a link letter) opens the links it touches (core.graph_links)."""
     return any(event.action in ACTIONS and ACTIONS[event.action].changes_graph for event in events)
 
 

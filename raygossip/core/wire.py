@@ -18,6 +18,8 @@ class Kind(str, Enum):
     FIN = "fin"  # the sender's loop ended: nothing more comes
     STATE = "state"  # the sender's whole model, for an agent that joins (a timeline's join) at the next round
     LINK = "link"  # the sender's whole public copy x_hat, to a neighbour whose link from it a timeline opens now
+    ASK = "ask"  # a receiver that missed one of the sender's messages asks for its whole public copy (RESYNC)
+    RESYNC = "resync"  # the sender's whole public copy x_hat, asked for (ASK), ahead of its round's message
 
 
 @dataclass

@@ -99,11 +99,11 @@ class AgentActor:
         for i, gossip_node in self.nodes.items():
             self.transports[i].handles = dict(peers)
             gossip_node.supervisor = self.supervisor
-            gossip_node.learn_peers(incarnations or {}, list(dropped), list(down))
+            gossip_node.news.learn_peers(incarnations or {}, list(dropped), list(down))
             infos.append({"agent": i, "node": node, "pid": os.getpid(), "device": str(self.device),
                           "threads": torch.get_num_threads(), "message_bytes": self.message_bytes(i),
                           "startup": self.startup, "incarnation": gossip_node.incarnation,
-                          "public_copies": gossip_node.rule.public_copies,
+                          "public_copies": gossip_node.core.rule.public_copies,
                           "actor_agents": sorted(self.nodes)})
         return infos
 
@@ -148,7 +148,7 @@ class AgentActor:
         nodes = [self.nodes[i] for i in agents]
         batched = BatchedSteps([node.core for node in nodes]) if self.config.runtime.batched_steps else None
         if batched is not None and batched.reason is not None and 0 in agents:  # one model for all: said once
-            self.nodes[0].event("batched_steps_off", reason=batched.reason)
+            self.nodes[0].report.event("batched_steps_off", reason=batched.reason)
         stats = run_rounds(nodes, checkpoints=checkpoints, resync=resync,
                            batches=[(nodes, batched)] if batched is not None else [])
         out = self.ended_loops({i: {**s, "sent_by_reference": self.transports[i].by_reference}
@@ -204,42 +204,42 @@ class AgentActor:
     @ray.method(concurrency_group="control")
     def peers_down(self, agents: list[int]) -> None:
         for node in self.nodes.values():
-            node.peers_down(agents)
+            node.news.peers_down(agents)
 
     @ray.method(concurrency_group="control")
     def peer_restarted(self, agent: int, handle: Any, incarnation: int) -> None:
         for i, node in self.nodes.items():
             self.transports[i].handles[agent] = handle
-            node.peer_restarted(agent, incarnation)
+            node.news.peer_restarted(agent, incarnation)
 
     @ray.method(concurrency_group="control")
     def peer_dropped(self, agent: int) -> None:
         for node in self.nodes.values():
-            node.peer_dropped(agent)
+            node.news.peer_dropped(agent)
 
     @ray.method(concurrency_group="control")
     def restore_snapshot(self, agent: int, snapshot: tuple[dict[str, np.ndarray], dict]) -> int:
         tensors, meta = snapshot
-        return self.nodes[agent].restore({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, meta)
+        return self.nodes[agent].points.restore({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, meta)
 
     @ray.method(concurrency_group="control")
     def release(self, step: int) -> None:
         for node in self.nodes.values():
-            node.release(step)
+            node.points.release(step)
 
     @ray.method(concurrency_group="control")
     def drain(self, agent: int, timeout_s: float) -> int:
-        return self.nodes[agent].drain(timeout_s)
+        return self.nodes[agent].inbox.drain(timeout_s)
 
     # ------------------------------------------------------------ state
 
     @ray.method(concurrency_group="control")
     def get_state(self, agent: int) -> dict[str, np.ndarray]:
-        return to_numpy(self.nodes[agent].state_tensors())
+        return to_numpy(self.nodes[agent].report.state_tensors())
 
     @ray.method(concurrency_group="control")
     def rule_state(self, agent: int) -> dict[str, np.ndarray]:
-        return to_numpy(self.nodes[agent].rule_tensors())
+        return to_numpy(self.nodes[agent].report.rule_tensors())
 
     @ray.method(concurrency_group="control")
     def load_state(self, state: list) -> None:
@@ -258,12 +258,12 @@ class AgentActor:
 
     @ray.method(concurrency_group="control")
     def evaluate(self, agent: int) -> float:
-        return self.nodes[agent].evaluate()
+        return self.nodes[agent].report.evaluate()
 
     @ray.method(concurrency_group="control")
     def late_report(self, agent: int) -> tuple:
         """A stopped agent's evaluation, to complete records of steps it never reached."""
-        accuracy, state, loss, traffic = self.nodes[agent].evaluation()
+        accuracy, state, loss, traffic = self.nodes[agent].report.evaluation()
         return accuracy, [ray.put(to_numpy(state))], loss, traffic, self.nodes[agent].incarnation
 
 

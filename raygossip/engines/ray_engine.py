@@ -377,6 +377,7 @@ class RayEngine:
             "startup_phases": dict(self.startup_phases),
             "lost_messages": sum(s["lost_messages"] for s in finished),
             "resyncs": sum(s["resyncs"] for s in finished),
+            **{key: sum(s[key] for s in finished) for key in ("resyncs_asked", "resyncs_sent", "resync_bytes")},
             **failures,
             **({"chaos_kills": chaos_kills} if chaos_kills else {}),
             **consistency,

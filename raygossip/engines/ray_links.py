@@ -14,11 +14,16 @@ import ray
 import torch
 
 from raygossip.algorithms.compressors import Compressed
-from raygossip.core.wire import Letter
+from raygossip.core.wire import Kind, Letter
 from raygossip.engines.channels import ChannelLinks
 from raygossip.engines.snapshots import write_snapshot
 
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+# Letters that go by actor call even where a channel exists: a resync request and the copy that answers it may come
+# after the receiver's loop ended, when nobody reads its channels (a channel holds one unread letter: the final one);
+# a call reaches it in its mail thread. Each stream's order is kept by seq in the mailbox whatever the way.
+BY_CALL = frozenset({Kind.ASK, Kind.RESYNC})
 
 
 class RayTransport:
@@ -51,7 +56,7 @@ class RayTransport:
             node.accept(letter)
             return
         wire = letter.to_wire(self.wire(letter.payload))
-        if not self.links.write(receiver, wire, time.time() + self.wait_timeout_s):
+        if letter.kind in BY_CALL or not self.links.write(receiver, wire, time.time() + self.wait_timeout_s):
             self.handles[receiver].deliver.remote(receiver, wire)
 
     def wire(self, message: Compressed | None) -> Any:

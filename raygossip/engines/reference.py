@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from raygossip.core.agent import AgentCore
 from raygossip.core.batched import BatchedSteps
+from raygossip.core.faults import MessageFate
 from raygossip.core.node import GossipNode, NodeOptions
 from raygossip.core.placement import agent_groups
 from raygossip.core.round_loop import gossip_round, run_rounds
@@ -21,6 +22,9 @@ from raygossip.engines.common import (
 )
 from raygossip.algorithms.merge import global_average
 from raygossip.config import Config
+
+
+LOSS_COUNTERS = ("lost_messages", "resyncs", "resyncs_asked", "resyncs_sent", "resync_bytes")  # (node stats, summed)
 
 
 class ReferenceEngine:
@@ -47,7 +51,9 @@ class ReferenceEngine:
         nodes: dict[int, GossipNode] = {}
         options = NodeOptions(mode="sync", wait_timeout_s=config.runtime.wait_timeout_s)
         transport = InProcessTransport(nodes)
-        nodes.update({agent.agent_id: GossipNode(agent, plan, transport, options) for agent in self.agents})
+        nodes.update({agent.agent_id: GossipNode(agent, plan, transport, options,  # (seeded losses: faults.drop_messages)
+                                                 fate=MessageFate(config.faults, config.seed, agent.agent_id, 0))
+                      for agent in self.agents})
         self.nodes = [nodes[i] for i in range(config.agents.count)]
         self.live = list(range(config.agents.count))  # agents not dropped (train.on_divergence: drop)
         self.aborted: dict | None = None
@@ -139,7 +145,7 @@ class ReferenceEngine:
                                           f"{reason}, the last agent left"}
                 return
             for other in self.live_nodes():
-                other.peer_dropped(i)
+                other.news.peer_dropped(i)
             self.events.append({"time_s": self.elapsed(), "kind": "agent_dropped", "agent": i,
                                 "reason": f"diverged ({reason})", "agents_left": len(self.live)})
 
@@ -203,7 +209,7 @@ class ReferenceEngine:
     def restore(self, run_state: dict, agents: list[tuple[dict, dict]]) -> int:
         """Continue from a checkpoint; returns the first step still to run."""
         for node, (tensors, meta) in zip(self.nodes, agents):
-            node.restore(tensors, meta)
+            node.points.restore(tensors, meta)
         self.rounds_done = run_state["rounds_done"]
         self.communication_rounds = run_state["communication_rounds"]
         self.events = self.adaptive.restore(list(run_state["events"]), run_state["step"])
@@ -246,14 +252,18 @@ class ReferenceEngine:
             return {"records": records, "merged_accuracy": None, "last": last, "events": self.events,
                     "aborted": self.aborted}
         last = records[-1]
-        extra = {"public_copy_error": self.public_copy_error()} if self.nodes[0].rule.public_copies else {}
+        extra = {"public_copy_error": self.public_copy_error()} if self.nodes[0].core.rule.public_copies else {}
+        extra.update({key: sum(node.stats()[key] for node in self.nodes) for key in LOSS_COUNTERS})  # (drained too)
         merged = self.final_merge() if self.config.schedule.final_merge.enabled else last[metric_key("merged_test_accuracy", self.config)]
         return {"records": records, "merged_accuracy": merged, "last": last, "events": self.events, "extra": extra}
 
     def public_copy_error(self) -> float:
-        """CHOCO/AdaGossip: max |s_i - sum_j W_ij x_hat_j| over the agents there at the end (as the Ray engine)."""
+        """CHOCO/AdaGossip: max |s_i - sum_j W_ij x_hat_j| over the agents there at the end, after every inbox is
+        drained (as the Ray engine does: a resync asked for in the last round comes with the senders' final letters)."""
+        for node in self.live_nodes():
+            node.inbox.drain(0.0)
         there = self.present(self.setup.plan.total_steps - 1)
-        states = {i: {k: v.numpy() for k, v in self.nodes[i].rule_tensors().items()} for i in there}
+        states = {i: {k: v.numpy() for k, v in self.nodes[i].report.rule_tensors().items()} for i in there}
         return public_copy_error(self.setup.plan, states, there)
 
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
