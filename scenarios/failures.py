@@ -9,8 +9,9 @@ Same data, model, graph and seed in every variant; synchronous rounds on the Ray
   - kill 25%, drop: the same kills, runtime.on_failure drop: the survivors carry on without them (their mixing
     weight goes to the self weight; on a ring, dropping two agents can cut the graph in pieces);
   - 10% lost: every message is lost with probability 0.1 (faults.drop_messages; the receiver gets a "lost"
-    marker, so sync rounds do not stall). D-PSGD just mixes with fewer neighbours that round; CHOCO's
-    neighbour sums drift from the sender's public copy (a lost update is never made up).
+    marker, so sync rounds do not stall). D-PSGD just mixes with fewer neighbours that round; CHOCO runs it
+    twice: with faults.recovery resync (the receiver asks for the sender's whole public copy, and the link heals)
+    and with none (its neighbour sums drift from the sender's public copy: a lost update is never made up).
 Every local step is stretched to at least runtime.timing.step_time_s so that training outlasts a restart: at
 the cpu scale a killed agent is back while the others still train. The table puts, beside merged and mean
 local accuracy, the wall time, the failures (summary.json "failures"), the mean detection time (from the
@@ -28,6 +29,7 @@ import statistics
 from pathlib import Path
 from typing import Sequence
 
+from raygossip.algorithms.consensus import sends_whole_models
 from raygossip.core.plan import steps_per_epoch
 from scenarios import common
 from scenarios.common import Outcome, Variant, Whole
@@ -89,8 +91,12 @@ def variants(scale: str = "cpu", overrides: Sequence[str] = (), rules: Sequence[
             make("no failures", {}),
             make(f"kill 25% at round {middle}, restart", kills, "restart"),
             make(f"kill 25% at round {middle}, drop", kills, "drop"),
-            make("10% messages lost", {"drop_messages": LOST_FRACTION}),
         ]
+        if sends_whole_models(gossip["rule"]):  # the next whole model replaces a lost one: nothing to recover
+            out.append(make("10% messages lost", {"drop_messages": LOST_FRACTION}))
+        else:  # public copies: a lost update healed by a resync of the link, or left lost (faults.recovery)
+            out += [make("10% messages lost, resync", {"drop_messages": LOST_FRACTION, "recovery": "resync"}),
+                    make("10% messages lost, no recovery", {"drop_messages": LOST_FRACTION, "recovery": "none"})]
     return out
 
 

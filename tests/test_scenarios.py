@@ -276,11 +276,14 @@ def test_stragglers_refuses_the_reference_engine(capsys):
 
 def test_failure_variants_share_everything_but_the_faults():
     variants = dict(failures.variants("cpu"))
-    assert len(variants) == 8 and {config.runtime.engine for config in variants.values()} == {"ray"}
+    assert len(variants) == 9 and {config.runtime.engine for config in variants.values()} == {"ray"}
     assert {config.runtime.mode for config in variants.values()} == {"sync"}
     kill = variants["D-PSGD, kill 25% at round 75, drop"]
     assert (kill.faults.kill_fraction, kill.faults.kill_round, kill.runtime.on_failure) == (0.25, 75, "drop")
-    assert variants["CHOCO top-k 10%, 10% messages lost"].faults.drop_messages == 0.1
+    lossy = {label: config.faults for label, config in variants.items() if "lost" in label}
+    assert {label: (f.drop_messages, f.recovery) for label, f in lossy.items()} == {
+        "D-PSGD, 10% messages lost": (0.1, "resync"), "CHOCO top-k 10%, 10% messages lost, resync": (0.1, "resync"),
+        "CHOCO top-k 10%, 10% messages lost, no recovery": (0.1, "none")}
     base = variants["D-PSGD, no failures"]
     assert base.runtime.timing.step_time_s * 75 > 20  # the second half outlasts a restart
     for config in variants.values():
