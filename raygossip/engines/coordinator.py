@@ -301,6 +301,11 @@ class Coordinator:
     # ------------------------------------------------------------ the end
 
     @ray.method(concurrency_group="control")
+    def drop_lost_after_finish(self) -> list[int]:
+        """The live agents whose process died after their loop finished leave the run (AgentRecovery's)."""
+        return self.recovery.drop_lost_after_finish()
+
+    @ray.method(concurrency_group="control")
     def merged_state(self) -> dict[str, np.ndarray]:
         """The exact average of the live agents' models, without sending it back (final merge off)."""
         return average_only(self.roster, self.plan, self.merged)

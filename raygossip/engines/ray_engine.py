@@ -237,9 +237,13 @@ class RayEngine:
         # driver's node, so the snapshots it keeps survive the loss of any other node, and Ray restarts it there
         # (with its ledger in the state folder) if it dies; calls made meanwhile wait for it (max_task_retries).
         here = NodeAffinitySchedulingStrategy(self.state_place[0], soft=False)
+        # its arguments put here and held by this driver for the whole run: a restart runs the constructor with them
+        # again, and Ray does not keep an actor's own large arguments alive for that (ray-project/ray#53727)
+        self.coordinator_args = [ray.put(a) for a in (config_dict, [data], spe, self.state_place, self.agents,
+                                                      self.recipe)]
         self.coordinator = Coordinator.options(
             num_cpus=0, runtime_env=actor_runtime_env(1, user_env), scheduling_strategy=here, max_restarts=-1,
-            max_task_retries=-1).remote(config_dict, [data], spe, self.state_place, self.agents, self.recipe)
+            max_task_retries=-1).remote(*self.coordinator_args)
         self.startup_phases["submit_s"] = time.perf_counter() - began
         submitted = time.time()
         peers = dict(enumerate(self.agents))
@@ -341,6 +345,8 @@ class RayEngine:
         bar.close()
         records.sort(key=lambda r: r["step"])  # (made in completion order; a drop can complete an earlier step late)
         finished = self.finished = ending["stats"]
+        if ending["aborted"] is None:  # (a chaos death after an agent's loop ended took its model)
+            ray.get(self.coordinator.drop_lost_after_finish.remote())
         self.live = ray.get(self.coordinator.live_agents.remote())
         self.train_s = time.perf_counter() - began
         failures = ray.get(self.coordinator.failure_report.remote())

@@ -106,6 +106,33 @@ class AgentRecovery:
         for step in barriers:
             threading.Thread(target=write_run_checkpoint, args=(self.c, step), daemon=True).start()
 
+    def drop_lost_after_finish(self) -> list[int]:
+        """Before the final merge: the live agents whose process died after their loop had finished (a chaos death
+        of the actor, or of an actor mate, after the loop's end) took their model with them, so they leave the merge,
+        each with a failure record (action lost_after_finish). Returns them."""
+        live = self.roster.live()
+        refs = {i: self.roster.agents[i].position.remote(i) for i in live}
+        lost = []
+        for i, ref in refs.items():
+            try:
+                ray.get(ref, timeout=self.c.config.runtime.wait_timeout_s)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                    ray.exceptions.GetTimeoutError) as error:
+                lost.append((i, error))
+        for i, error in lost:
+            with self.c.condition:
+                self.roster.dropped.add(i)
+                self.c.loops.runs.pop(i, None)
+            record = {"agent": i, "incarnation": self.roster.incarnations[i], "error": type(error).__name__,
+                      "detected_at_s": time.time() - self.c.started, "policy": self.c.config.runtime.on_failure,
+                      "action": "lost_after_finish"}
+            self.failures.append(record)
+            self.c.event("agent_lost_after_finish", agent=i, error=record["error"])
+        others = self.roster.live()
+        for i, _ in lost:  # (the survivors' rule state forgets it, as after any drop)
+            self.roster.gather([host.peer_dropped.remote(i) for host in self.roster.hosts(others)])
+        return [i for i, _ in lost]
+
     def queue_restarts(self, agents: list[int], detected: float) -> None:
         """Restart these agents on the restart thread (started if none runs)."""
         with self.c.condition:
