@@ -35,11 +35,13 @@ class Coordinator:
     """Owns the plan and the run's clock; starts the agents, gathers evaluations, keeps the agents' snapshots,
     replaces or drops agents that die (runtime.on_failure), performs the final merge."""
 
-    def __init__(self, config_dict: dict, data: list, steps_per_epoch: int, state_place: tuple[str, str],
-                 agents: list[Any], recipe: dict) -> None:
-        """state_place: (node, folder) the driver made for the run's state: the agents' snapshot files and this
-        actor's ledger. Ray restarts this actor (max_restarts) with the same arguments: it then goes on from its
-        ledger (coordinator_state.recover)."""
+    def __init__(self, arguments: list) -> None:
+        """arguments: [a reference to (config_dict, [data ref], steps_per_epoch, state_place, agent handles, recipe)],
+        put and held by the driver for the whole run: Ray restarts this actor (max_restarts) with the same arguments
+        and does not keep an actor's own large arguments alive for that (ray-project/ray#53727), so they come by a
+        reference the driver owns. state_place: (node, folder) the driver made for the run's state: the agents'
+        snapshot files and this actor's ledger. After a restart it goes on from its ledger (coordinator_state.recover)."""
+        config_dict, data, steps_per_epoch, state_place, agents, recipe = ray.get(arguments[0])
         pin_threads(1)
         Ledger.count_restart(state_place[1])
         self.config: Config = from_dict(Config, config_dict)

@@ -237,13 +237,11 @@ class RayEngine:
         # driver's node, so the snapshots it keeps survive the loss of any other node, and Ray restarts it there
         # (with its ledger in the state folder) if it dies; calls made meanwhile wait for it (max_task_retries).
         here = NodeAffinitySchedulingStrategy(self.state_place[0], soft=False)
-        # its arguments put here and held by this driver for the whole run: a restart runs the constructor with them
-        # again, and Ray does not keep an actor's own large arguments alive for that (ray-project/ray#53727)
-        self.coordinator_args = [ray.put(a) for a in (config_dict, [data], spe, self.state_place, self.agents,
-                                                      self.recipe)]
+        # its arguments by a reference this driver holds for the whole run (Coordinator.__init__ says why)
+        self.coordinator_args = ray.put((config_dict, [data], spe, self.state_place, self.agents, self.recipe))
         self.coordinator = Coordinator.options(
             num_cpus=0, runtime_env=actor_runtime_env(1, user_env), scheduling_strategy=here, max_restarts=-1,
-            max_task_retries=-1).remote(*self.coordinator_args)
+            max_task_retries=-1).remote([self.coordinator_args])
         self.startup_phases["submit_s"] = time.perf_counter() - began
         submitted = time.time()
         peers = dict(enumerate(self.agents))
