@@ -110,15 +110,17 @@ class AgentRecovery:
         """Before the final merge: the live agents whose process died after their loop had finished (a chaos death
         of the actor, or of an actor mate, after the loop's end) took their model with them, so they leave the merge,
         each with a failure record (action lost_after_finish). Returns them."""
-        live = self.roster.live()
-        refs = {i: self.roster.agents[i].position.remote(i) for i in live}
+        by_actor: dict[Any, list[int]] = {}  # one call per actor (its agents live or die with it)
+        for i in self.roster.live():
+            by_actor.setdefault(self.roster.agents[i], []).append(i)
+        refs = {handle: handle.position.remote(agents[0]) for handle, agents in by_actor.items()}
         lost = []
-        for i, ref in refs.items():
+        for handle, ref in refs.items():
             try:
                 ray.get(ref, timeout=self.c.config.runtime.wait_timeout_s)
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
                     ray.exceptions.GetTimeoutError) as error:
-                lost.append((i, error))
+                lost.extend((i, error) for i in by_actor[handle])
         for i, error in lost:
             with self.c.condition:
                 self.roster.dropped.add(i)
